@@ -1,0 +1,42 @@
+"""Small helpers shared by the CLI commands: passphrases, output, exit codes."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from datetime import UTC, datetime
+
+PASSPHRASE_ENV = "CIPHERPOST_PASSPHRASE"  # noqa: S105 (a variable name)
+
+
+class UsageError(Exception):
+    """A problem with how the command was called (exit code 2)."""
+
+
+def read_passphrase(prompt: str = "Passphrase: ", *, confirm: bool = False) -> str:
+    """From ``CIPHERPOST_PASSPHRASE`` (scripts, tests) or the terminal, never echoed."""
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise UsageError(f"no terminal to ask for the passphrase: set {PASSPHRASE_ENV}")
+    first = getpass.getpass(prompt)
+    if confirm:
+        if len(first) < 8:
+            raise UsageError("choose a passphrase of at least 8 characters")
+        if getpass.getpass("Repeat passphrase: ") != first:
+            raise UsageError("the two passphrases differ")
+    return first
+
+
+def fmt_time(ms: int | None) -> str:
+    if ms is None:
+        return "--:--"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def group_digits(digits: str, per_line: int = 6) -> str:
+    groups = [digits[i : i + 5] for i in range(0, len(digits), 5)]
+    lines = [" ".join(groups[i : i + per_line]) for i in range(0, len(groups), per_line)]
+    return "\n".join(lines)

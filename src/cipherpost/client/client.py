@@ -1,0 +1,557 @@
+"""The Client API: everything the CLI, the chat and the demo do goes through here.
+
+Ordering rules that make delivery exactly-once (DESIGN.md "Delivery"):
+- sending: encrypt -> in one transaction store the advanced ratchet state, the history entry and
+  the outbox entry -> transmit -> on "accepted" remove the outbox entry. A crash before "accepted"
+  leaves the envelope in the outbox, retried with the same id (the server drops the duplicate).
+- receiving: decrypt -> in one transaction store the message and the new session/prekey state ->
+  only then ack. A crash before the ack means redelivery; the (sender, id) uniqueness in the
+  history drops the copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..crypto.encoding import expect_array, pack, unpack
+from ..crypto.errors import CryptoError, DuplicateMessage, WrongPassphrase
+from ..crypto.identity import IdentityKeyPair, PublicIdentity
+from ..crypto.keystore import RFC9106_SECOND_RECOMMENDED, Argon2Params, open_keystore, seal_keystore
+from ..crypto.prekey_store import PrekeyStore
+from ..crypto.prekeys import PrekeyBundle
+from ..crypto.records import RecordCipher
+from ..crypto.safety import SafetyNumber, safety_number
+from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
+from ..protocol.usernames import normalize_username
+from .connection import Connection, format_fingerprint
+from .errors import (
+    ClientError,
+    ConnectionFailed,
+    IdentityChanged,
+    ProfileError,
+    ServerError,
+    UnknownContact,
+)
+from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
+from .profile import Contact, ProfileDB, StoredMessage
+
+KEYSTORE_VERSION = 1
+PLAINTEXT_VERSION = 1
+ONE_TIME_POOL_TARGET = 100
+ONE_TIME_POOL_LOW = 25
+UPLOAD_CHUNK = 50
+SIGNED_PREKEY_LIFETIME_MS = 7 * 24 * 3600 * 1000
+
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A message as shown to the user (``recv --json`` prints exactly these fields)."""
+
+    id: str
+    sender: str
+    text: str
+    sent_at: int | None
+    received_at: int | None
+    warning: str | None = None
+
+    @classmethod
+    def from_stored(cls, m: StoredMessage) -> IncomingMessage:
+        warning = m.extra.get("warning")
+        return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
+                   warning if isinstance(warning, str) else None)
+
+
+class Client:
+    """An unlocked profile. Create with :meth:`create` (new identity) or :meth:`open` (existing)."""
+
+    def __init__(self, paths: ProfilePaths, identity: IdentityKeyPair, db: ProfileDB, lock: ProfileLock,
+                 observer: Observer | None):
+        self.paths = paths
+        self.username = paths.username
+        self.identity = identity
+        self.db = db
+        self._lock = lock
+        self._observer = observer
+        self._conn: Connection | None = None
+        self._state_lock = asyncio.Lock()
+        self._outbox_lock = asyncio.Lock()
+        self._new_messages = asyncio.Event()
+        self._listeners: list[Callable[[IncomingMessage], None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.prekeys = self._load_prekeys()
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    async def create(cls, home: Path, username: str, server_url: str, passphrase: str, *,
+                     server_fingerprint: bytes | None = None, invite: str | None = None,
+                     kdf: Argon2Params = RFC9106_SECOND_RECOMMENDED,
+                     observer: Observer | None = None) -> Client:
+        """Make a new identity, register it with the relay, publish prekeys."""
+        try:
+            username = normalize_username(username)
+        except Exception as exc:
+            raise ClientError(str(exc)) from None
+        if not passphrase:
+            raise ClientError("an empty passphrase would leave your keys unprotected")
+        paths = ProfilePaths(home, username)
+        if paths.exists():
+            raise ProfileError(f"profile '{username}' already exists in {home}")
+        private_dir(home)
+        lock = ProfileLock(paths)
+        lock.acquire()
+        client: Client | None = None
+        try:
+            identity = IdentityKeyPair.generate()
+            record_key = RecordCipher.new_key()
+            if observer:
+                observer("identity", {"user": username, "fingerprint": identity.public.fingerprint_text()})
+            db = ProfileDB(paths.database, RecordCipher(record_key))
+            client = cls(paths, identity, db, lock, observer)
+            with db.transaction():
+                db.set_meta("server_url", server_url)
+                db.set_meta("username", username)
+            conn = await Connection.open(server_url, server_fingerprint)
+            try:
+                reply = await conn.register(identity, username, invite)
+                if reply.get("username") != username:
+                    raise ClientError("the server registered a different name than asked")
+                with db.transaction():
+                    db.set_meta("server_fingerprint", conn.channel)
+                # The key store is written only once the name is ours, so a failed registration
+                # leaves nothing behind and the same command can simply be run again.
+                sign_priv, dh_priv = identity.private_bytes()
+                blob = seal_keystore(passphrase, pack([KEYSTORE_VERSION, username, sign_priv, dh_priv,
+                                                       record_key]), params=kdf)
+                write_private_file(paths.keystore, blob)
+                client._conn = conn
+                await client._replenish_prekeys({"one_time": 0, "kem": 0})
+            finally:
+                client._conn = None
+                await conn.close()
+            return client
+        except BaseException:
+            if client is not None:
+                client.db.close()
+            lock.release()
+            if not paths.keystore.exists():
+                shutil.rmtree(paths.dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    def open(cls, home: Path, username: str, passphrase: str, *, observer: Observer | None = None) -> Client:
+        """Unlock an existing profile (Argon2id; a wrong passphrase raises WrongPassphrase)."""
+        paths = ProfilePaths(home, username)
+        if not paths.exists():
+            raise ProfileError(f"no profile '{username}' in {home}")
+        lock = ProfileLock(paths)
+        lock.acquire()
+        try:
+            try:
+                plain = open_keystore(passphrase, paths.keystore.read_bytes())
+            except WrongPassphrase:
+                raise ProfileError("wrong passphrase") from None
+            except CryptoError as exc:
+                raise ProfileError(f"key store {paths.keystore} is damaged: {exc}") from None
+            arr = expect_array(unpack(plain, what="key store"), what="key store",
+                               version=KEYSTORE_VERSION, length=5)
+            identity = IdentityKeyPair.from_private_bytes(arr[2], arr[3])
+            db = ProfileDB(paths.database, RecordCipher(arr[4]))
+            return cls(paths, identity, db, lock, observer)
+        except BaseException:
+            lock.release()
+            raise
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        self.db.close()
+        self._lock.release()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def server_url(self) -> str:
+        return str(self.db.get_meta("server_url"))
+
+    @property
+    def server_fingerprint(self) -> str:
+        fp = self.db.get_meta("server_fingerprint")
+        return format_fingerprint(fp) if isinstance(fp, bytes) else "(not pinned)"
+
+    def _emit(self, event: str, **details: Any) -> None:
+        if self._observer is not None:
+            self._observer(event, details)
+
+    # ------------------------------------------------------------------ connection
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed.is_set()
+
+    async def connect(self) -> None:
+        """Connect, authenticate, top up prekeys, send what waits in the outbox."""
+        if self.connected:
+            return
+        pinned = self.db.get_meta("server_fingerprint")
+        conn = await Connection.open(self.server_url, pinned if isinstance(pinned, bytes) else None)
+        conn.on_push(self._on_push)
+        try:
+            reply = await conn.authenticate(self.identity, self.username)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        counts = reply.get("prekeys")
+        await self._replenish_prekeys(counts if isinstance(counts, dict) else {})
+        await self.flush_outbox()
+
+    async def disconnect(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    def _require_conn(self) -> Connection:
+        if self._conn is None or self._conn.closed.is_set():
+            raise ConnectionFailed("not connected to the server")
+        return self._conn
+
+    async def stay_connected(self, on_status: Callable[[str], None] | None = None) -> None:
+        """Keep a connection up, reconnecting with exponential backoff (for the interactive chat)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.connect()
+                if on_status:
+                    on_status("connected")
+                delay = 0.5
+                assert self._conn is not None
+                await self._conn.closed.wait()
+                reason = self._conn.close_reason
+                self._conn = None
+                if on_status:
+                    on_status(f"disconnected ({reason}); reconnecting")
+            except (ConnectionFailed, OSError) as exc:
+                if on_status:
+                    on_status(f"cannot connect ({exc}); retrying in {delay:.0f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    # ------------------------------------------------------------------ prekeys
+    def _load_prekeys(self) -> PrekeyStore:
+        blob = self.db.get_secret_meta("prekeys")
+        return PrekeyStore.empty() if blob is None else PrekeyStore.deserialize(blob)
+
+    def _save_prekeys(self, store: PrekeyStore) -> None:
+        self.db.set_secret_meta("prekeys", store.serialize())
+
+    async def _replenish_prekeys(self, counts: dict[str, Any]) -> None:
+        """Top up one-time pools and rotate the signed prekey when due (PQXDH section 3.2)."""
+        conn = self._require_conn()
+        async with self._state_lock:
+            store = self.prekeys
+            frame: dict[str, Any] = {"t": "upload_prekeys", "signed_prekey": None, "one_time": [],
+                                     "kem_one_time": [], "kem_last_resort": None}
+            current = store.current_signed_prekey
+            if current is None or now_ms() - current.created_at > SIGNED_PREKEY_LIFETIME_MS:
+                spk, store = store.rotate_signed_prekey(self.identity, now_ms())
+                frame["signed_prekey"] = spk.encode()
+            if current is None:
+                last_resort, store = store.new_last_resort_kem_prekey(self.identity)
+                frame["kem_last_resort"] = last_resort.encode()
+            one_time_have = int(counts.get("one_time", 0) or 0)
+            kem_have = int(counts.get("kem", 0) or 0)
+            if one_time_have < ONE_TIME_POOL_LOW:
+                otpks, store = store.new_one_time_prekeys(ONE_TIME_POOL_TARGET - one_time_have)
+                frame["one_time"] = [k.encode() for k in otpks]
+            if kem_have < ONE_TIME_POOL_LOW:
+                kems, store = store.new_kem_prekeys(self.identity, ONE_TIME_POOL_TARGET - kem_have)
+                frame["kem_one_time"] = [k.encode() for k in kems]
+            if store is self.prekeys:
+                return
+            # Private halves are durable before their public halves are published.
+            with self.db.transaction():
+                self._save_prekeys(store)
+            self.prekeys = store
+        self._emit("prekeys", signed=frame["signed_prekey"] is not None, one_time=len(frame["one_time"]),
+                   kem=len(frame["kem_one_time"]), last_resort=frame["kem_last_resort"] is not None)
+        one_time, kem = frame["one_time"], frame["kem_one_time"]
+        first = True
+        while first or one_time or kem:
+            chunk = dict(frame, one_time=one_time[:UPLOAD_CHUNK], kem_one_time=kem[:UPLOAD_CHUNK])
+            if not first:
+                chunk["signed_prekey"] = chunk["kem_last_resort"] = None
+            one_time, kem = one_time[UPLOAD_CHUNK:], kem[UPLOAD_CHUNK:]
+            await conn.request(chunk)
+            first = False
+
+    async def _on_push(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        if kind == "deliver":
+            messages = frame.get("messages")
+            if isinstance(messages, list):
+                await self._on_deliver(messages)
+        elif kind == "prekeys_low":
+            self._spawn(self._replenish_prekeys(frame))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ contacts and trust
+    def contacts(self) -> list[Contact]:
+        return self.db.list_contacts()
+
+    def contact(self, name: str) -> Contact:
+        contact = self.db.get_contact(name)
+        if contact is None:
+            raise UnknownContact(f"'{name}' is not among your contacts (send them a message first)")
+        return contact
+
+    def safety_number(self, name: str, identity: bytes | None = None) -> SafetyNumber:
+        """The safety number with ``name``'s pinned identity (or the given one)."""
+        contact = self.contact(name)
+        peer = PublicIdentity.decode(identity or contact.identity)
+        return safety_number(self.username, self.identity.public, name, peer)
+
+    def _identity_changed(self, contact: Contact, new_identity: bytes) -> IdentityChanged:
+        old = self.safety_number(contact.name, contact.identity).digits
+        new = self.safety_number(contact.name, new_identity).digits
+        return IdentityChanged(contact.name, contact.verified, _grouped(old), _grouped(new))
+
+    def accept_identity(self, name: str, *, verified: bool) -> Contact:
+        """Pin the contact's pending (changed) identity, or mark the current one verified."""
+        contact = self.contact(name)
+        with self.db.transaction():
+            self.db.replace_identity(name, contact.pending_identity or contact.identity,
+                                     verified=verified, now=now_ms())
+        return self.contact(name)
+
+    def verify_safety_number(self, name: str, digits: str) -> bool:
+        """Compare what the contact read out; on a match pin and mark verified."""
+        contact = self.contact(name)
+        shown = self.safety_number(name, contact.pending_identity or contact.identity)
+        if not shown.matches_digits(digits):
+            return False
+        self.accept_identity(name, verified=True)
+        return True
+
+    # ------------------------------------------------------------------ sending
+    async def send(self, name: str, text: str) -> bytes:
+        """Encrypt and queue ``text`` for ``name``, then transmit. Returns the message id."""
+        name = normalize_username(name)
+        if name == self.username:
+            raise ClientError("you cannot send messages to yourself")
+        payload = pack([PLAINTEXT_VERSION, "text", text, now_ms()])
+        async with self._state_lock:
+            session = await self._sending_session(name)
+            envelope, session = encrypt(session, payload)
+            msg_id = os.urandom(16)
+            with self.db.transaction():
+                self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
+                                     now_ms())
+                self.db.add_message(name, "out", msg_id, text, sent_at=now_ms(), received_at=None,
+                                    status="queued")
+                self.db.add_outbox(msg_id, name, "msg", envelope, now_ms())
+        self._emit("encrypt", to=name, msg_id=msg_id.hex(), envelope_bytes=len(envelope),
+                   session=session.session_id.hex()[:8])
+        await self.flush_outbox()
+        return msg_id
+
+    async def _sending_session(self, name: str) -> Session:
+        contact = self.db.get_contact(name)
+        if contact is not None and contact.pending_identity is not None:
+            raise self._identity_changed(contact, contact.pending_identity)
+        if contact is not None:
+            latest = self.db.latest_session(name, contact.identity)
+            if latest is not None:
+                return Session.deserialize(latest[1])
+        conn = self._require_conn()
+        reply = await conn.request({"t": "fetch_bundle", "username": name})
+        try:
+            bundle = PrekeyBundle.from_parts(reply["identity"], reply["signed_prekey"], reply["kem_prekey"],
+                                             reply.get("one_time_prekey"))
+        except (KeyError, TypeError, CryptoError) as exc:
+            raise ClientError(f"the server sent an invalid key bundle for '{name}': {exc}") from None
+        fetched = bundle.identity.encode()
+        self._emit("bundle", user=name, identity=bundle.identity.fingerprint_text(),
+                   one_time=bundle.one_time_prekey is not None, kem_last_resort=bundle.kem_prekey.last_resort)
+        if contact is None:
+            with self.db.transaction():
+                self.db.add_contact(name, fetched, now_ms())   # trust on first use
+        elif fetched != contact.identity:
+            with self.db.transaction():
+                self.db.set_pending_identity(name, fetched)
+            raise self._identity_changed(contact, fetched)
+        session = initiate_session(self.identity, bundle)
+        self._emit("pqxdh_initiate", user=name, session=session.session_id.hex()[:8])
+        return session
+
+    async def flush_outbox(self) -> int:
+        """Transmit queued envelopes in order; returns how many the server accepted."""
+        if not self.connected:
+            return 0
+        sent = 0
+        async with self._outbox_lock:
+            for item in self.db.outbox():
+                conn = self._require_conn()
+                try:
+                    await conn.request({"t": "send", "to": item.contact, "id": item.msg_id,
+                                        "kind": item.kind, "body": item.envelope})
+                except ServerError as exc:
+                    if exc.code in ("unknown_user", "bad_frame", "too_large"):
+                        # Permanent: retrying cannot help. Say so in the history, drop from outbox.
+                        with self.db.transaction():
+                            self.db.remove_outbox(item.msg_id)
+                            self.db.set_status_by_id(item.msg_id, "out", f"failed: {exc.code}")
+                    raise
+                with self.db.transaction():
+                    self.db.remove_outbox(item.msg_id)
+                    self.db.set_status_by_id(item.msg_id, "out", "sent")
+                self._emit("accepted", to=item.contact, msg_id=item.msg_id.hex(), bytes=len(item.envelope))
+                sent += 1
+        return sent
+
+    def pending_outbox(self) -> int:
+        return len(self.db.outbox())
+
+    # ------------------------------------------------------------------ receiving
+    def add_listener(self, callback: Callable[[IncomingMessage], None]) -> None:
+        self._listeners.append(callback)
+
+    async def _on_deliver(self, messages: list[Any]) -> None:
+        seqs: list[int] = []
+        shown: list[IncomingMessage] = []
+        async with self._state_lock:
+            for m in messages:
+                if not isinstance(m, dict) or not isinstance(m.get("seq"), int):
+                    continue
+                seqs.append(m["seq"])
+                stored = self._receive_one(m)
+                if stored is not None:
+                    shown.append(stored)
+        conn = self._conn
+        if seqs and conn is not None:
+            # Acked only now: everything above is committed (DESIGN.md "Delivery").
+            with contextlib.suppress(ConnectionFailed):
+                await conn.send({"t": "ack", "seqs": seqs})
+        for message in shown:
+            for listener in self._listeners:
+                listener(message)
+        if shown:
+            self._new_messages.set()
+
+    def _receive_one(self, m: dict[str, Any]) -> IncomingMessage | None:
+        sender, msg_id, body = m.get("from"), m.get("id"), m.get("body")
+        if not isinstance(sender, str) or not isinstance(msg_id, bytes) or not isinstance(body, bytes):
+            return None
+        if m.get("kind") != "msg":
+            return None
+        if self.db.has_message(sender, "in", msg_id):
+            return None   # a redelivery of something already stored: just ack it again
+        try:
+            return self._decrypt_and_store(sender, msg_id, body, m.get("ts"))
+        except (CryptoError, ClientError) as exc:
+            if isinstance(exc, DuplicateMessage):
+                return None
+            reason = f"could not decrypt a message from {sender}: {exc}"
+            with self.db.transaction():
+                row = self.db.add_message(sender, "event", msg_id, reason, sent_at=None,
+                                          received_at=now_ms(), status="new",
+                                          extra={"warning": "undecryptable"})
+            self._emit("decrypt_failed", sender=sender, reason=str(exc))
+            if row is None:
+                return None
+            return IncomingMessage(msg_id.hex(), sender, reason, None, now_ms(), "undecryptable")
+
+    def _decrypt_and_store(self, sender: str, msg_id: bytes, body: bytes, ts: Any) -> IncomingMessage:
+        info = inspect_envelope(body)
+        stored = self.db.get_session(info.session_id)
+        new_store: PrekeyStore | None = None
+        if stored is not None and stored[0] == sender:
+            plaintext, session = decrypt(Session.deserialize(stored[2]), body)
+        elif info.initial is not None:
+            plaintext, session, new_store = accept_session(self.identity, self.prekeys, body)
+            self._emit("pqxdh_respond", sender=sender, session=session.session_id.hex()[:8],
+                       one_time=info.initial.one_time_prekey_id is not None)
+        else:
+            raise ClientError("no session matches this message (it may predate a reset of either side)")
+        arr = expect_array(unpack(plaintext, what="message"), what="message", version=PLAINTEXT_VERSION,
+                           length=4)
+        if arr[1] != "text" or not isinstance(arr[2], str) or not isinstance(arr[3], int):
+            raise ClientError("message of an unknown kind")
+        text, sent_at = arr[2], arr[3]
+        peer = session.peer.encode()
+        contact = self.db.get_contact(sender)
+        warning: str | None = None
+        with self.db.transaction():
+            if contact is None:
+                self.db.add_contact(sender, peer, now_ms())   # trust on first use
+            elif peer != contact.identity:
+                self.db.set_pending_identity(sender, peer)
+                warning = str(self._identity_changed(contact, peer))
+            self.db.save_session(session.session_id, sender, peer, session.serialize(), now_ms())
+            if new_store is not None:
+                self._save_prekeys(new_store)
+            received = now_ms()
+            self.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
+                                status="new", extra={"warning": warning} if warning else None)
+        if new_store is not None:
+            self.prekeys = new_store
+        self._emit("decrypt", sender=sender, msg_id=msg_id.hex(), session=session.session_id.hex()[:8],
+                   server_ts=ts)
+        return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning)
+
+    def take_new_messages(self) -> list[IncomingMessage]:
+        """Messages (and failure notices) not yet shown to the user; marks them shown."""
+        new = self.db.messages_with_status("new")
+        with self.db.transaction():
+            self.db.set_status([m.row for m in new], "shown")
+        return [IncomingMessage.from_stored(m) for m in new]
+
+    async def receive(self, *, wait: float = 0.0, settle: float = 0.5) -> list[IncomingMessage]:
+        """Connect, take what the server holds, and wait up to ``wait`` seconds for more."""
+        await self.connect()
+        conn = self._require_conn()
+        await conn.request({"t": "ping"})
+        deadline = time.monotonic() + wait
+        # Queued messages are pushed right after auth. Return once something arrived and the
+        # stream went quiet for ``settle`` seconds, or when ``wait`` runs out with nothing.
+        while True:
+            self._new_messages.clear()
+            if self.db.messages_with_status("new"):
+                timeout = settle
+            else:
+                timeout = max(settle, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self._new_messages.wait(), timeout=timeout)
+            except TimeoutError:
+                break
+        return self.take_new_messages()
+
+    def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
+        return self.db.history(name, limit)
+
+
+def _grouped(digits: str) -> str:
+    return " ".join(digits[i : i + 5] for i in range(0, len(digits), 5))

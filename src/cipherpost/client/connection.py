@@ -1,0 +1,231 @@
+"""One authenticated WebSocket connection to a relay: TLS pinning, hello/auth, request/reply.
+
+A thin asyncio shell around the wire format of docs/wire.md. Pushes from the server (``deliver``,
+``prekeys_low``) are handed to a callback; replies are matched to requests by ``rid``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import itertools
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from ..crypto.encoding import pack
+from ..crypto.identity import IdentityKeyPair
+from .errors import ConnectionFailed, ServerError, ServerPinMismatch
+
+PROTOCOL_VERSION = 1
+MAX_INCOMING_FRAME = 4 << 20
+REQUEST_TIMEOUT = 30.0
+PLAIN_CHANNEL = bytes(32)
+
+PushHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def format_fingerprint(digest: bytes) -> str:
+    return "SHA256:" + digest.hex()
+
+
+def parse_fingerprint(text: str) -> bytes:
+    """Accept ``SHA256:<64 hex>`` (colons and spaces ignored), as the server prints it."""
+    body = text.strip()
+    if body.upper().startswith("SHA256:"):
+        body = body[7:]
+    body = body.replace(":", "").replace(" ", "").lower()
+    try:
+        digest = bytes.fromhex(body)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError("a server fingerprint looks like SHA256:<64 hex digits>")
+    return digest
+
+
+def check_server_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("wss", "ws") or not parts.hostname:
+        raise ValueError(f"server address must look like wss://HOST:PORT, not {url!r}")
+
+
+@dataclass
+class ServerInfo:
+    fingerprint: bytes
+    limits: dict[str, int]
+
+
+class Connection:
+    """Use :meth:`open`; then :meth:`register` or :meth:`authenticate`; then :meth:`request`."""
+
+    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int]):
+        self._ws = ws
+        self.channel = channel
+        self._nonce = nonce
+        self.limits = limits
+        self._rids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._push: PushHandler | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+
+    @classmethod
+    async def open(cls, url: str, pinned: bytes | None, *, timeout: float = 10.0) -> Connection:
+        """Connect, check the certificate against ``pinned`` (if any), read the server hello."""
+        check_server_url(url)
+        parts = urlsplit(url)
+        context: ssl.SSLContext | None = None
+        if parts.scheme == "wss":
+            # Self-signed relays are the default: trust comes from the pinned SHA-256 fingerprint
+            # (checked below, before anything is sent), not from a CA.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ws = await ws_connect(url, ssl=context, max_size=MAX_INCOMING_FRAME, open_timeout=timeout,
+                                  ping_interval=20, ping_timeout=20, compression=None)
+        except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+            raise ConnectionFailed(f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        if context is not None:
+            ssl_object = ws.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            if not der:
+                await ws.close()
+                raise ConnectionFailed("the server presented no TLS certificate")
+            channel = hashlib.sha256(der).digest()
+            if pinned is not None and not hmac.compare_digest(channel, pinned):
+                await ws.close()
+                raise ServerPinMismatch(
+                    f"the server's TLS certificate changed: expected {format_fingerprint(pinned)}, got "
+                    f"{format_fingerprint(channel)}. Refusing to connect: this can be an attack. If the "
+                    f"operator really replaced the certificate, check the new fingerprint with them and "
+                    f"re-pin with `cipherpost init ... --server-fingerprint`.")
+        else:
+            channel = PLAIN_CHANNEL
+        try:
+            async with asyncio.timeout(timeout):
+                hello = _decode(await ws.recv())
+        except (TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            await ws.close()
+            raise ConnectionFailed(f"no hello from {url}: {exc or type(exc).__name__}") from None
+        if hello.get("t") == "error":
+            await ws.close()
+            raise ServerError(str(hello.get("code")), str(hello.get("message")))
+        nonce = hello.get("nonce")
+        if hello.get("t") != "hello" or not isinstance(nonce, bytes) or len(nonce) != 32:
+            await ws.close()
+            raise ConnectionFailed(f"{url} does not speak the cipherpost protocol")
+        limits = hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
+        conn = cls(ws, channel, nonce, dict(limits or {}))
+        conn._reader = asyncio.create_task(conn._read_loop())
+        return conn
+
+    def on_push(self, handler: PushHandler) -> None:
+        self._push = handler
+
+    def _proof(self, identity: IdentityKeyPair, label: str, username: str) -> bytes:
+        return identity.sign(label, pack([self._nonce, self.channel, username]))
+
+    async def register(self, identity: IdentityKeyPair, username: str, invite: str | None) -> dict[str, Any]:
+        return await self.request({
+            "t": "register", "username": username, "identity": identity.public.encode(),
+            "sig": self._proof(identity, "register", username), "invite": invite})
+
+    async def authenticate(self, identity: IdentityKeyPair, username: str) -> dict[str, Any]:
+        return await self.request({"t": "auth", "username": username,
+                                   "sig": self._proof(identity, "auth", username)})
+
+    async def request(self, frame: dict[str, Any], *, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+        """Send a request and wait for its reply; error frames raise :class:`ServerError`."""
+        rid = next(self._rids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await self.send({**frame, "rid": rid})
+            async with asyncio.timeout(timeout):
+                reply = await future
+        except TimeoutError:
+            raise ConnectionFailed(
+                f"no reply from the server to {frame['t']} within {timeout:.0f}s") from None
+        finally:
+            self._pending.pop(rid, None)
+        if reply.get("t") == "error":
+            raise ServerError(str(reply.get("code")), str(reply.get("message")))
+        return reply
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        if self.closed.is_set():
+            raise ConnectionFailed(f"connection closed: {self.close_reason}")
+        try:
+            await self._ws.send(pack({"v": PROTOCOL_VERSION, **frame}))
+        except websockets.exceptions.WebSocketException as exc:
+            raise ConnectionFailed(f"connection lost: {exc}") from None
+
+    async def _read_loop(self) -> None:
+        try:
+            async for raw in self._ws:
+                if not isinstance(raw, bytes):
+                    continue
+                try:
+                    frame = _decode(raw)
+                except ConnectionFailed:
+                    continue
+                rid = frame.get("rid")
+                if isinstance(rid, int) and rid in self._pending:
+                    if not self._pending[rid].done():
+                        self._pending[rid].set_result(frame)
+                elif frame.get("t") == "error" and rid is None:
+                    self.close_reason = f"{frame.get('code')}: {frame.get('message')}"
+                elif self._push is not None:
+                    await self._push(frame)
+        except websockets.exceptions.WebSocketException as exc:
+            self.close_reason = str(exc)
+        finally:
+            if not self.close_reason:
+                self.close_reason = "closed by the server"
+            self.closed.set()
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionFailed(f"connection lost: {self.close_reason}"))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        self.closed.set()
+
+
+def _decode(raw: bytes | str) -> dict[str, Any]:
+    if isinstance(raw, str):
+        raise ConnectionFailed("unexpected text frame from the server")
+    try:
+        frame = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception:
+        raise ConnectionFailed("undecodable frame from the server") from None
+    if not isinstance(frame, dict):
+        raise ConnectionFailed("malformed frame from the server")
+    return frame
+
+
+async def probe_fingerprint(url: str) -> bytes:
+    """The SHA-256 of the relay's certificate, to show the user before pinning it."""
+    conn = await Connection.open(url, None)
+    try:
+        return conn.channel
+    finally:
+        await conn.close()

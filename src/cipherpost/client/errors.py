@@ -1,0 +1,54 @@
+"""Errors of the client layer. Each message is one clear line meant for the person at the keyboard."""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base class of every error the Client API raises on purpose."""
+
+
+class ProfileError(ClientError):
+    """The local profile is missing, locked by another process, or damaged."""
+
+
+class ProfileLocked(ProfileError):
+    """Another cipherpost process has this profile open."""
+
+
+class ServerError(ClientError):
+    """The relay answered with an error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"server refused ({code}): {message}")
+        self.code = code
+        self.server_message = message
+
+
+class ConnectionFailed(ClientError):
+    """The relay could not be reached or the connection broke."""
+
+
+class ServerPinMismatch(ClientError):
+    """The relay's TLS certificate is not the one pinned for this profile."""
+
+
+class IdentityChanged(ClientError):
+    """A contact's identity key differs from the pinned one; sending is blocked until accepted."""
+
+    def __init__(self, name: str, verified: bool, old_safety: str, new_safety: str):
+        level = "VERIFIED contact" if verified else "contact"
+        super().__init__(
+            f"the identity key of {level} '{name}' has CHANGED. Messages to them are blocked until "
+            f"you check the new safety number with them and run `cipherpost verify {name}`. "
+            f"old safety number: {old_safety}  new safety number: {new_safety}"
+        )
+        self.name = name
+        self.verified = verified
+
+
+class UnknownContact(ClientError):
+    """No such contact in the profile (and none on the server, where that was asked)."""
+
+
+class VerificationError(ClientError):
+    """A verification did not succeed (wrong password or substituted key: deliberately not said which)."""

@@ -1,0 +1,279 @@
+"""The client's local database: contacts, sessions, history and outbox, in one SQLite file.
+
+Message bodies, session states and the prekey store are encrypted with the profile's record key
+(:class:`cipherpost.crypto.records.RecordCipher`), each bound to its row by associated data so rows
+cannot be swapped. Contact names, message ids and timestamps are stored in the clear (see
+docs/at-rest.md). Every multi-step change (decrypt -> store message + new ratchet state) happens in
+one transaction, so a crash leaves either the old or the new state, never half of each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..crypto.encoding import pack, unpack
+from ..crypto.records import RecordCipher
+from .errors import ProfileError
+
+SCHEMA_VERSION = 1
+SESSIONS_KEPT_PER_CONTACT = 5
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS contacts(
+    name TEXT PRIMARY KEY,
+    identity BLOB NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    pending_identity BLOB,
+    added_at INTEGER NOT NULL,
+    verified_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS sessions(
+    session_id BLOB PRIMARY KEY,
+    contact TEXT NOT NULL,
+    identity BLOB NOT NULL,
+    state BLOB NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_contact ON sessions(contact, updated_at);
+CREATE TABLE IF NOT EXISTS messages(
+    id INTEGER PRIMARY KEY,
+    contact TEXT NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('in', 'out', 'event')),
+    msg_id BLOB NOT NULL,
+    body BLOB NOT NULL,
+    sent_at INTEGER,
+    received_at INTEGER,
+    status TEXT NOT NULL,
+    UNIQUE(contact, direction, msg_id)
+);
+CREATE TABLE IF NOT EXISTS outbox(
+    seq INTEGER PRIMARY KEY,
+    msg_id BLOB NOT NULL UNIQUE,
+    contact TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Contact:
+    name: str
+    identity: bytes
+    verified: bool
+    pending_identity: bytes | None
+    added_at: int
+    verified_at: int | None
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    row: int
+    contact: str
+    direction: str
+    msg_id: bytes
+    text: str
+    sent_at: int | None
+    received_at: int | None
+    status: str
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    seq: int
+    msg_id: bytes
+    contact: str
+    kind: str
+    envelope: bytes
+
+
+class ProfileDB:
+    def __init__(self, path: Path, cipher: RecordCipher):
+        self._cipher = cipher
+        new = not path.exists()
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            if new:
+                path.chmod(0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise ProfileError(f"{path}: unsupported profile schema version {row[0]!r}")
+        except sqlite3.DatabaseError as exc:
+            raise ProfileError(f"{path}: profile database is damaged or unreadable ({exc})") from None
+        self._depth = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; nested uses join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    # -- meta -------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else unpack(row[0], what=f"meta {key}")
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, pack(value)))
+
+    def get_secret_meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        return self._cipher.decrypt(row[0], aad=b"meta:" + key.encode())
+
+    def set_secret_meta(self, key: str, value: bytes) -> None:
+        blob = self._cipher.encrypt(value, aad=b"meta:" + key.encode())
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, blob))
+
+    # -- contacts ---------------------------------------------------------------------------
+    def get_contact(self, name: str) -> Contact | None:
+        row = self._db.execute(
+            "SELECT name, identity, verified, pending_identity, added_at, verified_at"
+            " FROM contacts WHERE name=?", (name,)).fetchone()
+        return None if row is None else Contact(row[0], row[1], bool(row[2]), row[3], row[4], row[5])
+
+    def list_contacts(self) -> list[Contact]:
+        rows = self._db.execute(
+            "SELECT name, identity, verified, pending_identity, added_at, verified_at"
+            " FROM contacts ORDER BY name").fetchall()
+        return [Contact(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def add_contact(self, name: str, identity: bytes, now: int) -> None:
+        self._db.execute(
+            "INSERT INTO contacts(name, identity, verified, added_at) VALUES(?, ?, 0, ?)",
+            (name, identity, now))
+
+    def set_pending_identity(self, name: str, identity: bytes | None) -> None:
+        self._db.execute("UPDATE contacts SET pending_identity=? WHERE name=?", (identity, name))
+
+    def replace_identity(self, name: str, identity: bytes, *, verified: bool, now: int) -> None:
+        """Pin ``identity`` for ``name`` (clears any pending change)."""
+        self._db.execute(
+            "UPDATE contacts SET identity=?, pending_identity=NULL, verified=?, verified_at=?"
+            " WHERE name=?", (identity, int(verified), now if verified else None, name))
+
+    # -- sessions ---------------------------------------------------------------------------
+    def get_session(self, session_id: bytes) -> tuple[str, bytes, bytes] | None:
+        """``(contact, peer identity, decrypted state)`` of a stored session."""
+        row = self._db.execute(
+            "SELECT contact, identity, state FROM sessions WHERE session_id=?", (session_id,)).fetchone()
+        if row is None:
+            return None
+        return row[0], row[1], self._cipher.decrypt(row[2], aad=b"session:" + session_id)
+
+    def latest_session(self, contact: str, identity: bytes) -> tuple[bytes, bytes] | None:
+        """``(session_id, state)`` of the most recently used session with this identity."""
+        row = self._db.execute(
+            "SELECT session_id, state FROM sessions WHERE contact=? AND identity=?"
+            " ORDER BY updated_at DESC, rowid DESC LIMIT 1", (contact, identity)).fetchone()
+        if row is None:
+            return None
+        return row[0], self._cipher.decrypt(row[1], aad=b"session:" + row[0])
+
+    def save_session(self, session_id: bytes, contact: str, identity: bytes, state: bytes,
+                     now: int) -> None:
+        blob = self._cipher.encrypt(state, aad=b"session:" + session_id)
+        self._db.execute(
+            "INSERT INTO sessions(session_id, contact, identity, state, updated_at) VALUES(?,?,?,?,?)"
+            " ON CONFLICT(session_id) DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at",
+            (session_id, contact, identity, blob, now))
+        # Keep a few older sessions: a peer may still be sending on one (simultaneous initiation).
+        self._db.execute(
+            "DELETE FROM sessions WHERE contact=? AND session_id NOT IN (SELECT session_id FROM sessions"
+            " WHERE contact=? ORDER BY updated_at DESC, rowid DESC LIMIT ?)",
+            (contact, contact, SESSIONS_KEPT_PER_CONTACT))
+
+    # -- messages ---------------------------------------------------------------------------
+    def add_message(self, contact: str, direction: str, msg_id: bytes, text: str, *,
+                    sent_at: int | None, received_at: int | None, status: str,
+                    extra: dict[str, Any] | None = None) -> int | None:
+        """Store a message; ``None`` if (contact, direction, msg_id) is already stored (a duplicate)."""
+        plain = pack({"text": text, "extra": extra or {}})
+        aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO messages(contact, direction, msg_id, body, sent_at, received_at, status)"
+            " VALUES(?,?,?,?,?,?,?)",
+            (contact, direction, msg_id, self._cipher.encrypt(plain, aad=aad), sent_at, received_at,
+             status))
+        return cur.lastrowid if cur.rowcount == 1 else None
+
+    def has_message(self, contact: str, direction: str, msg_id: bytes) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM messages WHERE contact=? AND direction=? AND msg_id=?",
+            (contact, direction, msg_id)).fetchone() is not None
+
+    def set_status(self, rows: list[int], status: str) -> None:
+        self._db.executemany("UPDATE messages SET status=? WHERE id=?", [(status, r) for r in rows])
+
+    def set_status_by_id(self, msg_id: bytes, direction: str, status: str) -> None:
+        self._db.execute("UPDATE messages SET status=? WHERE msg_id=? AND direction=?",
+                         (status, msg_id, direction))
+
+    def _message(self, row: tuple[Any, ...]) -> StoredMessage:
+        rid, contact, direction, msg_id, body, sent_at, received_at, status = row
+        aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
+        plain = unpack(self._cipher.decrypt(body, aad=aad), what="message")
+        return StoredMessage(rid, contact, direction, msg_id, plain["text"], sent_at, received_at,
+                             status, plain.get("extra", {}))
+
+    _COLUMNS = "id, contact, direction, msg_id, body, sent_at, received_at, status"
+
+    def history(self, contact: str, limit: int = 50) -> list[StoredMessage]:
+        rows = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM messages WHERE contact=? ORDER BY id DESC LIMIT ?",  # noqa: S608
+            (contact, limit)).fetchall()
+        return [self._message(r) for r in reversed(rows)]
+
+    def messages_with_status(self, status: str) -> list[StoredMessage]:
+        rows = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM messages WHERE status=? ORDER BY id",  # noqa: S608
+            (status,)).fetchall()
+        return [self._message(r) for r in rows]
+
+    # -- outbox -----------------------------------------------------------------------------
+    def add_outbox(self, msg_id: bytes, contact: str, kind: str, envelope: bytes, now: int) -> None:
+        self._db.execute(
+            "INSERT INTO outbox(msg_id, contact, kind, envelope, created_at) VALUES(?,?,?,?,?)",
+            (msg_id, contact, kind, envelope, now))
+
+    def outbox(self) -> list[OutboxItem]:
+        rows = self._db.execute(
+            "SELECT seq, msg_id, contact, kind, envelope FROM outbox ORDER BY seq").fetchall()
+        return [OutboxItem(*r) for r in rows]
+
+    def remove_outbox(self, msg_id: bytes) -> None:
+        self._db.execute("DELETE FROM outbox WHERE msg_id=?", (msg_id,))
