@@ -180,6 +180,8 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     chat = Chat(client, prompt)
     with patch_stdout(raw=True):
         client.add_listener(chat.on_incoming)
+        client.on_pake_request(lambda name: print(
+            f"-- {name} started a password verification with you: type /verify {name} password"))
         keeper = asyncio.create_task(client.stay_connected(chat.status))
         print(f"{client.username} on {client.server_url}. /to NAME starts a conversation; /help lists "
               "commands.")

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cmd.register(sub)
 
     p = sub.add_parser("client", help="interactive chat (creates or unlocks your profile)")
-    p.add_argument("--server", default=None, 
+    p.add_argument("--server", default=None,
                    help=f"relay address for a new profile (default {DEFAULT_SERVER})")
     p.set_defaults(func=_cmd_client)
 

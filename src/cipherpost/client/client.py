@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 import shutil
 import time
@@ -25,6 +26,7 @@ from ..crypto.encoding import expect_array, pack, unpack
 from ..crypto.errors import CryptoError, DuplicateMessage, WrongPassphrase
 from ..crypto.identity import IdentityKeyPair, PublicIdentity
 from ..crypto.keystore import RFC9106_SECOND_RECOMMENDED, Argon2Params, open_keystore, seal_keystore
+from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
@@ -42,6 +44,7 @@ from .errors import (
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .profile import Contact, ProfileDB, StoredMessage
+from .verification import PakeMailbox, verify_with_password
 
 KEYSTORE_VERSION = 1
 PLAINTEXT_VERSION = 1
@@ -92,6 +95,8 @@ class Client:
         self._new_messages = asyncio.Event()
         self._listeners: list[Callable[[IncomingMessage], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.pake_mailbox = PakeMailbox()
+        self._pake_listeners: list[Callable[[str], None]] = []
         self.prekeys = self._load_prekeys()
 
     # ------------------------------------------------------------------ lifecycle
@@ -364,12 +369,12 @@ class Client:
             raise ClientError("you cannot send messages to yourself")
         payload = pack([PLAINTEXT_VERSION, "text", text, now_ms()])
         async with self._state_lock:
-            session = await self._sending_session(name)
+            session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
             msg_id = os.urandom(16)
             with self.db.transaction():
                 self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
-                                     now_ms())
+                                     now_ms(), with_psk=with_psk)
                 self.db.add_message(name, "out", msg_id, text, sent_at=now_ms(), received_at=None,
                                     status="queued")
                 self.db.add_outbox(msg_id, name, "msg", envelope, now_ms())
@@ -378,14 +383,16 @@ class Client:
         await self.flush_outbox()
         return msg_id
 
-    async def _sending_session(self, name: str) -> Session:
+    async def _sending_session(self, name: str) -> tuple[Session, bool]:
+        """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
         contact = self.db.get_contact(name)
         if contact is not None and contact.pending_identity is not None:
             raise self._identity_changed(contact, contact.pending_identity)
+        psk = self._psk(name)
         if contact is not None:
-            latest = self.db.latest_session(name, contact.identity)
+            latest = self.db.latest_session(name, contact.identity, with_psk=psk is not None)
             if latest is not None:
-                return Session.deserialize(latest[1])
+                return Session.deserialize(latest[1]), psk is not None
         conn = self._require_conn()
         reply = await conn.request({"t": "fetch_bundle", "username": name})
         try:
@@ -403,9 +410,9 @@ class Client:
             with self.db.transaction():
                 self.db.set_pending_identity(name, fetched)
             raise self._identity_changed(contact, fetched)
-        session = initiate_session(self.identity, bundle)
-        self._emit("pqxdh_initiate", user=name, session=session.session_id.hex()[:8])
-        return session
+        session = initiate_session(self.identity, bundle, psk=psk)
+        self._emit("pqxdh_initiate", user=name, session=session.session_id.hex()[:8], psk=psk is not None)
+        return session, psk is not None
 
     async def flush_outbox(self) -> int:
         """Transmit queued envelopes in order; returns how many the server accepted."""
@@ -465,6 +472,11 @@ class Client:
         sender, msg_id, body = m.get("from"), m.get("id"), m.get("body")
         if not isinstance(sender, str) or not isinstance(msg_id, bytes) or not isinstance(body, bytes):
             return None
+        if m.get("kind") == "pake":
+            if self.pake_mailbox.put(sender, body) == "spake2":
+                for listener in self._pake_listeners:
+                    listener(sender)
+            return None
         if m.get("kind") != "msg":
             return None
         if self.db.has_message(sender, "in", msg_id):
@@ -488,10 +500,19 @@ class Client:
         info = inspect_envelope(body)
         stored = self.db.get_session(info.session_id)
         new_store: PrekeyStore | None = None
+        with_psk = False
         if stored is not None and stored[0] == sender:
             plaintext, session = decrypt(Session.deserialize(stored[2]), body)
         elif info.initial is not None:
-            plaintext, session, new_store = accept_session(self.identity, self.prekeys, body)
+            psk = self._psk(sender)
+            if info.initial.psk_id is not None:
+                if psk is None or not hmac.compare_digest(psk_id(psk), info.initial.psk_id):
+                    raise ClientError("the message uses a verification key this profile does not hold")
+            elif psk is not None:
+                raise ClientError(f"{sender} is verified by password, but this new session does not use "
+                                  "the verification key; refused (re-verify if they reinstalled)")
+            plaintext, session, new_store = accept_session(self.identity, self.prekeys, body, psk=psk)
+            with_psk = psk is not None
             self._emit("pqxdh_respond", sender=sender, session=session.session_id.hex()[:8],
                        one_time=info.initial.one_time_prekey_id is not None)
         else:
@@ -510,7 +531,8 @@ class Client:
             elif peer != contact.identity:
                 self.db.set_pending_identity(sender, peer)
                 warning = str(self._identity_changed(contact, peer))
-            self.db.save_session(session.session_id, sender, peer, session.serialize(), now_ms())
+            self.db.save_session(session.session_id, sender, peer, session.serialize(), now_ms(),
+                                 with_psk=with_psk)
             if new_store is not None:
                 self._save_prekeys(new_store)
             received = now_ms()
@@ -551,6 +573,39 @@ class Client:
 
     def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
         return self.db.history(name, limit)
+
+    # ------------------------------------------------------------------ password verification
+    def on_pake_request(self, callback: Callable[[str], None]) -> None:
+        """Called with the contact's name when they start a password verification with us."""
+        self._pake_listeners.append(callback)
+
+    async def verify_password(self, name: str, password: str, *, timeout: float = 120.0) -> None:
+        """SPAKE2 with ``name`` over the relay; raises VerificationError unless both sides succeed."""
+        await verify_with_password(self, normalize_username(name), password, timeout=timeout)
+
+    async def send_pake(self, name: str, body: bytes) -> None:
+        await self._require_conn().request({"t": "send", "to": name, "id": os.urandom(16),
+                                            "kind": "pake", "body": body})
+
+    def record_pake_attempt(self, name: str, limit_per_hour: int) -> None:
+        key = "pake_attempts:" + name
+        recent = [t for t in (self.db.get_meta(key) or []) if now_ms() - t < 3600_000]
+        if len(recent) >= limit_per_hour:
+            wait_min = (3600_000 - (now_ms() - min(recent))) // 60_000 + 1
+            raise ClientError(f"too many password verification attempts with {name}: each one is a "
+                              f"guess an attacker could make, so at most {limit_per_hour} per hour "
+                              f"(try again in {wait_min} min)")
+        with self.db.transaction():
+            self.db.set_meta(key, [*recent, now_ms()])
+
+    def store_verification(self, name: str, identity: bytes, psk: bytes) -> None:
+        """Pin ``identity`` as verified and keep the PSK for the next session (one transaction)."""
+        with self.db.transaction():
+            self.db.replace_identity(name, identity, verified=True, now=now_ms())
+            self.db.set_secret_meta("psk:" + name, psk)
+
+    def _psk(self, name: str) -> bytes | None:
+        return self.db.get_secret_meta("psk:" + name)
 
 
 def _grouped(digits: str) -> str:

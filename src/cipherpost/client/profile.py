@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS sessions(
     contact TEXT NOT NULL,
     identity BLOB NOT NULL,
     state BLOB NOT NULL,
+    with_psk INTEGER NOT NULL DEFAULT 0,
     updated_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_contact ON sessions(contact, updated_at);
@@ -195,22 +196,28 @@ class ProfileDB:
             return None
         return row[0], row[1], self._cipher.decrypt(row[2], aad=b"session:" + session_id)
 
-    def latest_session(self, contact: str, identity: bytes) -> tuple[bytes, bytes] | None:
-        """``(session_id, state)`` of the most recently used session with this identity."""
+    def latest_session(self, contact: str, identity: bytes, *, with_psk: bool = False
+                       ) -> tuple[bytes, bytes] | None:
+        """``(session_id, state)`` of the most recently used session with this identity.
+
+        ``with_psk`` restricts the choice to sessions whose PQXDH secret mixed in the contact's
+        verification key (used once a contact is verified by password).
+        """
         row = self._db.execute(
-            "SELECT session_id, state FROM sessions WHERE contact=? AND identity=?"
-            " ORDER BY updated_at DESC, rowid DESC LIMIT 1", (contact, identity)).fetchone()
+            "SELECT session_id, state FROM sessions WHERE contact=? AND identity=? AND with_psk>=?"
+            " ORDER BY updated_at DESC, rowid DESC LIMIT 1", (contact, identity, int(with_psk))).fetchone()
         if row is None:
             return None
         return row[0], self._cipher.decrypt(row[1], aad=b"session:" + row[0])
 
     def save_session(self, session_id: bytes, contact: str, identity: bytes, state: bytes,
-                     now: int) -> None:
+                     now: int, *, with_psk: bool = False) -> None:
         blob = self._cipher.encrypt(state, aad=b"session:" + session_id)
         self._db.execute(
-            "INSERT INTO sessions(session_id, contact, identity, state, updated_at) VALUES(?,?,?,?,?)"
-            " ON CONFLICT(session_id) DO UPDATE SET state=excluded.state, updated_at=excluded.updated_at",
-            (session_id, contact, identity, blob, now))
+            "INSERT INTO sessions(session_id, contact, identity, state, with_psk, updated_at)"
+            " VALUES(?,?,?,?,?,?) ON CONFLICT(session_id) DO UPDATE SET state=excluded.state,"
+            " updated_at=excluded.updated_at",
+            (session_id, contact, identity, blob, int(with_psk), now))
         # Keep a few older sessions: a peer may still be sending on one (simultaneous initiation).
         self._db.execute(
             "DELETE FROM sessions WHERE contact=? AND session_id NOT IN (SELECT session_id FROM sessions"

@@ -1,0 +1,133 @@
+"""Password verification of a contact over the relay (issue: SPAKE2 verification).
+
+The crypto is :class:`cipherpost.crypto.pake.PakeVerifier` (SPAKE2 + key confirmation); this module
+only carries its messages through the relay as ``kind="pake"`` sends and keeps the bookkeeping:
+
+    each side:  [1, "spake2", msg]  ->  [1, "confirm", mac]  ->  [1, "result", ok]
+
+A side marks the contact verified only when its own check passed AND the peer reported success,
+so a tampered confirmation fails both sides. The PSK that comes out is kept (encrypted) for the
+contact and mixed into the next PQXDH session (docs/verification.md). Attempts are limited per
+contact here and per pair on the server, so each attempt is one online guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..crypto.encoding import pack, unpack
+from ..crypto.errors import CryptoError, VerificationFailed
+from ..crypto.identity import PublicIdentity
+from ..crypto.pake import PakeVerifier
+from .errors import ClientError, VerificationError
+
+if TYPE_CHECKING:
+    from .client import Client
+
+PAKE_VERSION = 1
+MAX_ATTEMPTS_PER_HOUR = 3
+RESULT_TIMEOUT = 15.0
+FAILED = ("verification FAILED: either the password differs or a key between you was substituted "
+          "(deliberately not said which). Nothing was marked verified.")
+
+
+@dataclass
+class _Inbox:
+    """PAKE messages received from one contact, kept briefly until a verification consumes them."""
+
+    items: list[tuple[float, str, Any]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class PakeMailbox:
+    def __init__(self) -> None:
+        self._inboxes: dict[str, _Inbox] = {}
+
+    def put(self, sender: str, body: bytes) -> str | None:
+        """Buffer a PAKE message; returns its step name, or None if it is malformed."""
+        try:
+            msg = unpack(body, what="pake message", max_size=4096)
+        except CryptoError:
+            return None
+        if not (isinstance(msg, list) and len(msg) == 3 and msg[0] == PAKE_VERSION
+                and msg[1] in ("spake2", "confirm", "result")):
+            return None
+        inbox = self._inboxes.setdefault(sender, _Inbox())
+        inbox.items.append((time.monotonic(), msg[1], msg[2]))
+        del inbox.items[:-16]   # a flood from one sender cannot grow memory
+        inbox.arrived.set()
+        return str(msg[1])
+
+    def discard_older_than(self, sender: str, seconds: float) -> None:
+        inbox = self._inboxes.get(sender)
+        if inbox:
+            cutoff = time.monotonic() - seconds
+            inbox.items = [i for i in inbox.items if i[0] >= cutoff]
+
+    async def take(self, sender: str, step: str, deadline: float) -> Any:
+        inbox = self._inboxes.setdefault(sender, _Inbox())
+        while True:
+            for i, (_, kind, value) in enumerate(inbox.items):
+                if kind == step:
+                    del inbox.items[i]
+                    return value
+            inbox.arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VerificationError(
+                    f"timed out waiting for {sender} ({step} step): did they start the same "
+                    f"verification within the time limit?")
+            try:
+                await asyncio.wait_for(inbox.arrived.wait(), timeout=remaining)
+            except TimeoutError:
+                continue
+
+
+async def verify_with_password(client: Client, name: str, password: str, *, timeout: float) -> None:
+    """Run the whole exchange; on success the contact is verified and a PSK is stored."""
+    if not password:
+        raise ClientError("the password must not be empty")
+    contact = client.contact(name)
+    peer_identity_bytes = contact.pending_identity or contact.identity
+    peer_identity = PublicIdentity.decode(peer_identity_bytes)
+    client.record_pake_attempt(name, MAX_ATTEMPTS_PER_HOUR)
+    await client.connect()
+    # Messages from an earlier, abandoned attempt must not be mixed into this one.
+    client.pake_mailbox.discard_older_than(name, timeout)
+    deadline = time.monotonic() + timeout
+    verifier = PakeVerifier(password, client.username, client.identity.public, name, peer_identity)
+
+    async def send(step: str, value: Any) -> None:
+        await client.send_pake(name, pack([PAKE_VERSION, step, value]))
+
+    await send("spake2", verifier.start())
+    peer_message = await client.pake_mailbox.take(name, "spake2", deadline)
+    ok = False
+    psk = b""
+    try:
+        if not isinstance(peer_message, bytes):
+            raise VerificationFailed("malformed")
+        await send("confirm", verifier.finish(peer_message))
+        peer_mac = await client.pake_mailbox.take(name, "confirm", deadline)
+        if not isinstance(peer_mac, bytes):
+            raise VerificationFailed("malformed")
+        psk = verifier.confirm(peer_mac)
+        ok = True
+    except VerificationFailed:
+        ok = False
+    await send("result", ok)
+    if not ok:
+        raise VerificationError(FAILED)
+    peer_ok = await client.pake_mailbox.take(name, "result",
+                                             min(deadline, time.monotonic() + RESULT_TIMEOUT))
+    if peer_ok is not True:
+        raise VerificationError(FAILED)
+    client.store_verification(name, peer_identity_bytes, psk)
+
+
+def new_pake_id() -> bytes:
+    return os.urandom(16)
