@@ -1,0 +1,131 @@
+"""``cipherpost server`` and ``cipherpost invite``: run the relay, issue invite tokens.
+
+``register(subparsers)`` adds both subcommands to the main CLI; ``main(argv)`` runs them standalone
+(``python -c 'from cipherpost.cli.server_cmd import main; main()' server ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..server import logfmt
+from ..server.app import RelayServer
+from ..server.config import DATA_ENV, REGISTRATION_MODES, ServerConfig, default_data_dir
+from ..store.sqlite import SqliteRelayStore
+
+log = logging.getLogger("cipherpost.server")
+
+INVITE_TTL_HOURS = 7 * 24
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("server", help="run the relay server",
+                              description="Run the cipherpost relay (TLS by default).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"data directory (default ${DATA_ENV} or the platform data dir)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (default: self-signed)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--registration", choices=REGISTRATION_MODES, default="open",
+                   help="who may create accounts (default open)")
+    p.add_argument("--insecure-plaintext-dev", action="store_true",
+                   help="plain ws:// without TLS, for development; loopback addresses only")
+    p.add_argument("--max-connections", type=int, default=1000)
+    p.add_argument("--max-queue", type=int, default=10_000, help="queued messages per recipient")
+    p.add_argument("--max-body", type=int, default=64 * 1024, help="largest message body in bytes")
+    p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
+    p.add_argument("--rate-burst", type=int, default=1000)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run_server)
+
+    i = subparsers.add_parser("invite", help="print a one-time invite token (for --registration invite)")
+    i.add_argument("--data", type=Path, default=None, help="the server's data directory")
+    i.add_argument("--ttl-hours", type=float, default=INVITE_TTL_HOURS, help="validity (default 7 days)")
+    i.set_defaults(func=run_invite)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        data_dir=args.data or default_data_dir(), host=args.host, port=args.port, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, insecure_plaintext_dev=args.insecure_plaintext_dev,
+        registration=args.registration, max_connections=args.max_connections, max_queue=args.max_queue,
+        max_body=args.max_body, rate_per_second=args.rate, rate_burst=args.rate_burst,
+    )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logfmt.configure(getattr(logging, args.log_level.upper()))
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as exc:
+        print(f"cipherpost server: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(config))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # address in use, unreadable certificate ...
+        print(f"cipherpost server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: ServerConfig) -> None:
+    server = RelayServer(config)
+    await server.start()
+    print(f"cipherpost server listening on {server.url}", flush=True)
+    if server.cert_fingerprint is not None:
+        print(f"TLS certificate fingerprint: {server.cert_fingerprint}", flush=True)
+    else:
+        print("TLS certificate fingerprint: none (insecure plaintext development mode)", flush=True)
+    print(f"data directory: {config.data_dir}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # not available on Windows
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("event=shutdown_requested")
+    await server.stop()
+
+
+def run_invite(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data or default_data_dir()
+    token = secrets.token_urlsafe(18)
+    now = time.time_ns() // 1_000_000
+
+    async def add() -> None:
+        store = SqliteRelayStore(data_dir / "relay.db")
+        await store.open()
+        try:
+            await store.add_invite(hashlib.sha256(token.encode()).digest(), now,
+                                   now + int(args.ttl_hours * 3600_000))
+        finally:
+            await store.close()
+
+    asyncio.run(add())
+    print(token, flush=True)  # only the hash is stored on the server
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cipherpost")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Typed protocol errors: every failure the relay reports carries one of the codes of docs/wire.md."""
+
+from __future__ import annotations
+
+from typing import Final
+
+PROTOCOL_VERSION: Final = 1
+
+BAD_FRAME: Final = "bad_frame"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+UNKNOWN_TYPE: Final = "unknown_type"
+TOO_LARGE: Final = "too_large"
+NOT_AUTHENTICATED: Final = "not_authenticated"
+AUTH_FAILED: Final = "auth_failed"
+ALREADY_AUTHENTICATED: Final = "already_authenticated"
+INVALID_USERNAME: Final = "invalid_username"
+USERNAME_TAKEN: Final = "username_taken"
+REGISTRATION_CLOSED: Final = "registration_closed"
+BAD_INVITE: Final = "bad_invite"
+UNKNOWN_USER: Final = "unknown_user"
+NO_PREKEYS: Final = "no_prekeys"
+BAD_SIGNATURE: Final = "bad_signature"
+BAD_PREKEY: Final = "bad_prekey"
+MAILBOX_FULL: Final = "mailbox_full"
+RATE_LIMITED: Final = "rate_limited"
+INTERNAL: Final = "internal"
+
+ERROR_CODES: Final = frozenset({
+    BAD_FRAME, UNSUPPORTED_VERSION, UNKNOWN_TYPE, TOO_LARGE, NOT_AUTHENTICATED, AUTH_FAILED,
+    ALREADY_AUTHENTICATED, INVALID_USERNAME, USERNAME_TAKEN, REGISTRATION_CLOSED, BAD_INVITE,
+    UNKNOWN_USER, NO_PREKEYS, BAD_SIGNATURE, BAD_PREKEY, MAILBOX_FULL, RATE_LIMITED, INTERNAL,
+})
+
+
+class ProtocolError(Exception):
+    """A request or frame was refused. ``code`` is one of :data:`ERROR_CODES`.
+
+    ``rid`` is the request id when it could be read from the offending frame, so the error reply
+    can be matched to the request. Messages describe the problem, never secret values or bodies.
+    """
+
+    def __init__(self, code: str, message: str, *, rid: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.rid = rid

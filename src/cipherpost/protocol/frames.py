@@ -1,0 +1,458 @@
+"""Wire frames of protocol v1 (docs/wire.md): typed dataclasses, ``encode_frame`` and ``decode_frame``.
+
+Every frame is one binary WebSocket message holding a msgpack map with ``v`` (version) and ``t``
+(type). Client -> server frames: :class:`Register`, :class:`Auth`, :class:`UploadPrekeys`,
+:class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`. Server -> client frames:
+:class:`Hello`, :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver`
+(of :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`.
+
+Decoding is strict: every field is checked for type and size, and any failure raises
+:class:`~cipherpost.protocol.errors.ProtocolError` with a wire error code (``bad_frame``,
+``too_large``, ``unsupported_version``, ``unknown_type``). Unknown extra keys are ignored so that a
+later minor revision can add optional fields. Sans-I/O: bytes in, frames out, and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
+
+import msgpack
+
+from .errors import (
+    BAD_FRAME,
+    PROTOCOL_VERSION,
+    TOO_LARGE,
+    UNKNOWN_TYPE,
+    UNSUPPORTED_VERSION,
+    ProtocolError,
+)
+
+DEFAULT_MAX_FRAME: Final = 256 * 1024
+DEFAULT_MAX_BODY: Final = 64 * 1024
+MESSAGE_ID_LEN: Final = 16
+NONCE_LEN: Final = 32
+SIGNATURE_LEN: Final = 64
+MAX_NAME_FIELD: Final = 128  # raw username field; the username rules are checked separately
+MAX_IDENTITY_LEN: Final = 512
+MAX_SIGNED_PREKEY_LEN: Final = 256
+MAX_ONE_TIME_PREKEY_LEN: Final = 128
+MAX_KEM_PREKEY_LEN: Final = 2048
+MAX_ONE_TIME_PER_UPLOAD: Final = 1000
+MAX_KEM_PER_UPLOAD: Final = 150
+MAX_ACK_SEQS: Final = 4096
+MAX_DELIVER_MESSAGES: Final = 4096
+MAX_TEXT_FIELD: Final = 1024
+MAX_RID: Final = (1 << 63) - 1
+MESSAGE_KINDS: Final = frozenset({"msg", "pake"})
+
+
+# --- client -> server -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    rid: int
+    username: str
+    identity: bytes
+    sig: bytes
+    invite: str | None = None
+    t: ClassVar[str] = "register"
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    rid: int
+    username: str
+    sig: bytes
+    t: ClassVar[str] = "auth"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadPrekeys:
+    rid: int
+    signed_prekey: bytes | None = None
+    one_time: list[bytes] = field(default_factory=list)
+    kem_one_time: list[bytes] = field(default_factory=list)
+    kem_last_resort: bytes | None = None
+    t: ClassVar[str] = "upload_prekeys"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchBundle:
+    rid: int
+    username: str
+    t: ClassVar[str] = "fetch_bundle"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    rid: int
+    to: str
+    id: bytes
+    kind: str
+    body: bytes
+    t: ClassVar[str] = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seqs: list[int]
+    t: ClassVar[str] = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    rid: int
+    t: ClassVar[str] = "ping"
+
+
+# --- server -> client -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame: int
+    max_body: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyCounts:
+    one_time: int
+    kem: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    nonce: bytes
+    server: str
+    limits: Limits
+    t: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """Success reply: ``username`` on register/auth, ``prekeys`` on auth/upload_prekeys."""
+
+    rid: int
+    username: str | None = None
+    prekeys: PrekeyCounts | None = None
+    t: ClassVar[str] = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    rid: int
+    username: str
+    identity: bytes
+    signed_prekey: bytes
+    kem_prekey: bytes
+    one_time_prekey: bytes | None
+    t: ClassVar[str] = "bundle"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    rid: int
+    id: bytes
+    t: ClassVar[str] = "accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    rid: int
+    t: ClassVar[str] = "pong"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredMessage:
+    seq: int
+    sender: str  # "from" on the wire
+    id: bytes
+    kind: str
+    body: bytes
+    ts: int  # milliseconds since the epoch, when the server accepted it
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    messages: list[DeliveredMessage]
+    t: ClassVar[str] = "deliver"
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeysLow:
+    one_time: int
+    kem: int
+    t: ClassVar[str] = "prekeys_low"
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    rid: int | None
+    code: str
+    message: str
+    t: ClassVar[str] = "error"
+
+
+ClientFrame = Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping
+ServerFrame = Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error
+Frame = ClientFrame | ServerFrame
+CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping)
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+def _message_map(m: DeliveredMessage) -> dict[str, Any]:
+    return {"seq": m.seq, "from": m.sender, "id": m.id, "kind": m.kind, "body": m.body, "ts": m.ts}
+
+
+def frame_to_map(frame: Frame) -> dict[str, Any]:
+    """The msgpack map of ``frame`` (``None`` optional reply fields are left out)."""
+    out: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": frame.t}
+    if isinstance(frame, Deliver):
+        out["messages"] = [_message_map(m) for m in frame.messages]
+    elif isinstance(frame, Hello):
+        out.update(nonce=frame.nonce, server=frame.server,
+                   limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
+    elif isinstance(frame, Ok):
+        out["rid"] = frame.rid
+        if frame.username is not None:
+            out["username"] = frame.username
+        if frame.prekeys is not None:
+            out["prekeys"] = {"one_time": frame.prekeys.one_time, "kem": frame.prekeys.kem}
+    else:
+        for name in frame.__dataclass_fields__:
+            if name != "t":
+                out[name] = getattr(frame, name)
+    return out
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Encode ``frame`` as msgpack bytes (bin type for bytes, str for text)."""
+    return msgpack.packb(frame_to_map(frame), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_deliver(messages: list[DeliveredMessage]) -> bytes:
+    """Fast path for the server's hottest frame: a deliver frame of several messages."""
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {"v": PROTOCOL_VERSION, "t": "deliver", "messages": [_message_map(m) for m in messages]},
+        use_bin_type=True,
+    )
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+class _Fields:
+    """Typed access to the keys of one decoded frame map; failures become ``bad_frame``."""
+
+    __slots__ = ("m", "rid", "t")
+
+    def __init__(self, t: str, m: dict[Any, Any], rid: int | None) -> None:
+        self.t = t
+        self.m = m
+        self.rid = rid
+
+    def fail(self, message: str, code: str = BAD_FRAME) -> ProtocolError:
+        return ProtocolError(code, f"{self.t}: {message}", rid=self.rid)
+
+    def get(self, key: str) -> Any:
+        try:
+            return self.m[key]
+        except KeyError:
+            raise self.fail(f"missing field {key!r}") from None
+
+    def as_int(self, key: str, *, lo: int = 0, hi: int = MAX_RID, value: Any = None,
+               present: bool = False) -> int:
+        v = value if present else self.get(key)
+        if type(v) is not int or not lo <= v <= hi:
+            raise self.fail(f"{key!r} must be an integer in [{lo}, {hi}]")
+        return v
+
+    def as_bytes(self, key: str, *, max_len: int, exact: int | None = None, value: Any = None,
+              present: bool = False) -> bytes:
+        v = value if present else self.get(key)
+        if type(v) is not bytes:
+            raise self.fail(f"{key!r} must be binary")
+        if exact is not None and len(v) != exact:
+            raise self.fail(f"{key!r} must be {exact} bytes")
+        if len(v) > max_len:
+            raise self.fail(f"{key!r} longer than {max_len} bytes", TOO_LARGE)
+        return v
+
+    def opt_bytes(self, key: str, *, max_len: int) -> bytes | None:
+        v = self.m.get(key)
+        return None if v is None else self.as_bytes(key, max_len=max_len, value=v, present=True)
+
+    def as_str(self, key: str, *, max_len: int = MAX_TEXT_FIELD, value: Any = None,
+               present: bool = False) -> str:
+        v = value if present else self.get(key)
+        if type(v) is not str:
+            raise self.fail(f"{key!r} must be a string")
+        if len(v) > max_len:
+            raise self.fail(f"{key!r} longer than {max_len} characters", TOO_LARGE)
+        return v
+
+    def opt_str(self, key: str, *, max_len: int = MAX_TEXT_FIELD) -> str | None:
+        v = self.m.get(key)
+        return None if v is None else self.as_str(key, max_len=max_len, value=v, present=True)
+
+    def as_list(self, key: str, *, max_items: int, default_empty: bool = False) -> list[Any]:
+        v = self.m.get(key) if default_empty else self.get(key)
+        if v is None and default_empty:
+            return []
+        if type(v) is not list:
+            raise self.fail(f"{key!r} must be an array")
+        if len(v) > max_items:
+            raise self.fail(f"{key!r} has more than {max_items} items", TOO_LARGE)
+        return v
+
+    def as_map(self, key: str) -> dict[Any, Any]:
+        v = self.get(key)
+        if type(v) is not dict:
+            raise self.fail(f"{key!r} must be a map")
+        return v
+
+
+def _register(f: _Fields) -> Register:
+    return Register(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                    identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
+                    sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                    invite=f.opt_str("invite", max_len=128))
+
+
+def _auth(f: _Fields) -> Auth:
+    return Auth(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _upload_prekeys(f: _Fields) -> UploadPrekeys:
+    one_time = [f.as_bytes("one_time[]", max_len=MAX_ONE_TIME_PREKEY_LEN, value=v, present=True)
+                for v in f.as_list("one_time", max_items=MAX_ONE_TIME_PER_UPLOAD, default_empty=True)]
+    kem = [f.as_bytes("kem_one_time[]", max_len=MAX_KEM_PREKEY_LEN, value=v, present=True)
+           for v in f.as_list("kem_one_time", max_items=MAX_KEM_PER_UPLOAD, default_empty=True)]
+    return UploadPrekeys(rid=f.as_int("rid"),
+                         signed_prekey=f.opt_bytes("signed_prekey", max_len=MAX_SIGNED_PREKEY_LEN),
+                         one_time=one_time, kem_one_time=kem,
+                         kem_last_resort=f.opt_bytes("kem_last_resort", max_len=MAX_KEM_PREKEY_LEN))
+
+
+def _fetch_bundle(f: _Fields) -> FetchBundle:
+    return FetchBundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD))
+
+
+def _send(f: _Fields) -> Send:
+    rid = f.as_int("rid")
+    kind = f.as_str("kind", max_len=16)
+    if kind not in MESSAGE_KINDS:
+        raise f.fail("'kind' must be 'msg' or 'pake'")
+    return Send(rid=rid, to=f.as_str("to", max_len=MAX_NAME_FIELD),
+                id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN), kind=kind,
+                body=f.as_bytes("body", max_len=DEFAULT_MAX_FRAME))
+
+
+def _ack(f: _Fields) -> Ack:
+    return Ack(seqs=[f.as_int("seqs[]", value=s, present=True)
+                     for s in f.as_list("seqs", max_items=MAX_ACK_SEQS)])
+
+
+def _ping(f: _Fields) -> Ping:
+    return Ping(rid=f.as_int("rid"))
+
+
+def _hello(f: _Fields) -> Hello:
+    limits = _Fields("hello.limits", f.as_map("limits"), None)
+    return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
+                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")))
+
+
+def _counts(f: _Fields, m: dict[Any, Any]) -> PrekeyCounts:
+    c = _Fields(f.t + ".prekeys", m, f.rid)
+    return PrekeyCounts(one_time=c.as_int("one_time"), kem=c.as_int("kem"))
+
+
+def _ok(f: _Fields) -> Ok:
+    prekeys = f.m.get("prekeys")
+    return Ok(rid=f.as_int("rid"), username=f.opt_str("username", max_len=MAX_NAME_FIELD),
+              prekeys=None if prekeys is None else _counts(f, f.as_map("prekeys")))
+
+
+def _bundle(f: _Fields) -> Bundle:
+    return Bundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                  identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
+                  signed_prekey=f.as_bytes("signed_prekey", max_len=MAX_SIGNED_PREKEY_LEN),
+                  kem_prekey=f.as_bytes("kem_prekey", max_len=MAX_KEM_PREKEY_LEN),
+                  one_time_prekey=f.opt_bytes("one_time_prekey", max_len=MAX_ONE_TIME_PREKEY_LEN))
+
+
+def _accepted(f: _Fields) -> Accepted:
+    return Accepted(rid=f.as_int("rid"), id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN))
+
+
+def _pong(f: _Fields) -> Pong:
+    return Pong(rid=f.as_int("rid"))
+
+
+def _deliver(f: _Fields) -> Deliver:
+    out = []
+    for item in f.as_list("messages", max_items=MAX_DELIVER_MESSAGES):
+        if type(item) is not dict:
+            raise f.fail("'messages' items must be maps")
+        m = _Fields("deliver.messages[]", item, None)
+        out.append(DeliveredMessage(
+            seq=m.as_int("seq"), sender=m.as_str("from", max_len=MAX_NAME_FIELD),
+            id=m.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN),
+            kind=m.as_str("kind", max_len=16), body=m.as_bytes("body", max_len=DEFAULT_MAX_FRAME),
+            ts=m.as_int("ts")))
+    return Deliver(messages=out)
+
+
+def _prekeys_low(f: _Fields) -> PrekeysLow:
+    return PrekeysLow(one_time=f.as_int("one_time"), kem=f.as_int("kem"))
+
+
+def _error(f: _Fields) -> Error:
+    rid = f.m.get("rid")
+    return Error(rid=None if rid is None else f.as_int("rid"), code=f.as_str("code", max_len=64),
+                 message=f.as_str("message"))
+
+
+_DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
+    "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
+    "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping,
+    "hello": _hello, "ok": _ok, "bundle": _bundle, "accepted": _accepted, "pong": _pong,
+    "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
+}
+
+
+def decode_frame(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> Frame:
+    """Decode and validate one frame; raise :class:`ProtocolError` on any problem.
+
+    ``max_size`` bounds the whole frame (``too_large``). Checks run in this order: size, msgpack
+    well-formedness (``bad_frame``), map with ``v`` and ``t``, version (``unsupported_version``),
+    type (``unknown_type``), then every field of that type (``bad_frame`` / ``too_large``).
+    """
+    if type(data) is not bytes:
+        raise ProtocolError(BAD_FRAME, "frames must be binary")
+    if len(data) > max_size:
+        raise ProtocolError(TOO_LARGE, f"frame of {len(data)} bytes exceeds the limit of {max_size}")
+    try:
+        m = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception:  # msgpack raises many unrelated types on bad input; none is a server fault
+        raise ProtocolError(BAD_FRAME, "frame is not a single valid msgpack value") from None
+    if type(m) is not dict:
+        raise ProtocolError(BAD_FRAME, "frame must be a msgpack map")
+    rid = m.get("rid")
+    rid = rid if type(rid) is int and 0 <= rid <= MAX_RID else None
+    v = m.get("v")
+    if type(v) is not int:
+        raise ProtocolError(BAD_FRAME, "missing or non-integer version 'v'", rid=rid)
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(UNSUPPORTED_VERSION, f"protocol version {v} is not supported (this is "
+                            f"version {PROTOCOL_VERSION})", rid=rid)
+    t = m.get("t")
+    if type(t) is not str:
+        raise ProtocolError(BAD_FRAME, "missing or non-string frame type 't'", rid=rid)
+    decoder = _DECODERS.get(t)
+    if decoder is None:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown frame type {t[:32]!r}", rid=rid)
+    return decoder(_Fields(t, m, rid))

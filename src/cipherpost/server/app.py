@@ -1,0 +1,200 @@
+"""The relay server: binds the WebSocket listener, owns the store, routes messages to connections.
+
+``RelayServer(config)``; ``await start()`` binds and returns once listening (``.port``,
+``.cert_fingerprint``, ``.channel_binding``); ``await stop()`` shuts down gracefully: stop
+listening, close every connection (1001), then let the store commit everything already submitted.
+HTTP ``GET /healthz`` and ``GET /metrics`` are answered on the same port (``process_request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from ..crypto.errors import CryptoError
+from ..crypto.identity import PublicIdentity
+from ..protocol.frames import DeliveredMessage
+from ..store.base import RelayStore
+from ..store.sqlite import SqliteRelayStore
+from . import tls
+from .config import ServerConfig
+from .connection import Connection
+from .limits import WindowLimiter
+from .metrics import Metrics
+
+log = logging.getLogger("cipherpost.server")
+
+PRUNE_INTERVAL_S = 3600.0
+IDENTITY_CACHE_MAX = 100_000
+PLAINTEXT_CHANNEL = bytes(32)  # docs/wire.md: channel binding in loopback-only ws:// mode
+
+
+class RelayServer:
+    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.store: RelayStore = store or SqliteRelayStore(config.db_path,
+                                                           synchronous=config.sqlite_synchronous)
+        self.metrics = Metrics()
+        self.pake_limiter = WindowLimiter(config.pake_per_hour, 3600.0)
+        self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
+        self.port: int = config.port
+        self.cert_fingerprint: str | None = None  # "SHA256:<hex>"; None in plaintext dev mode
+        self.channel_binding: bytes = PLAINTEXT_CHANNEL
+        self.url = ""
+        self._routes: dict[str, set[Connection]] = {}
+        self._identities: dict[str, PublicIdentity] = {}
+        self._server: Server | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ssl_context = None
+        if not cfg.insecure_plaintext_dev:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                cert_path, key_path = cfg.tls_cert, cfg.tls_key
+            else:
+                cert_path, key_path = tls.ensure_self_signed(cfg.data_dir, cfg.host)
+            der = tls.certificate_der(cert_path)
+            self.channel_binding = hashlib.sha256(der).digest()
+            self.cert_fingerprint = tls.fingerprint_text(der)
+            ssl_context = tls.server_context(cert_path, key_path)
+        await self.store.open()
+        await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
+        self._server = await serve(
+            self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
+            # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
+            # error; beyond that websockets closes the connection (1009) without reading it.
+            max_size=2 * cfg.max_frame, compression=None, server_header=None,
+            ping_interval=30, ping_timeout=30, close_timeout=5,
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+        scheme = "ws" if cfg.insecure_plaintext_dev else "wss"
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        self.url = f"{scheme}://{host}:{self.port}"
+        self._prune_task = asyncio.create_task(self._prune_loop())
+        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s", self.url, cfg.data_dir,
+                 cfg.registration, self.cert_fingerprint or "none")
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+        server.close(close_connections=True)
+        await server.wait_closed()
+        await self.store.close()  # commits everything already submitted
+        self._stopped.set()
+        log.info("event=stopped")
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            with contextlib.suppress(Exception):
+                await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
+                self.pake_limiter.prune(time.monotonic())
+
+    # --- HTTP side: health and metrics --------------------------------------------------------
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/metrics":
+            stats = await self.store.stats()
+            store_batches = getattr(self.store, "batches", None)
+            store_ops = getattr(self.store, "batched_ops", None)
+            body = self.metrics.render(queued=stats.queued_messages, accounts=stats.accounts,
+                                       store_batches=store_batches, store_ops=store_ops)
+            response = connection.respond(HTTPStatus.OK, body)
+            response.headers = Headers([(k, v) for k, v in response.headers.raw_items()
+                                        if k.lower() != "content-type"])
+            response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return response
+        if self.metrics.connections_open >= self.config.max_connections:
+            self.metrics.connections_refused += 1
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        return None
+
+    # --- connections and routing --------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.metrics.connections_total += 1
+        self.metrics.connections_open += 1
+        conn = Connection(self, ws)
+        log.debug("event=connected peer=%s", conn.peer)
+        try:
+            await conn.run()
+        finally:
+            self.metrics.connections_open -= 1
+            log.debug("event=disconnected peer=%s user=%s", conn.peer, conn.username or "-")
+
+    def route_to(self, username: str, conn: Connection) -> None:
+        self._routes.setdefault(username, set()).add(conn)
+
+    def unroute(self, conn: Connection) -> None:
+        if conn.username is None:
+            return
+        conns = self._routes.get(conn.username)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._routes[conn.username]
+
+    def route(self, recipient: str, message: DeliveredMessage) -> None:
+        for conn in self._routes.get(recipient, ()):
+            conn.push(message)
+
+    def notify(self, username: str, frame: bytes) -> None:
+        for conn in self._routes.get(username, ()):
+            conn.push_frame(frame)
+
+    def connections_of(self, username: str) -> Iterable[Connection]:
+        return tuple(self._routes.get(username, ()))
+
+    # --- identities -------------------------------------------------------------------------
+
+    def remember_identity(self, username: str, identity: PublicIdentity) -> None:
+        if len(self._identities) >= IDENTITY_CACHE_MAX:
+            self._identities.clear()
+        self._identities[username] = identity
+
+    async def identity_of(self, username: str) -> PublicIdentity | None:
+        identity = self._identities.get(username)
+        if identity is not None:
+            return identity
+        encoded = await self.store.get_identity(username)
+        if encoded is None:
+            return None
+        try:
+            identity = PublicIdentity.decode(encoded)
+        except CryptoError:
+            log.error("event=stored_identity_invalid user=%s", username)
+            return None
+        self.remember_identity(username, identity)
+        return identity
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+__all__ = ["RelayServer", "ServerConfig"]

@@ -1,0 +1,84 @@
+"""Relay configuration: one dataclass, validated once, shared by the CLI, the tests and the benchmark."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..protocol.frames import DEFAULT_MAX_BODY, DEFAULT_MAX_FRAME
+
+REGISTRATION_MODES = ("open", "closed", "invite")
+DATA_ENV = "CIPHERPOST_DATA"
+
+
+def default_data_dir() -> Path:
+    """``$CIPHERPOST_DATA`` if set, else the platform's user data dir (platformdirs) + ``server``."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("cipherpost", appauthor=False)) / "server"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8765
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_plaintext_dev: bool = False  # ws:// on loopback only, for development
+    registration: str = "open"
+    max_connections: int = 1000
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_body: int = DEFAULT_MAX_BODY
+    max_queue: int = 10_000  # messages waiting per recipient
+    max_prekey_pool: int = 1000  # one-time prekeys per kind per account
+    prekeys_low_threshold: int = 10
+    rate_per_second: float = 500.0  # frames per connection, token bucket
+    rate_burst: int = 1000
+    pake_per_hour: int = 10  # "pake" sends per (sender, recipient)
+    max_auth_failures: int = 10  # per connection, then it is closed
+    dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
+    sqlite_synchronous: str = "FULL"
+    server_name: str = "cipherpost-relay/0.1"
+
+    def validate(self) -> None:
+        """Raise ValueError with a message fit for the operator."""
+        if self.registration not in REGISTRATION_MODES:
+            raise ValueError(f"--registration must be one of {', '.join(REGISTRATION_MODES)}")
+        if self.insecure_plaintext_dev and not is_loopback(self.host):
+            raise ValueError(
+                f"--insecure-plaintext-dev refuses to listen on {self.host}: plain ws:// is allowed only "
+                "on a loopback address (127.0.0.1, ::1, localhost)"
+            )
+        if self.insecure_plaintext_dev and (self.tls_cert or self.tls_key):
+            raise ValueError("--insecure-plaintext-dev cannot be combined with --tls-cert/--tls-key")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("--port must be in 0-65535")
+        if self.max_body >= self.max_frame:
+            raise ValueError("max_body must be smaller than max_frame")
+        for name in ("max_connections", "max_frame", "max_body", "max_queue", "max_prekey_pool",
+                     "rate_burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.rate_per_second <= 0:
+            raise ValueError("rate_per_second must be positive")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "relay.db"

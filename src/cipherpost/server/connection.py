@@ -1,0 +1,437 @@
+"""One client connection: authentication state, request handling, and batched outbound frames.
+
+Receiving: frames are handled in order. ``send`` does not wait for its commit — it hands the
+message to the store and goes on with the next frame; the commit callback queues ``accepted``
+and routes the message to connected recipients. That lets one connection keep many sends in a
+group commit.
+
+Sending: one writer task per connection drains a queue of encoded frames, and turns every message
+routed to this connection since its last wake-up into as few ``deliver`` frames as fit.
+
+Delivery order and exactly-once-per-connection: after ``auth`` the connection is *syncing*: it
+pages through its stored queue while live pushes are buffered; then it flushes the buffer,
+skipping sequence numbers already sent (seqs only grow, and commits happen in seq order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from ..crypto.encoding import pack
+from ..crypto.errors import CryptoError, InvalidSignature
+from ..crypto.identity import PublicIdentity
+from ..crypto.prekeys import KemPrekey, OneTimePrekey, SignedPrekey
+from ..protocol import errors as E
+from ..protocol.errors import ProtocolError
+from ..protocol.frames import (
+    MAX_DELIVER_MESSAGES,
+    Accepted,
+    Ack,
+    Auth,
+    Bundle,
+    DeliveredMessage,
+    Error,
+    FetchBundle,
+    Hello,
+    Limits,
+    Ok,
+    Ping,
+    Pong,
+    PrekeyCounts,
+    PrekeysLow,
+    Register,
+    Send,
+    UploadPrekeys,
+    decode_frame,
+    encode_deliver,
+    encode_frame,
+)
+from ..protocol.usernames import require_normalized
+from ..store.base import (
+    EnqueueResult,
+    InvalidInvite,
+    MailboxFull,
+    NewMessage,
+    NoPrekeys,
+    PoolCounts,
+    PrekeyPoolFull,
+    UnknownAccount,
+    UsernameTaken,
+)
+from .limits import TokenBucket
+
+if TYPE_CHECKING:
+    from .app import RelayServer
+
+log = logging.getLogger("cipherpost.server")
+
+SYNC_PAGE = 256
+MAX_OUTBOUND_FRAMES = 10_000  # a peer that stops reading is disconnected; its mail stays stored
+DELIVER_OVERHEAD = 64  # msgpack framing bytes per message in a deliver frame, generous
+
+
+class Connection:
+    def __init__(self, server: RelayServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.config = server.config
+        self.store = server.store
+        self.metrics = server.metrics
+        self.nonce = secrets.token_bytes(32)  # fresh per connection: a signature is valid once
+        self.username: str | None = None
+        self.auth_failures = 0
+        self.closed = False
+        self.bucket = TokenBucket(self.config.rate_per_second, self.config.rate_burst, time.monotonic())
+        self._frames: list[bytes] = []
+        self._messages: list[DeliveredMessage] = []
+        self._wake = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._syncing = False
+        self._sync_buffer: list[DeliveredMessage] = []
+        self._last_seq = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        peer = ws.remote_address
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        try:
+            cfg = self.config
+            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
+                                                 limits=Limits(cfg.max_frame, cfg.max_body))))
+            async for data in self.ws:
+                self.metrics.frames_received += 1
+                await self._handle(data)
+                if self.closed:
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            self.server.unroute(self)
+            writer.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self.closed:
+            log.error("event=task_failed peer=%s error=%s", self.peer, type(task.exception()).__name__)
+
+    # --- outbound ---------------------------------------------------------------------------
+
+    def _queue_frame(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        self._frames.append(frame)
+        self._wake.set()
+        if len(self._frames) > MAX_OUTBOUND_FRAMES:
+            self._abort("outbound queue full (peer not reading)")
+
+    def send_error(self, rid: int | None, code: str, message: str) -> None:
+        self.metrics.errors[code] += 1
+        self._queue_frame(encode_frame(Error(rid=rid, code=code, message=message)))
+
+    def _abort(self, reason: str) -> None:
+        log.warning("event=connection_aborted peer=%s reason=%s", self.peer, reason.replace(" ", "_"))
+        self.closed = True
+        self._spawn(self.ws.close(1008, reason[:120]))
+
+    def push(self, message: DeliveredMessage) -> None:
+        """Route one committed message to this (authenticated) connection."""
+        if self._syncing:
+            self._sync_buffer.append(message)
+        elif message.seq > self._last_seq:
+            self._last_seq = message.seq
+            self._messages.append(message)
+            self._wake.set()
+
+    def push_frame(self, frame: bytes) -> None:
+        self._queue_frame(frame)
+
+    async def _writer(self) -> None:
+        max_payload = self.config.max_frame - 256
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                frames, self._frames = self._frames, []
+                for frame in frames:
+                    await self.ws.send(frame)
+                while self._messages:
+                    pending = self._messages
+                    n, size = 0, 0
+                    while n < len(pending) and n < MAX_DELIVER_MESSAGES:
+                        size += len(pending[n].body) + DELIVER_OVERHEAD
+                        if n and size > max_payload:
+                            break
+                        n += 1
+                    batch = pending[:n]
+                    del pending[:n]
+                    await self.ws.send(encode_deliver(batch))
+                    self.metrics.messages_delivered += len(batch)
+                if not self._frames and not self._messages:
+                    self._flushed.set()
+        except ConnectionClosed:
+            self.closed = True
+
+    # --- inbound ----------------------------------------------------------------------------
+
+    async def _handle(self, data: bytes | str) -> None:
+        if not isinstance(data, bytes):
+            self.send_error(None, E.BAD_FRAME, "text WebSocket frames are not accepted; send binary "
+                                               "msgpack frames")
+            return
+        try:
+            frame = decode_frame(data, max_size=self.config.max_frame)
+        except ProtocolError as exc:
+            self.send_error(exc.rid, exc.code, exc.message)
+            return
+        rid: int | None = getattr(frame, "rid", None)
+        if not self.bucket.take(time.monotonic()):
+            self.send_error(rid, E.RATE_LIMITED, "too many frames on this connection; slow down")
+            return
+        try:
+            handler = _HANDLERS.get(type(frame))
+            if handler is None:
+                raise ProtocolError(E.UNKNOWN_TYPE, f"{frame.t!r} is a server frame, not a request")
+            if self.username is None and type(frame) not in _UNAUTHENTICATED:
+                raise ProtocolError(E.NOT_AUTHENTICATED, f"{frame.t}: authenticate first (auth or register)")
+            await handler(self, frame)
+        except ProtocolError as exc:
+            self.send_error(rid, exc.code, exc.message)
+        except Exception as exc:  # a bug must not kill the connection or leak a traceback to the peer
+            log.error("event=internal_error peer=%s frame=%s error=%s", self.peer, frame.t,
+                      type(exc).__name__, exc_info=True)
+            self.send_error(rid, E.INTERNAL, "internal server error")
+
+    async def _ping(self, frame: Ping) -> None:
+        self._queue_frame(encode_frame(Pong(rid=frame.rid)))
+
+    def _check_proof(self, label: str, identity: PublicIdentity, username: str, sig: bytes) -> bool:
+        # docs/wire.md "Connection start": sign pack([nonce, channel, username]) under label.
+        payload = pack([self.nonce, self.server.channel_binding, username])
+        try:
+            identity.verify(label, payload, sig)
+        except CryptoError:
+            return False
+        return True
+
+    def _auth_failed(self, message: str) -> ProtocolError:
+        self.auth_failures += 1
+        self.metrics.auth_failure += 1
+        if self.auth_failures >= self.config.max_auth_failures:
+            self._abort("too many failed authentication attempts")
+        return ProtocolError(E.AUTH_FAILED, message)
+
+    async def _register(self, frame: Register) -> None:
+        if self.username is not None:
+            raise ProtocolError(E.ALREADY_AUTHENTICATED, f"already authenticated as {self.username}")
+        mode = self.config.registration
+        if mode == "closed":
+            raise ProtocolError(E.REGISTRATION_CLOSED, "this server does not accept new accounts")
+        username = require_normalized(frame.username)
+        try:
+            identity = PublicIdentity.decode(frame.identity)
+        except InvalidSignature:
+            raise ProtocolError(E.BAD_SIGNATURE, "identity binding signature does not verify") from None
+        except CryptoError as exc:
+            raise ProtocolError(E.BAD_FRAME, f"register: bad identity ({exc})") from None
+        invite_hash = None
+        if mode == "invite":
+            if not frame.invite:
+                raise ProtocolError(E.BAD_INVITE, "this server requires an invite token to register")
+            invite_hash = hashlib.sha256(frame.invite.encode("utf-8")).digest()
+        if not self._check_proof("register", identity, username, frame.sig):
+            raise self._auth_failed("register: proof of possession does not verify (wrong key, nonce "
+                                    "or server certificate)")
+        try:
+            await self.store.create_account(username, frame.identity, _now_ms(), invite_hash)
+        except UsernameTaken:
+            raise ProtocolError(E.USERNAME_TAKEN, f"username {username!r} is taken") from None
+        except InvalidInvite:
+            raise ProtocolError(E.BAD_INVITE, "invite token is unknown, already used or expired") from None
+        self.metrics.registrations += 1
+        self.server.remember_identity(username, identity)
+        log.info("event=registered user=%s identity=%s peer=%s", username, identity.short_id(), self.peer)
+        self._queue_frame(encode_frame(Ok(rid=frame.rid, username=username)))
+        self._authenticated(username)
+
+    async def _auth(self, frame: Auth) -> None:
+        if self.username is not None:
+            raise ProtocolError(E.ALREADY_AUTHENTICATED, f"already authenticated as {self.username}")
+        username = require_normalized(frame.username)
+        identity = await self.server.identity_of(username)
+        if identity is None:
+            raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r} on this server")
+        if not self._check_proof("auth", identity, username, frame.sig):
+            raise self._auth_failed("signature does not verify for this account, nonce and server "
+                                    "certificate")
+        counts = await self.store.prekey_counts(username)
+        self.metrics.auth_success += 1
+        log.info("event=authenticated user=%s peer=%s", username, self.peer)
+        self._queue_frame(encode_frame(Ok(rid=frame.rid, username=username, prekeys=_counts(counts))))
+        self._authenticated(username)
+        low = self.config.prekeys_low_threshold
+        if counts.one_time < low or counts.kem < low:
+            self._queue_frame(encode_frame(PrekeysLow(one_time=counts.one_time, kem=counts.kem)))
+
+    def _authenticated(self, username: str) -> None:
+        self.username = username
+        self._syncing = True
+        self.server.route_to(username, self)
+        self._spawn(self._sync())  # pushes of queued messages begin right after auth
+
+    async def _sync(self) -> None:
+        assert self.username is not None
+        after = 0
+        while not self.closed:
+            page = await self.store.pending(self.username, after, SYNC_PAGE)
+            if not page:
+                break
+            self._messages.extend(DeliveredMessage(seq=m.seq, sender=m.sender, id=m.msg_id, kind=m.kind,
+                                                   body=m.body, ts=m.ts) for m in page)
+            after = self._last_seq = page[-1].seq
+            self._flushed.clear()
+            self._wake.set()
+            await self._flushed.wait()  # backpressure: one page in memory at a time
+        self._syncing = False
+        buffered, self._sync_buffer = self._sync_buffer, []
+        for message in buffered:
+            self.push(message)
+
+    async def _upload_prekeys(self, frame: UploadPrekeys) -> None:
+        assert self.username is not None
+        identity = await self.server.identity_of(self.username)
+        assert identity is not None
+        # PQXDH section 3.2: prekeys are signed by the identity; refuse any that is not.
+        try:
+            signed = None
+            if frame.signed_prekey is not None:
+                signed = SignedPrekey.decode(frame.signed_prekey)
+            one_time = [OneTimePrekey.decode(b) for b in frame.one_time]
+            kem = [KemPrekey.decode(b) for b in frame.kem_one_time]
+            last_resort = None if frame.kem_last_resort is None else KemPrekey.decode(frame.kem_last_resort)
+        except CryptoError as exc:
+            raise ProtocolError(E.BAD_PREKEY, f"undecodable prekey ({exc})") from None
+        if any(k.last_resort for k in kem):
+            raise ProtocolError(E.BAD_PREKEY, "kem_one_time holds a key marked last_resort")
+        if last_resort is not None and not last_resort.last_resort:
+            raise ProtocolError(E.BAD_PREKEY, "kem_last_resort holds a key not marked last_resort")
+        try:
+            for key in [signed, last_resort, *kem]:
+                if key is not None:
+                    key.verify(identity)
+        except CryptoError:
+            raise ProtocolError(E.BAD_SIGNATURE, "a prekey signature does not verify against the account "
+                                                 "identity") from None
+        try:
+            counts = await self.store.put_prekeys(
+                self.username, signed_prekey=frame.signed_prekey,
+                one_time=[(k.key_id, b) for k, b in zip(one_time, frame.one_time, strict=True)],
+                kem_one_time=[(k.key_id, b) for k, b in zip(kem, frame.kem_one_time, strict=True)],
+                kem_last_resort=frame.kem_last_resort, max_pool=self.config.max_prekey_pool)
+        except PrekeyPoolFull as exc:
+            raise ProtocolError(E.BAD_PREKEY, str(exc)) from None
+        self._queue_frame(encode_frame(Ok(rid=frame.rid, prekeys=_counts(counts))))
+
+    async def _fetch_bundle(self, frame: FetchBundle) -> None:
+        username = require_normalized(frame.username)
+        try:
+            parts = await self.store.take_bundle(username)
+        except UnknownAccount:
+            raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r}") from None
+        except NoPrekeys:
+            raise ProtocolError(E.NO_PREKEYS, f"{username!r} has not published prekeys yet") from None
+        self.metrics.bundles_served += 1
+        self._queue_frame(encode_frame(Bundle(
+            rid=frame.rid, username=username, identity=parts.identity, signed_prekey=parts.signed_prekey,
+            kem_prekey=parts.kem_prekey, one_time_prekey=parts.one_time_prekey)))
+        left = parts.remaining
+        threshold = self.config.prekeys_low_threshold
+        if left.one_time < threshold or left.kem < threshold:
+            self.server.notify(username, encode_frame(PrekeysLow(one_time=left.one_time, kem=left.kem)))
+
+    async def _send(self, frame: Send) -> None:
+        assert self.username is not None
+        to = frame.to if frame.to in self.server.valid_names else require_normalized(frame.to)
+        if len(frame.body) > self.config.max_body:
+            raise ProtocolError(E.TOO_LARGE, f"message body of {len(frame.body)} bytes exceeds the limit of "
+                                             f"{self.config.max_body}")
+        if frame.kind == "pake" and not self.server.pake_limiter.allow((self.username, to), time.monotonic()):
+            raise ProtocolError(E.RATE_LIMITED, f"too many password-verification messages to {to!r}; "
+                                                "try again later")
+        message = NewMessage(sender=self.username, recipient=to, msg_id=frame.id, kind=frame.kind,
+                             body=frame.body, ts=_now_ms())
+        future = asyncio.ensure_future(self.store.enqueue(message, self.config.max_queue))
+        future.add_done_callback(partial(self._enqueued, frame.rid, message))
+
+    def _enqueued(self, rid: int, message: NewMessage, future: asyncio.Future[EnqueueResult]) -> None:
+        """Runs after the commit: reply ``accepted`` and push the message to its recipient."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, UnknownAccount):
+                self.send_error(rid, E.UNKNOWN_USER, f"no account named {message.recipient!r}")
+            elif isinstance(exc, MailboxFull):
+                self.send_error(rid, E.MAILBOX_FULL, f"the mailbox of {message.recipient!r} is full "
+                                                     f"({self.config.max_queue} messages); try later")
+            else:
+                log.error("event=enqueue_failed error=%s", type(exc).__name__)
+                self.send_error(rid, E.INTERNAL, "message could not be stored; retry")
+            return
+        result = future.result()
+        self.server.valid_names.add(message.recipient)
+        self._queue_frame(encode_frame(Accepted(rid=rid, id=message.msg_id)))
+        if result.duplicate:
+            self.metrics.messages_duplicate += 1
+            return
+        self.metrics.messages_accepted += 1
+        self.server.route(message.recipient, DeliveredMessage(
+            seq=result.seq, sender=message.sender, id=message.msg_id, kind=message.kind, body=message.body,
+            ts=message.ts))
+
+    async def _ack(self, frame: Ack) -> None:
+        assert self.username is not None
+        if frame.seqs:
+            future = asyncio.ensure_future(self.store.ack(self.username, frame.seqs))
+            future.add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("event=store_failed error=%s", type(future.exception()).__name__)
+
+
+def _counts(counts: PoolCounts) -> PrekeyCounts:
+    return PrekeyCounts(one_time=counts.one_time, kem=counts.kem)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+_HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
+    Register: Connection._register, Auth: Connection._auth, UploadPrekeys: Connection._upload_prekeys,
+    FetchBundle: Connection._fetch_bundle, Send: Connection._send, Ack: Connection._ack,
+    Ping: Connection._ping,
+}
+_UNAUTHENTICATED = frozenset({Register, Auth, Ping})
