@@ -16,6 +16,7 @@ skipping sequence numbers already sent (seqs only grow, and commits happen in se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -91,6 +92,7 @@ class Connection:
         self.username: str | None = None
         self.auth_failures = 0
         self.closed = False
+        self._abort_reason: str | None = None
         self.bucket = TokenBucket(self.config.rate_per_second, self.config.rate_burst, time.monotonic())
         self._frames: list[bytes] = []
         self._messages: list[DeliveredMessage] = []
@@ -114,8 +116,16 @@ class Connection:
             async for data in self.ws:
                 self.metrics.frames_received += 1
                 await self._handle(data)
-                if self.closed:
+                if self._abort_reason is not None or self.closed:
                     break
+            if self._abort_reason is not None and not self.closed:
+                # let the peer read the error that explains the close, then close with 1008
+                if self._frames or self._messages:
+                    self._flushed.clear()
+                    self._wake.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._flushed.wait(), 5)
+                await self.ws.close(1008, self._abort_reason[:120])
         except ConnectionClosed:
             pass
         finally:
@@ -143,13 +153,18 @@ class Connection:
         self._frames.append(frame)
         self._wake.set()
         if len(self._frames) > MAX_OUTBOUND_FRAMES:
-            self._abort("outbound queue full (peer not reading)")
+            self._abort_now("outbound queue full (peer not reading)")
 
     def send_error(self, rid: int | None, code: str, message: str) -> None:
         self.metrics.errors[code] += 1
         self._queue_frame(encode_frame(Error(rid=rid, code=code, message=message)))
 
     def _abort(self, reason: str) -> None:
+        """Close with 1008 once the frames queued so far are sent (see ``run``)."""
+        log.warning("event=connection_aborted peer=%s reason=%s", self.peer, reason.replace(" ", "_"))
+        self._abort_reason = reason
+
+    def _abort_now(self, reason: str) -> None:
         log.warning("event=connection_aborted peer=%s reason=%s", self.peer, reason.replace(" ", "_"))
         self.closed = True
         self._spawn(self.ws.close(1008, reason[:120]))
