@@ -1,0 +1,133 @@
+"""The scriptable commands end to end: real relay subprocess, real TLS, real SQLite, real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from e2e_support import RelayProcess, User
+
+
+def test_init_send_recv_reply(make_user, relay: RelayProcess) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    out = alice.ok("send", "bob", "hello", "bob")
+    assert out.startswith("sent ")
+    [msg] = bob.recv()
+    assert msg["from"] == "alice" and msg["text"] == "hello bob"
+    assert isinstance(msg["sent_at"], int) and isinstance(msg["received_at"], int)
+    assert msg["id"] == out.split()[1]
+    assert bob.recv() == []              # shown once only
+    bob.ok("send", "alice", "hi alice")
+    [reply] = alice.recv()
+    assert (reply["from"], reply["text"]) == ("bob", "hi alice")
+    # several turns, both directions (ratchet direction changes)
+    for i in range(3):
+        alice.ok("send", "bob", f"a{i}")
+        assert [m["text"] for m in bob.recv()] == [f"a{i}"]
+        bob.ok("send", "alice", f"b{i}")
+        assert [m["text"] for m in alice.recv()] == [f"b{i}"]
+    history = alice.ok("history", "bob", "--json")
+    texts = [json.loads(line)["text"] for line in history.splitlines()]
+    assert texts == ["hello bob", "hi alice", "a0", "b0", "a1", "b1", "a2", "b2"]
+    contacts = alice.ok("contacts")
+    assert "bob" in contacts and "unverified" in contacts
+
+
+def test_wrong_passphrase_is_refused(make_user) -> None:
+    alice = make_user("alice")
+    result = alice.run("contacts", passphrase="not the passphrase")
+    assert result.returncode == 1
+    assert "wrong passphrase" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_fingerprint_mismatch_refused(make_user, relay: RelayProcess, tmp_path: Path) -> None:
+    carol = make_user("carol", init=False)
+    wrong = "SHA256:" + "00" * 32
+    result = carol.run("init", "carol", "--server", relay.url, "--server-fingerprint", wrong)
+    assert result.returncode == 1
+    assert "certificate changed" in result.stderr or "expected" in result.stderr
+    assert not (carol.home / "profiles" / "carol" / "keystore.bin").exists()
+    # A relay that comes back with another certificate is refused by a pinned profile.
+    alice = make_user("alice")
+    relay.stop()
+    for pem in relay.data.glob("*.pem"):
+        pem.unlink()
+    relay.start(port=relay.port)
+    result = alice.run("recv")
+    assert result.returncode == 1
+    assert "certificate changed" in result.stderr
+
+
+def test_unknown_recipient_is_a_clear_error(make_user) -> None:
+    alice = make_user("alice")
+    result = alice.run("send", "nobody", "hello?")
+    assert result.returncode == 1
+    assert "unknown_user" in result.stderr
+
+
+def test_restart_between_send_and_receive_loses_nothing(make_user, relay: RelayProcess) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.ok("send", "bob", "before restart 1")
+    alice.ok("send", "bob", "before restart 2")
+    assert relay.stop() == 0
+    relay.start(port=relay.port)
+    assert [m["text"] for m in bob.recv()] == ["before restart 1", "before restart 2"]
+    bob.ok("send", "alice", "after restart")
+    assert [m["text"] for m in alice.recv()] == ["after restart"]
+
+
+def test_server_data_holds_no_plaintext_or_private_keys(make_user, relay: RelayProcess) -> None:
+    from cipherpost.client.client import Client
+
+    alice, bob = make_user("alice"), make_user("bob")
+    secret_text = "the eagle lands at midnight"
+    alice.ok("send", "bob", secret_text)      # stays queued on the server: bob is offline
+    client = Client.open(alice.home, "alice", alice.passphrase)
+    try:
+        private = client.identity.private_bytes()
+        prekey_blob = client.prekeys.serialize()
+    finally:
+        import asyncio
+        asyncio.run(client.close())
+    blobs = b"".join(p.read_bytes() for p in relay.data.rglob("*") if p.is_file())
+    assert len(blobs) > 1000
+    assert secret_text.encode() not in blobs
+    for key in private:
+        assert key not in blobs
+    assert prekey_blob not in blobs
+    # And it really is stored there, sealed: bob can read it.
+    assert [m["text"] for m in bob.recv()] == [secret_text]
+
+
+def test_profile_files_are_private(make_user) -> None:
+    alice = make_user("alice")
+    profile = alice.home / "profiles" / "alice"
+    assert oct(profile.stat().st_mode & 0o777) == "0o700"
+    for name in ("keystore.bin", "profile.db"):
+        assert oct((profile / name).stat().st_mode & 0o777) == "0o600"
+    db = sqlite3.connect(profile / "profile.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_local_history_is_encrypted_at_rest(make_user) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.ok("send", "bob", "very private words")
+    bob.recv()
+    for user in (alice, bob):
+        raw = b"".join(p.read_bytes() for p in (user.home / "profiles").rglob("*") if p.is_file())
+        assert b"very private words" not in raw
+
+
+def test_usage_errors_exit_non_zero(make_user, tmp_path: Path) -> None:
+    nobody = User("nobody", tmp_path / "empty-home")
+    result = nobody.run("recv")
+    assert result.returncode == 1 and "no profile" in result.stderr
+    result = nobody.run("init", "x", "--server", "wss://127.0.0.1:1")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    env_less = nobody.run("send")
+    assert env_less.returncode == 2
+    assert os.path.exists(tmp_path)
