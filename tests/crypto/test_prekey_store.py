@@ -198,6 +198,27 @@ def test_repr_hides_private_keys():
     assert "hidden" in text
 
 
+def test_pools_are_bounded_oldest_dropped_first(monkeypatch):
+    from cipherpost.crypto import prekey_store
+
+    monkeypatch.setattr(prekey_store, "MAX_POOL", 5)
+    opks, store = PrekeyStore.empty().new_one_time_prekeys(4)
+    more, store = store.new_one_time_prekeys(3)
+    assert store.one_time_count == 5
+    with pytest.raises(PrekeyNotFound):
+        store.one_time_private(opks[0].key_id)
+    with pytest.raises(PrekeyNotFound):
+        store.one_time_private(opks[1].key_id)
+    for k in opks[2:] + more:
+        store.one_time_private(k.key_id)
+    kems, store = store.new_kem_prekeys(BOB, 5)
+    more_kems, store = store.new_kem_prekeys(BOB, 1)
+    assert store.kem_one_time_count() == 5
+    with pytest.raises(PrekeyNotFound):
+        store.kem_private(kems[0].key_id)
+    store.kem_private(more_kems[0].key_id)
+
+
 def test_invalid_counts_are_rejected():
     with pytest.raises(ValueError):
         PrekeyStore.empty().new_one_time_prekeys(-1)

@@ -6,7 +6,8 @@ whose private half is lost). Contents:
 
 - the last two signed X25519 prekeys (current + previous, so initial messages in flight still
   decrypt after a rotation; spec 3.2 recommends keeping the old private key "for some period");
-- one-time X25519 prekeys and one-time ML-KEM-768 prekeys, deleted when used (spec 3.4);
+- one-time X25519 prekeys and one-time ML-KEM-768 prekeys, deleted when used (spec 3.4), at most
+  :data:`MAX_POOL` of each kind (the oldest dropped first: keys handed out but never used);
 - the last two last-resort ML-KEM-768 prekeys (never deleted by use, replaced by rotation);
 - three monotonically increasing key-id counters (signed, one-time X25519, ML-KEM), so no id is
   ever reused within its namespace.
@@ -50,7 +51,7 @@ STORE_VERSION = 1
 KEEP_SIGNED_PREKEYS = 2
 KEEP_LAST_RESORT_KEM_PREKEYS = 2
 MLKEM_SEED_LEN = 64
-MAX_POOL = 10_000  # bound on stored one-time keys of each kind (a corrupt blob cannot explode memory)
+MAX_POOL = 10_000  # one-time keys kept per kind; the oldest are dropped beyond it
 
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
@@ -96,7 +97,7 @@ class PrekeyStore:
 
     def new_one_time_prekeys(self, n: int, *,
                              entropy: Entropy = SYSTEM_ENTROPY) -> tuple[list[OneTimePrekey], PrekeyStore]:
-        _check_count(n, len(self.one_time))
+        _check_count(n)
         pool = dict(self.one_time)
         out: list[OneTimePrekey] = []
         key_id = self.next_one_time_id
@@ -106,12 +107,12 @@ class PrekeyStore:
             pool[key_id] = private
             out.append(OneTimePrekey(key_id, public))
             key_id += 1
-        return out, _replace(self, next_one_time_id=key_id, one_time=_frozen(pool))
+        return out, _replace(self, next_one_time_id=key_id, one_time=_frozen(_bounded(pool)))
 
     def new_kem_prekeys(self, identity: IdentityKeyPair, n: int, *,
                         entropy: Entropy = SYSTEM_ENTROPY) -> tuple[list[KemPrekey], PrekeyStore]:
         """One-time ML-KEM-768 prekeys, signed (spec 3.2: "signed one-time pqkem prekeys")."""
-        _check_count(n, len(self.kem_one_time))
+        _check_count(n)
         pool = dict(self.kem_one_time)
         out: list[KemPrekey] = []
         key_id = self.next_kem_id
@@ -121,7 +122,7 @@ class PrekeyStore:
             pool[key_id] = seed
             out.append(KemPrekey.create(identity, key_id, public, last_resort=False))
             key_id += 1
-        return out, _replace(self, next_kem_id=key_id, kem_one_time=_frozen(pool))
+        return out, _replace(self, next_kem_id=key_id, kem_one_time=_frozen(_bounded(pool)))
 
     def new_last_resort_kem_prekey(self, identity: IdentityKeyPair, *,
                                    entropy: Entropy = SYSTEM_ENTROPY) -> tuple[KemPrekey, PrekeyStore]:
@@ -258,9 +259,22 @@ def _check_id(key_id: int) -> int:
     return key_id
 
 
-def _check_count(n: int, have: int) -> None:
-    if not isinstance(n, int) or n < 0 or have + n > MAX_POOL:
-        raise ValueError(f"cannot add {n} prekeys to a pool of {have} (limit {MAX_POOL})")
+def _check_count(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_POOL:
+        raise ValueError(f"prekey count must be in [0, {MAX_POOL}]")
+
+
+def _bounded(pool: dict[int, bytes]) -> dict[int, bytes]:
+    """Drop the oldest (lowest-id) keys beyond MAX_POOL.
+
+    One-time keys the server handed out in a bundle that was never used stay here forever
+    otherwise; the oldest are the likeliest to be such strays.
+    """
+    overflow = len(pool) - MAX_POOL
+    if overflow > 0:
+        for key_id in sorted(pool)[:overflow]:
+            del pool[key_id]
+    return pool
 
 
 def _pairs(value: Any, what: str, max_items: int) -> list[list[Any]]:
