@@ -242,6 +242,14 @@ def test_initial_message_round_trip_and_strict_decode():
         pqxdh.InitialMessage.decode(dataclasses.replace(msg, kem_ciphertext=b"\x00" * 1087).encode())
 
 
+def test_initial_message_with_a_broken_identity_binding_is_encoding_error():
+    bundle, _ = bob_setup()
+    _, _, msg = pqxdh.initiate(ALICE, bundle)
+    forged = dataclasses.replace(msg, identity=dataclasses.replace(msg.identity, dh_pub=BOB.public.dh_pub))
+    with pytest.raises(EncodingError):
+        pqxdh.InitialMessage.decode(forged.encode())
+
+
 def test_tampered_ciphertext_gives_a_different_key_not_a_crash():
     """ML-KEM decapsulation uses implicit rejection: a changed ciphertext yields an unrelated key,
     so the first ratchet message (see test_session) fails to authenticate."""

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .encoding import context, expect_array, expect_bytes, expect_int, pack, unpack
 from .entropy import SYSTEM_ENTROPY, Entropy
-from .errors import BundleError, CryptoError, DecryptionError, EncodingError
+from .errors import BundleError, CryptoError, DecryptionError, EncodingError, InvalidSignature
 from .identity import IdentityKeyPair, PublicIdentity
 from .prekey_store import PrekeyStore
 from .prekeys import MAX_KEY_ID, MLKEM768_CIPHERTEXT_LEN, X25519_LEN, PrekeyBundle
@@ -68,11 +68,15 @@ class InitialMessage:
 
     @classmethod
     def decode(cls, data: bytes) -> InitialMessage:
-        """Parse and check lengths and the identity's binding signature (EncodingError/InvalidSignature)."""
+        """Parse and check lengths and the identity's binding signature (EncodingError)."""
         a = expect_array(unpack(data, what="initial message", max_size=4096), what="initial message",
                          version=INITIAL_MESSAGE_VERSION, length=8)
+        try:
+            identity = PublicIdentity.decode(expect_bytes(a[1], what="initial message identity", max_len=512))
+        except InvalidSignature:
+            raise EncodingError("initial message: identity binding signature does not verify") from None
         return cls(
-            identity=PublicIdentity.decode(expect_bytes(a[1], what="initial message identity", max_len=512)),
+            identity=identity,
             ephemeral=expect_bytes(a[2], what="initial message ephemeral", length=X25519_LEN),
             signed_prekey_id=expect_int(a[3], what="signed prekey id", hi=MAX_KEY_ID),
             one_time_prekey_id=None if a[4] is None else expect_int(a[4], what="one-time prekey id",

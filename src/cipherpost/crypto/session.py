@@ -198,7 +198,7 @@ def accept_session(me: IdentityKeyPair, store: PrekeyStore, envelope: bytes, *, 
 
 
 def inspect_envelope(envelope: bytes) -> EnvelopeInfo:
-    """Parse without decrypting (EncodingError / InvalidSignature), so the client can route it."""
+    """Parse without decrypting (EncodingError on any defect), so the client can route it."""
     env = _parse(envelope)
     return EnvelopeInfo(env.session_id, None if env.initial is None else InitialMessage.decode(env.initial))
 
