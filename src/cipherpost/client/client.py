@@ -52,6 +52,7 @@ ONE_TIME_POOL_TARGET = 100
 ONE_TIME_POOL_LOW = 25
 UPLOAD_CHUNK = 50
 SIGNED_PREKEY_LIFETIME_MS = 7 * 24 * 3600 * 1000
+PAD_BLOCK = 160   # plaintexts are padded to a multiple of this, as Signal does, to blur their length
 
 Observer = Callable[[str, dict[str, Any]], None]
 
@@ -367,7 +368,7 @@ class Client:
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
-        payload = pack([PLAINTEXT_VERSION, "text", text, now_ms()])
+        payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms()]))
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
@@ -517,8 +518,8 @@ class Client:
                        one_time=info.initial.one_time_prekey_id is not None)
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
-        arr = expect_array(unpack(plaintext, what="message"), what="message", version=PLAINTEXT_VERSION,
-                           length=4)
+        arr = expect_array(unpack(unpad(plaintext), what="message"), what="message",
+                           version=PLAINTEXT_VERSION, length=4)
         if arr[1] != "text" or not isinstance(arr[2], str) or not isinstance(arr[3], int):
             raise ClientError("message of an unknown kind")
         text, sent_at = arr[2], arr[3]
@@ -606,6 +607,18 @@ class Client:
 
     def _psk(self, name: str) -> bytes | None:
         return self.db.get_secret_meta("psk:" + name)
+
+
+def pad(data: bytes, block: int = PAD_BLOCK) -> bytes:
+    """ISO/IEC 7816-4 padding (0x80 then zeros) up to a multiple of ``block``; the AEAD covers it."""
+    return data + b"\x80" + bytes(-(len(data) + 1) % block)
+
+
+def unpad(data: bytes) -> bytes:
+    end = len(data.rstrip(b"\x00"))
+    if end == 0 or data[end - 1] != 0x80:
+        raise ClientError("message padding is malformed")
+    return data[: end - 1]
 
 
 def _grouped(digits: str) -> str:
