@@ -19,7 +19,6 @@ from cipherpost.protocol.frames import (
     Auth,
     Deliver,
     DeliveredMessage,
-    Error,
     Frame,
     Hello,
     Register,
@@ -42,7 +41,6 @@ class RelayClient:
         self._rids = itertools.count(1)
         self.pushes: asyncio.Queue[Frame] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
-        self.unmatched_errors: list[Error] = []
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -58,22 +56,27 @@ class RelayClient:
         return cls(ws, hello, channel)
 
     async def _read(self) -> None:
-        async for data in self.ws:
-            frame = decode_frame(data, max_size=2**22)  # type: ignore[arg-type]
-            rid = getattr(frame, "rid", None)
-            if rid is not None and rid in self._waiting:
-                self._waiting.pop(rid).set_result(frame)
-            elif isinstance(frame, Error):
-                self.unmatched_errors.append(frame)
-                await self.pushes.put(frame)
-            else:
-                await self.pushes.put(frame)
+        try:
+            async for data in self.ws:
+                frame = decode_frame(data, max_size=2**22)  # type: ignore[arg-type]
+                rid = getattr(frame, "rid", None)
+                if rid is not None and rid in self._waiting:
+                    self._waiting.pop(rid).set_result(frame)
+                else:
+                    await self.pushes.put(frame)
+        finally:  # the connection is gone: nobody will answer the open requests
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("connection closed"))
+            self._waiting.clear()
 
     def rid(self) -> int:
         return next(self._rids)
 
     async def send_raw(self, data: bytes | str, rid: int | None = None, timeout: float = 5) -> Frame | None:
         fut: asyncio.Future[Frame] | None = None
+        if self._reader.done():
+            raise ConnectionError("connection closed")
         if rid is not None:
             fut = asyncio.get_running_loop().create_future()
             self._waiting[rid] = fut

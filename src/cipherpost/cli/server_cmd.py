@@ -82,6 +82,11 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: ServerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before anything is printed: a parent may signal at once
+        with contextlib.suppress(NotImplementedError):  # not available on Windows
+            loop.add_signal_handler(sig, stop.set)
     server = RelayServer(config)
     await server.start()
     print(f"cipherpost server listening on {server.url}", flush=True)
@@ -90,11 +95,6 @@ async def _serve(config: ServerConfig) -> None:
     else:
         print("TLS certificate fingerprint: none (insecure plaintext development mode)", flush=True)
     print(f"data directory: {config.data_dir}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # not available on Windows
-            loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("event=shutdown_requested")
     await server.stop()
