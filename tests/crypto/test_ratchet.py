@@ -220,6 +220,14 @@ def test_tampered_message_opening_a_new_chain_leaves_state():
     assert_fails_untouched(bob, (Header(bytes(32), h.pn, h.n), ct), DecryptionError)  # low order
 
 
+def test_header_naming_the_initiators_first_peer_key_fails_cleanly():
+    """Alice's first DHr (Bob's signed prekey) has no receiving chain; a forged header using it is
+    a DecryptionError, not a crash."""
+    alice, _ = new_pair()
+    (_, ct), alice = send(alice, b"x")
+    assert_fails_untouched(alice, (Header(alice.dhr, 0, 0), ct), DecryptionError)
+
+
 def test_header_decode_is_strict():
     h = Header(b"\x01" * 32, 3, 7)
     assert Header.decode(h.encode()) == h

@@ -240,11 +240,11 @@ def ratchet_decrypt(state: RatchetState, header: Header, ciphertext: bytes, ad: 
             state.previous_dhr,
         )
 
-    if state.dhr is not None and _stdlib_hmac.compare_digest(header.dh, state.dhr):
-        # Same receiving chain.
+    if state.ckr is not None and state.dhr is not None and _stdlib_hmac.compare_digest(header.dh, state.dhr):
+        # Same receiving chain. (Alice's initial DHr, Bob's signed prekey, has no receiving chain:
+        # a header naming it takes the DH-step path below and fails authentication.)
         if header.n < state.nr:
             raise DuplicateMessage("message already decrypted (or its key expired)")
-        assert state.ckr is not None
         _check_skip(state.nr, header.n)
         new_skipped, ckr = _skip(state.skipped, state.ckr, state.dhr, state.nr, header.n)
         mk, next_ckr = _kdf_ck(ckr)
