@@ -161,8 +161,9 @@ def test_bad_signed_prekey_signature():
         pqxdh.initiate(ALICE, bad)
 
 
-def test_bad_kem_prekey_signature():
-    bundle, _ = bob_setup()
+@pytest.mark.parametrize("last_resort", [False, True])
+def test_bad_kem_prekey_signature(last_resort):
+    bundle, _ = bob_setup(last_resort=last_resort)
     sig = bytearray(bundle.kem_prekey.signature)
     sig[-1] ^= 0x80
     bad = dataclasses.replace(bundle, kem_prekey=dataclasses.replace(bundle.kem_prekey, signature=bytes(sig)))
