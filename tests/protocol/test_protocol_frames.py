@@ -1,0 +1,154 @@
+"""protocol.frames: round trips of every frame type, strict rejection of malformed input."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cipherpost.protocol.errors import ERROR_CODES, ProtocolError
+from cipherpost.protocol.frames import (
+    CLIENT_FRAME_TYPES,
+    Accepted,
+    Ack,
+    Auth,
+    Bundle,
+    Deliver,
+    DeliveredMessage,
+    Error,
+    FetchBundle,
+    Frame,
+    Hello,
+    Limits,
+    Ok,
+    Ping,
+    Pong,
+    PrekeyCounts,
+    PrekeysLow,
+    Register,
+    Send,
+    UploadPrekeys,
+    decode_frame,
+    encode_deliver,
+    encode_frame,
+)
+
+ID = bytes(range(16))
+SIG = b"\x07" * 64
+
+EXAMPLES: list[Frame] = [
+    Register(rid=1, username="alice", identity=b"\x01" * 100, sig=SIG, invite=None),
+    Register(rid=2, username="alice", identity=b"\x01" * 100, sig=SIG, invite="tok"),
+    Auth(rid=3, username="alice", sig=SIG),
+    UploadPrekeys(rid=4, signed_prekey=b"s", one_time=[b"a", b"b"], kem_one_time=[b"k"]),
+    UploadPrekeys(rid=5),
+    FetchBundle(rid=6, username="bob"),
+    Send(rid=7, to="bob", id=ID, kind="msg", body=b"\x00" * 256),
+    Send(rid=8, to="bob", id=ID, kind="pake", body=b""),
+    Ack(seqs=[1, 2, 3]),
+    Ping(rid=9),
+    Hello(nonce=b"\x02" * 32, server="relay", limits=Limits(max_frame=1000, max_body=500)),
+    Ok(rid=10),
+    Ok(rid=11, username="alice", prekeys=PrekeyCounts(one_time=3, kem=4)),
+    Bundle(rid=12, username="bob", identity=b"i", signed_prekey=b"s", kem_prekey=b"k", one_time_prekey=None),
+    Bundle(rid=13, username="bob", identity=b"i", signed_prekey=b"s", kem_prekey=b"k", one_time_prekey=b"o"),
+    Accepted(rid=14, id=ID),
+    Pong(rid=15),
+    Deliver(messages=[DeliveredMessage(seq=1, sender="alice", id=ID, kind="msg", body=b"hi", ts=1700)]),
+    PrekeysLow(one_time=1, kem=0),
+    Error(rid=None, code="bad_frame", message="nope"),
+    Error(rid=16, code="internal", message="x"),
+]
+
+
+@pytest.mark.parametrize("frame", EXAMPLES, ids=lambda f: f.t)
+def test_round_trip(frame: Frame) -> None:
+    data = encode_frame(frame)
+    assert decode_frame(data) == frame
+    m = msgpack.unpackb(data)
+    assert m["v"] == 1 and m["t"] == frame.t
+
+
+def test_wire_keys_match_the_contract() -> None:
+    m = msgpack.unpackb(encode_deliver([DeliveredMessage(5, "alice", ID, "msg", b"b", 9)]))
+    assert m == {"v": 1, "t": "deliver", "messages": [
+        {"seq": 5, "from": "alice", "id": ID, "kind": "msg", "body": b"b", "ts": 9}]}
+    hello = msgpack.unpackb(encode_frame(EXAMPLES[10]))
+    assert hello["limits"] == {"max_frame": 1000, "max_body": 500}
+    ok = msgpack.unpackb(encode_frame(EXAMPLES[12]))
+    assert ok == {"v": 1, "t": "ok", "rid": 11, "username": "alice", "prekeys": {"one_time": 3, "kem": 4}}
+    assert set(msgpack.unpackb(encode_frame(EXAMPLES[6]))) == {"v", "t", "rid", "to", "id", "kind", "body"}
+
+
+def test_client_frame_types() -> None:
+    assert {t.t for t in CLIENT_FRAME_TYPES} == {
+        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping"}
+
+
+def _code(data: bytes, max_size: int = 1 << 18) -> tuple[str, int | None]:
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(data, max_size=max_size)
+    assert info.value.code in ERROR_CODES
+    return info.value.code, info.value.rid
+
+
+def p(**m: object) -> bytes:
+    return msgpack.packb(m, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def test_malformed_classes() -> None:
+    assert _code(b"\xc1") == ("bad_frame", None)
+    assert _code(b"") == ("bad_frame", None)
+    assert _code(p(v=1, t="ping", rid=1) + b"x")[0] == "bad_frame"
+    assert _code(msgpack.packb(["v", 1]))[0] == "bad_frame"
+    assert _code(p(v=2, t="ping", rid=4)) == ("unsupported_version", 4)
+    assert _code(p(v="1", t="ping", rid=4)) == ("bad_frame", 4)
+    assert _code(p(v=1, t="nope", rid=4)) == ("unknown_type", 4)
+    assert _code(p(v=1, t=5)) == ("bad_frame", None)
+    assert _code(p(v=1, t="send", rid=4, to="b", id=ID, kind="msg")) == ("bad_frame", 4)  # no body
+    assert _code(p(v=1, t="send", rid=4, to="b", id=ID[:15], kind="msg", body=b""))[0] == "bad_frame"
+    assert _code(p(v=1, t="send", rid=4, to="b", id=ID, kind="msg", body="text"))[0] == "bad_frame"
+    assert _code(p(v=1, t="send", rid=4, to=b"b", id=ID, kind="msg", body=b""))[0] == "bad_frame"
+    assert _code(p(v=1, t="send", rid=True, to="b", id=ID, kind="msg", body=b""))[0] == "bad_frame"
+    assert _code(p(v=1, t="ack", seqs=[-1]))[0] == "bad_frame"
+    assert _code(p(v=1, t="ack", seqs=list(range(5000))))[0] == "too_large"
+    assert _code(p(v=1, t="upload_prekeys", rid=1, one_time=[b"x" * 200]))[0] == "too_large"
+    assert _code(p(v=1, t="upload_prekeys", rid=1, one_time="x"))[0] == "bad_frame"
+    assert _code(p(v=1, t="ping", rid=1), max_size=5)[0] == "too_large"
+    assert _code(p(v=1, t="register", rid=1, username="a", identity=b"", sig=SIG, invite=3))[0] == "bad_frame"
+    with pytest.raises(ProtocolError) as info:
+        decode_frame("text")  # type: ignore[arg-type]
+    assert info.value.code == "bad_frame"
+
+
+def test_unknown_extra_keys_are_ignored() -> None:
+    assert decode_frame(p(v=1, t="ping", rid=3, future="x")) == Ping(rid=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_error(data: bytes) -> None:
+    try:
+        decode_frame(data)
+    except ProtocolError as exc:
+        assert exc.code in ERROR_CODES
+
+
+values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=40)
+                      | st.text(max_size=20), lambda c: st.lists(c, max_size=4)
+                      | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping",
+                        "hello", "ok", "bundle", "deliver", "error"]),
+       st.dictionaries(st.sampled_from(["rid", "username", "identity", "sig", "invite", "to", "id", "kind",
+                                        "body", "seqs", "one_time", "kem_one_time", "signed_prekey",
+                                        "messages", "limits", "nonce", "prekeys", "code", "message"]),
+                       values, max_size=8))
+def test_structured_garbage_only_raises_protocol_error(t: str, fields: dict[str, object]) -> None:
+    try:
+        decode_frame(p(v=1, t=t, **fields))
+    except ProtocolError as exc:
+        assert exc.code in ERROR_CODES
