@@ -1,0 +1,302 @@
+"""Relay throughput and latency against a bare TLS WebSocket forwarder, measured in the same run.
+
+    python bench/relay.py [--pairs 1,10,100] [--messages 20000] [--window 16] [--seconds 60]
+
+For each N, N sender/receiver pairs on 127.0.0.1 push 256-byte envelopes:
+- through the real relay (``cipherpost server`` subprocess: TLS, signed auth, SQLite WAL with
+  synchronous=FULL group commits, accepted-after-commit, deliver + batched ack), and
+- through a bare forwarder (subprocess: TLS WebSocket, no auth, no storage, sender i -> receiver i).
+Each sender keeps at most ``--window`` messages in flight (sent, not yet received by its receiver).
+Latency is send -> receipt by the receiver. Bounded by ``--messages`` per run and ``--seconds``.
+The relay is started with its per-connection rate limit raised (the default 500 frames/s would
+throttle the load generator; the limit is a policy, not a cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgpack
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from cipherpost.crypto.encoding import pack
+from cipherpost.crypto.identity import IdentityKeyPair
+from cipherpost.protocol.frames import Hello, decode_frame
+
+BODY_SIZE = 256
+REPO = Path(__file__).resolve().parents[1]
+SERVER_MAIN = "import sys; from cipherpost.cli.server_cmd import main; sys.exit(main(sys.argv[1:]))"
+
+
+# --- the bare forwarder (runs in its own process) -----------------------------------------------
+
+async def forwarder(port: int, cert: str, key: str) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    receivers: dict[bytes, ServerConnection] = {}
+
+    async def handler(ws: ServerConnection) -> None:
+        first = await ws.recv()
+        assert isinstance(first, bytes)
+        role, name = first[:1], first[1:]
+        if role == b"R":
+            receivers[name] = ws
+            await ws.wait_closed()
+            return
+        target = receivers[name]
+        async for data in ws:
+            await target.send(data)
+
+    async with serve(handler, "127.0.0.1", port, ssl=ctx, compression=None) as server:
+        print(next(iter(server.sockets)).getsockname()[1], flush=True)
+        await asyncio.Future()
+
+
+# --- load generation --------------------------------------------------------------------------
+
+class Result:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.start = 0.0
+        self.end = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / (self.end - self.start) if self.end > self.start else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        data = sorted(self.latencies)
+        return data[min(len(data) - 1, int(q * len(data)))] * 1000
+
+
+def body(now: float) -> bytes:
+    return int(now * 1e9).to_bytes(8, "big") + b"\x00" * (BODY_SIZE - 8)
+
+
+class Pair:
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.in_flight = 0
+        self.credit = asyncio.Event()
+        self.credit.set()
+        self.received = 0
+
+    def got(self, n: int) -> None:
+        self.received += n
+        self.in_flight -= n
+        if self.in_flight < self.window:
+            self.credit.set()
+
+
+async def run_load(n: int, total: int, window: int, seconds: float,
+                   open_pair: Callable[[int], Awaitable[tuple[ClientConnection, ClientConnection]]],
+                   make_send: Callable[[int, int, bytes], bytes],
+                   on_receiver_frame: Callable[[ClientConnection, bytes, list[float]], Awaitable[int]],
+                   sender_reads: bool) -> Result:
+    per_pair = max(1, total // n)
+    pairs = [Pair(window) for _ in range(n)]
+    conns = [await open_pair(i) for i in range(n)]
+    result = Result()
+    deadline = time.monotonic() + seconds
+
+    async def receive(i: int) -> None:
+        ws = conns[i][1]
+        pair = pairs[i]
+        while pair.received < per_pair:
+            data = await ws.recv()
+            assert isinstance(data, bytes)
+            pair.got(await on_receiver_frame(ws, data, result.latencies))
+
+    async def drain_sender(i: int) -> None:
+        with contextlib.suppress(Exception):
+            async for _ in conns[i][0]:
+                pass
+
+    async def send(i: int) -> None:
+        ws = conns[i][0]
+        pair = pairs[i]
+        for k in range(per_pair):
+            while pair.in_flight >= window:
+                pair.credit.clear()
+                await pair.credit.wait()
+            if time.monotonic() > deadline:
+                return
+            pair.in_flight += 1
+            await ws.send(make_send(i, k, body(time.perf_counter())))
+
+    result.start = time.perf_counter()
+    drains = [asyncio.create_task(drain_sender(i)) for i in range(n)] if sender_reads else []
+    receivers = [asyncio.create_task(receive(i)) for i in range(n)]
+    await asyncio.gather(*[send(i) for i in range(n)])
+    remaining = max(1.0, deadline - time.monotonic())
+    await asyncio.wait(receivers, timeout=remaining)
+    result.end = time.perf_counter()
+    for task in receivers + drains:
+        task.cancel()
+    for s, r in conns:
+        await s.close()
+        await r.close()
+    return result
+
+
+def latency_of(b: bytes, now: float) -> float:
+    return now - int.from_bytes(b[:8], "big") / 1e9
+
+
+# --- relay side -------------------------------------------------------------------------------
+
+class RelayLoad:
+    def __init__(self, url: str, ctx: ssl.SSLContext, channel: bytes) -> None:
+        self.url = url
+        self.ctx = ctx
+        self.channel = channel
+        self.round = 0
+
+    async def user(self, name: str) -> ClientConnection:
+        ws = await connect(self.url, ssl=self.ctx, compression=None, max_size=2**22)
+        hello = decode_frame(await ws.recv())  # type: ignore[arg-type]
+        assert isinstance(hello, Hello)
+        identity = IdentityKeyPair.generate()
+        sig = identity.sign("register", pack([hello.nonce, self.channel, name]))
+        await ws.send(msgpack.packb({"v": 1, "t": "register", "rid": 1, "username": name,
+                                     "identity": identity.public.encode(), "sig": sig, "invite": None}))
+        reply = msgpack.unpackb(await ws.recv())
+        assert reply["t"] == "ok", reply
+        return ws
+
+    async def open_pair(self, i: int) -> tuple[ClientConnection, ClientConnection]:
+        return (await self.user(f"s{self.round}-{i}"), await self.user(f"r{self.round}-{i}"))
+
+    def make_send(self, i: int, k: int, payload: bytes) -> bytes:
+        return msgpack.packb({"v": 1, "t": "send", "rid": k, "to": f"r{self.round}-{i}",
+                              "id": os.urandom(16), "kind": "msg", "body": payload})  # type: ignore[no-any-return]
+
+    async def on_receiver_frame(self, ws: ClientConnection, data: bytes, lat: list[float]) -> int:
+        frame = msgpack.unpackb(data)
+        if frame["t"] != "deliver":
+            return 0
+        now = time.perf_counter()
+        messages = frame["messages"]
+        lat.extend(latency_of(m["body"], now) for m in messages)
+        await ws.send(msgpack.packb({"v": 1, "t": "ack", "seqs": [m["seq"] for m in messages]}))
+        return len(messages)
+
+
+# --- bare forwarder side ----------------------------------------------------------------------
+
+class ForwarderLoad:
+    def __init__(self, url: str, ctx: ssl.SSLContext) -> None:
+        self.url = url
+        self.ctx = ctx
+        self.round = 0
+
+    async def open_pair(self, i: int) -> tuple[ClientConnection, ClientConnection]:
+        name = f"{self.round}-{i}".encode()
+        r = await connect(self.url, ssl=self.ctx, compression=None)
+        await r.send(b"R" + name)
+        await asyncio.sleep(0)
+        s = await connect(self.url, ssl=self.ctx, compression=None)
+        await asyncio.sleep(0.01)  # let the forwarder register the receiver first
+        await s.send(b"S" + name)
+        return s, r
+
+    def make_send(self, i: int, k: int, payload: bytes) -> bytes:
+        return payload
+
+    async def on_receiver_frame(self, ws: ClientConnection, data: bytes, lat: list[float]) -> int:
+        lat.append(latency_of(data, time.perf_counter()))
+        return 1
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+def start_relay(data: Path) -> tuple[subprocess.Popen[str], str, str]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, "server", "--port", "0", "--data", str(data),
+                             "--rate", "1e9", "--rate-burst", "1000000000", "--max-queue", "10000000",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    url = fingerprint = ""
+    while not (url and fingerprint):
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit("relay failed to start")
+        if line.startswith("cipherpost server listening on "):
+            url = line.split(" on ", 1)[1].strip()
+        elif line.startswith("TLS certificate fingerprint: SHA256:"):
+            fingerprint = line.split("SHA256:", 1)[1].strip()
+    return proc, url, fingerprint
+
+
+def start_forwarder(data: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, __file__, "--forwarder", str(data / "tls-cert.pem"),
+                             str(data / "tls-key.pem")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    return proc, f"wss://127.0.0.1:{port}"
+
+
+async def bench(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "relay"
+        relay_proc, relay_url, fingerprint = start_relay(data)
+        fwd_proc, fwd_url = start_forwarder(data)
+        try:
+            ctx = ssl.create_default_context(cafile=str(data / "tls-cert.pem"))
+            relay = RelayLoad(relay_url, ctx, bytes.fromhex(fingerprint))
+            fwd = ForwarderLoad(fwd_url, ctx)
+            print(f"{BODY_SIZE}-byte envelopes, window {args.window}/pair, up to {args.messages} messages "
+                  f"or {args.seconds:.0f} s per run; server: 1 process each, SQLite synchronous=FULL")
+            print(f"{'N':>4} {'system':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>9}")
+            ratios = []
+            for n in args.pairs:
+                relay.round += 1
+                fwd.round += 1
+                r = await run_load(n, args.messages, args.window, args.seconds, relay.open_pair,
+                                   relay.make_send, relay.on_receiver_frame, sender_reads=True)
+                f = await run_load(n, args.messages, args.window, args.seconds, fwd.open_pair,
+                                   fwd.make_send, fwd.on_receiver_frame, sender_reads=False)
+                for name, res in (("relay", r), ("forwarder", f)):
+                    print(f"{n:>4} {name:<10} {res.rate:>9.0f} {res.pct(0.5):>8.2f} {res.pct(0.99):>8.2f} "
+                          f"{len(res.latencies):>9}", flush=True)
+                ratio = r.rate / f.rate if f.rate else float("nan")
+                ratios.append((n, ratio))
+                print(f"{n:>4} ratio relay/forwarder = {ratio:.2f}", flush=True)
+            target = dict(ratios).get(100)
+            if target is not None:
+                verdict = "met" if target >= 0.5 else "NOT met"
+                print(f"target relay >= 50% of forwarder at N=100: {verdict} ({target:.0%})")
+        finally:
+            fwd_proc.terminate()
+            relay_proc.terminate()
+            relay_proc.wait(timeout=15)
+            fwd_proc.wait(timeout=15)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--forwarder":
+        asyncio.run(forwarder(0, sys.argv[2], sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per run (all pairs)")
+    parser.add_argument("--window", type=int, default=16, help="messages in flight per pair")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time bound per run")
+    asyncio.run(bench(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
