@@ -24,6 +24,7 @@ from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from .common import UsageError, fmt_time, group_digits, read_passphrase
+from .server_cmd import register as register_server_commands
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 USER_ENV = "CIPHERPOST_USER"
@@ -43,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which local profile to use when the home holds several (or CIPHERPOST_USER)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from . import server_cmd  # the relay's own flags live with it
-    server_cmd.register(sub)
+    register_server_commands(sub)  # `server` and `invite`: the relay's own flags live with it
 
     p = sub.add_parser("client", help="interactive chat (creates or unlocks your profile)")
     p.add_argument("--server", default=None,
@@ -212,6 +212,8 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         for c in client.contacts():
             state = "verified" if c.verified else "unverified"
+            if c.blocked:
+                state = "BLOCKED: verification failed"
             if c.pending_identity:
                 state = "KEY CHANGED (" + ("was verified" if c.verified else "unverified") + ")"
             rows.append({"name": c.name, "state": state, "added_at": c.added_at})

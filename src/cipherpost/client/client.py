@@ -37,6 +37,7 @@ from .connection import Connection, format_fingerprint
 from .errors import (
     ClientError,
     ConnectionFailed,
+    ContactBlocked,
     IdentityChanged,
     ProfileError,
     ServerError,
@@ -136,7 +137,7 @@ class Client:
                 if reply.get("username") != username:
                     raise ClientError("the server registered a different name than asked")
                 with db.transaction():
-                    db.set_meta("server_fingerprint", conn.channel)
+                    db.set_secret_meta("server_fingerprint", conn.channel)
                 # The key store is written only once the name is ours, so a failed registration
                 # leaves nothing behind and the same command can simply be run again.
                 sign_priv, dh_priv = identity.private_bytes()
@@ -202,8 +203,8 @@ class Client:
 
     @property
     def server_fingerprint(self) -> str:
-        fp = self.db.get_meta("server_fingerprint")
-        return format_fingerprint(fp) if isinstance(fp, bytes) else "(not pinned)"
+        fp = self.db.get_secret_meta("server_fingerprint")
+        return format_fingerprint(fp) if fp else "(not pinned)"
 
     def _emit(self, event: str, **details: Any) -> None:
         if self._observer is not None:
@@ -218,8 +219,11 @@ class Client:
         """Connect, authenticate, top up prekeys, send what waits in the outbox."""
         if self.connected:
             return
-        pinned = self.db.get_meta("server_fingerprint")
-        conn = await Connection.open(self.server_url, pinned if isinstance(pinned, bytes) else None)
+        # The pin is an authenticated record: editing profile.db cannot replace it unnoticed.
+        pinned = self.db.get_secret_meta("server_fingerprint")
+        if pinned is None:
+            raise ProfileError("this profile has no pinned server certificate; create it again with init")
+        conn = await Connection.open(self.server_url, pinned)
         conn.on_push(self._on_push)
         try:
             reply = await conn.authenticate(self.identity, self.username)
@@ -389,6 +393,8 @@ class Client:
         contact = self.db.get_contact(name)
         if contact is not None and contact.pending_identity is not None:
             raise self._identity_changed(contact, contact.pending_identity)
+        if contact is not None and contact.blocked:
+            raise ContactBlocked(f"messages to {name} are blocked: {contact.blocked}")
         psk = self._psk(name)
         if contact is not None:
             latest = self.db.latest_session(name, contact.identity, with_psk=psk is not None)
@@ -505,6 +511,8 @@ class Client:
         if stored is not None and stored[0] == sender:
             plaintext, session = decrypt(Session.deserialize(stored[2]), body)
         elif info.initial is not None:
+            if self.db.session_was_accepted(info.session_id):
+                raise DuplicateMessage("replayed initial message of an earlier session")
             psk = self._psk(sender)
             if info.initial.psk_id is not None:
                 if psk is None or not hmac.compare_digest(psk_id(psk), info.initial.psk_id):
@@ -536,6 +544,7 @@ class Client:
                                  with_psk=with_psk)
             if new_store is not None:
                 self._save_prekeys(new_store)
+                self.db.mark_session_accepted(session.session_id)
             received = now_ms()
             self.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
                                 status="new", extra={"warning": warning} if warning else None)
@@ -598,6 +607,22 @@ class Client:
                               f"(try again in {wait_min} min)")
         with self.db.transaction():
             self.db.set_meta(key, [*recent, now_ms()])
+
+    async def ensure_contact(self, name: str) -> Contact:
+        """The contact, pinning their identity from a fetched bundle (and starting a session) if new."""
+        contact = self.db.get_contact(name)
+        if contact is not None:
+            return contact
+        async with self._state_lock:
+            session, with_psk = await self._sending_session(name)
+            with self.db.transaction():
+                self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
+                                     now_ms(), with_psk=with_psk)
+        return self.contact(name)
+
+    def block_contact(self, name: str, reason: str) -> None:
+        with self.db.transaction():
+            self.db.set_blocked(name, reason)
 
     def store_verification(self, name: str, identity: bytes, psk: bytes) -> None:
         """Pin ``identity`` as verified and keep the PSK for the next session (one transaction)."""

@@ -46,6 +46,10 @@ class IdentityChanged(ClientError):
         self.verified = verified
 
 
+class ContactBlocked(ClientError):
+    """Sending to this contact is blocked until a verification succeeds."""
+
+
 class UnknownContact(ClientError):
     """No such contact in the profile (and none on the server, where that was asked)."""
 

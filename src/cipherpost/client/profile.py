@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS contacts(
     name TEXT PRIMARY KEY,
-    identity BLOB NOT NULL,
-    verified INTEGER NOT NULL DEFAULT 0,
-    pending_identity BLOB,
-    added_at INTEGER NOT NULL,
-    verified_at INTEGER
+    trust BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions(
     session_id BLOB PRIMARY KEY,
@@ -53,6 +49,9 @@ CREATE TABLE IF NOT EXISTS messages(
     status TEXT NOT NULL,
     UNIQUE(contact, direction, msg_id)
 );
+CREATE TABLE IF NOT EXISTS accepted_sessions(
+    session_id BLOB PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox(
     seq INTEGER PRIMARY KEY,
     msg_id BLOB NOT NULL UNIQUE,
@@ -66,12 +65,20 @@ CREATE TABLE IF NOT EXISTS outbox(
 
 @dataclass(frozen=True)
 class Contact:
+    """What we trust about a contact. Stored encrypted and bound to the name, so editing the
+    database file cannot swap a pinned key or forge a "verified" mark (docs/at-rest.md)."""
+
     name: str
     identity: bytes
     verified: bool
     pending_identity: bytes | None
     added_at: int
     verified_at: int | None
+    blocked: str | None = None   # why sending is blocked (a failed verification), if it is
+
+    def encode(self) -> bytes:
+        return pack([1, self.identity, self.verified, self.pending_identity, self.added_at,
+                     self.verified_at, self.blocked])
 
 
 @dataclass(frozen=True)
@@ -161,31 +168,45 @@ class ProfileDB:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, blob))
 
     # -- contacts ---------------------------------------------------------------------------
+    def _contact(self, name: str, blob: bytes) -> Contact:
+        a = unpack(self._cipher.decrypt(blob, aad=b"contact:" + name.encode()), what="contact")
+        if not isinstance(a, list) or len(a) != 7 or a[0] != 1:
+            raise ProfileError(f"contact record for {name!r} is damaged")
+        return Contact(name, a[1], bool(a[2]), a[3], a[4], a[5], a[6])
+
+    def _put_contact(self, contact: Contact) -> None:
+        blob = self._cipher.encrypt(contact.encode(), aad=b"contact:" + contact.name.encode())
+        self._db.execute("INSERT OR REPLACE INTO contacts(name, trust) VALUES(?, ?)", (contact.name, blob))
+
     def get_contact(self, name: str) -> Contact | None:
-        row = self._db.execute(
-            "SELECT name, identity, verified, pending_identity, added_at, verified_at"
-            " FROM contacts WHERE name=?", (name,)).fetchone()
-        return None if row is None else Contact(row[0], row[1], bool(row[2]), row[3], row[4], row[5])
+        row = self._db.execute("SELECT trust FROM contacts WHERE name=?", (name,)).fetchone()
+        return None if row is None else self._contact(name, row[0])
 
     def list_contacts(self) -> list[Contact]:
-        rows = self._db.execute(
-            "SELECT name, identity, verified, pending_identity, added_at, verified_at"
-            " FROM contacts ORDER BY name").fetchall()
-        return [Contact(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
+        rows = self._db.execute("SELECT name, trust FROM contacts ORDER BY name").fetchall()
+        return [self._contact(r[0], r[1]) for r in rows]
 
     def add_contact(self, name: str, identity: bytes, now: int) -> None:
-        self._db.execute(
-            "INSERT INTO contacts(name, identity, verified, added_at) VALUES(?, ?, 0, ?)",
-            (name, identity, now))
+        if self.get_contact(name) is not None:
+            raise ProfileError(f"contact {name!r} exists already")
+        self._put_contact(Contact(name, identity, False, None, now, None))
+
+    def _require(self, name: str) -> Contact:
+        contact = self.get_contact(name)
+        if contact is None:
+            raise ProfileError(f"no contact {name!r}")
+        return contact
 
     def set_pending_identity(self, name: str, identity: bytes | None) -> None:
-        self._db.execute("UPDATE contacts SET pending_identity=? WHERE name=?", (identity, name))
+        self._put_contact(replace(self._require(name), pending_identity=identity))
+
+    def set_blocked(self, name: str, reason: str | None) -> None:
+        self._put_contact(replace(self._require(name), blocked=reason))
 
     def replace_identity(self, name: str, identity: bytes, *, verified: bool, now: int) -> None:
-        """Pin ``identity`` for ``name`` (clears any pending change)."""
-        self._db.execute(
-            "UPDATE contacts SET identity=?, pending_identity=NULL, verified=?, verified_at=?"
-            " WHERE name=?", (identity, int(verified), now if verified else None, name))
+        """Pin ``identity`` for ``name``; clears a pending change and a block."""
+        self._put_contact(replace(self._require(name), identity=identity, pending_identity=None,
+                                  verified=verified, verified_at=now if verified else None, blocked=None))
 
     # -- sessions ---------------------------------------------------------------------------
     def get_session(self, session_id: bytes) -> tuple[str, bytes, bytes] | None:
@@ -223,6 +244,16 @@ class ProfileDB:
             "DELETE FROM sessions WHERE contact=? AND session_id NOT IN (SELECT session_id FROM sessions"
             " WHERE contact=? ORDER BY updated_at DESC, rowid DESC LIMIT ?)",
             (contact, contact, SESSIONS_KEPT_PER_CONTACT))
+
+    def session_was_accepted(self, session_id: bytes) -> bool:
+        """Whether an initial message with this session id was ever accepted (kept after the
+        session itself is pruned: a replayed initial message that used only the last-resort KEM key
+        and no one-time prekey would otherwise start the session again; PQXDH spec section 4.2)."""
+        return self._db.execute("SELECT 1 FROM accepted_sessions WHERE session_id=?",
+                                (session_id,)).fetchone() is not None
+
+    def mark_session_accepted(self, session_id: bytes) -> None:
+        self._db.execute("INSERT OR IGNORE INTO accepted_sessions VALUES(?)", (session_id,))
 
     # -- messages ---------------------------------------------------------------------------
     def add_message(self, contact: str, direction: str, msg_id: bytes, text: str, *,

@@ -32,7 +32,10 @@ PAKE_VERSION = 1
 MAX_ATTEMPTS_PER_HOUR = 3
 RESULT_TIMEOUT = 15.0
 FAILED = ("verification FAILED: either the password differs or a key between you was substituted "
-          "(deliberately not said which). Nothing was marked verified.")
+          "(deliberately not said which). Nothing was marked verified, and sending to them is blocked "
+          "until a verification succeeds.")
+BLOCKED = ("the last password verification failed (wrong password, or someone substituted a key); "
+           "verify again with the password, or compare safety numbers")
 
 
 @dataclass
@@ -91,11 +94,11 @@ async def verify_with_password(client: Client, name: str, password: str, *, time
     """Run the whole exchange; on success the contact is verified and a PSK is stored."""
     if not password:
         raise ClientError("the password must not be empty")
-    contact = client.contact(name)
+    await client.connect()
+    contact = await client.ensure_contact(name)
     peer_identity_bytes = contact.pending_identity or contact.identity
     peer_identity = PublicIdentity.decode(peer_identity_bytes)
     client.record_pake_attempt(name, MAX_ATTEMPTS_PER_HOUR)
-    await client.connect()
     # Messages from an earlier, abandoned attempt must not be mixed into this one.
     client.pake_mailbox.discard_older_than(name, timeout)
     deadline = time.monotonic() + timeout
@@ -120,11 +123,13 @@ async def verify_with_password(client: Client, name: str, password: str, *, time
     except VerificationFailed:
         ok = False
     await send("result", ok)
+    if ok:
+        peer_ok = await client.pake_mailbox.take(name, "result",
+                                                 min(deadline, time.monotonic() + RESULT_TIMEOUT))
+        ok = peer_ok is True
     if not ok:
-        raise VerificationError(FAILED)
-    peer_ok = await client.pake_mailbox.take(name, "result",
-                                             min(deadline, time.monotonic() + RESULT_TIMEOUT))
-    if peer_ok is not True:
+        # Either side may be under attack: stop sending until a verification succeeds.
+        client.block_contact(name, BLOCKED)
         raise VerificationError(FAILED)
     client.store_verification(name, peer_identity_bytes, psk)
 
