@@ -9,21 +9,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.history import DummyHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from ..client.client import Client, IncomingMessage
-from ..client.connection import format_fingerprint, probe_fingerprint
-from ..client.errors import ClientError, IdentityChanged
+from ..client.connection import check_server_url, format_fingerprint, probe_fingerprint
+from ..client.errors import ClientError, IdentityChanged, ServerError
 from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from .common import PASSPHRASE_ENV, fmt_time, group_digits
+from .common import PASSPHRASE_ENV, group_digits
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
+MIN_PASSPHRASE = 8          # as `cipherpost init` asks
+SETUP_ATTEMPTS = 3          # re-ask a mistyped answer this many times before giving up
+CONNECT_GRACE = 5.0         # seconds to wait for the first connection before showing the prompt
+EXPECTED = (ClientError, CryptoError, ProtocolError, ValueError)
 
 HELP = """\
 commands:
@@ -37,80 +45,176 @@ commands:
   /quit             leave (Ctrl-D works too)"""
 
 
+class SetupCancelled(Exception):
+    """The person gave up during setup (Ctrl-D, Ctrl-C or too many wrong answers)."""
+
+
+def clock(ms: int | None) -> str:
+    """A short local time for chat lines: the date only when it is not today."""
+    if ms is None:
+        return "--:--:--"
+    when = datetime.fromtimestamp(ms / 1000, tz=UTC).astimezone()
+    if when.date() == datetime.now().astimezone().date():
+        return when.strftime("%H:%M:%S")
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
+def question_session() -> PromptSession[str]:
+    """For setup and yes/no questions: no history, so Up never brings back a passphrase."""
+    return PromptSession(history=DummyHistory())
+
+
+def chat_session() -> PromptSession[str]:
+    """For chat lines: the typed line is erased on Enter and reprinted with a time and status."""
+    return PromptSession(erase_when_done=True)
+
+
+async def ask(prompt: PromptSession[str], message: str, *, password: bool = False) -> str:
+    # A PromptSession keeps options from the previous call, so is_password is passed every time.
+    return await prompt.prompt_async(message, is_password=password)
+
+
 class Chat:
-    def __init__(self, client: Client, prompt: PromptSession[str]):
+    def __init__(self, client: Client, questions: PromptSession[str]):
         self.client = client
-        self.prompt = prompt
+        self.questions = questions
+        self.lines = chat_session()
         self.peer: str | None = None
+        self.interrupt_hint_shown = False
+        self.last_status = ""
+        self.had_queued = False
+
+    def prompt_text(self) -> str:
+        return f"{self.peer}> " if self.peer else "> "
 
     def show(self, message: IncomingMessage) -> None:
         if message.warning == "undecryptable":
-            print(f"!! [{fmt_time(message.received_at)}] {message.text}")
+            print(f"!! [{clock(message.received_at)}] {message.text}")
             return
         if message.warning:
-            print(f"!! WARNING: {message.warning}")
-        print(f"[{fmt_time(message.sent_at)}] {message.sender}: {message.text}")
+            print(f"!! WARNING: {message.warning}\n!! (in this chat: /verify {message.sender})")
+        print(f"[{clock(message.sent_at)}] {message.sender}: {message.text}")
         if self.peer is None:
             self.peer = message.sender
-            print(f"(now talking to {message.sender}; /to NAME to switch)")
+            print(f"-- now talking to {message.sender}: type to reply (/to NAME to switch)")
 
     def on_incoming(self, _message: IncomingMessage) -> None:
         for m in self.client.take_new_messages():
             self.show(m)
 
     def status(self, text: str) -> None:
+        """Connection news from ``stay_connected``; a retry loop is reported once, not every retry."""
+        retrying = text.startswith("cannot connect")
+        if retrying and self.last_status.startswith("cannot connect"):
+            return
+        if text == "connected" and self.last_status:
+            text = "connected again"
+            if self.had_queued:
+                left = self.client.pending_outbox()
+                text += "; queued messages sent" if not left else f"; {left} message(s) still queued"
+                self.had_queued = left > 0
+        elif retrying:
+            text = text.split("; retrying")[0] + "; retrying in the background"
+        self.last_status = text
         print(f"-- {text}")
+
+    async def read_line(self) -> str:
+        """The next chat line; the typed line is replaced by a timestamped one once handled."""
+        return await self.lines.prompt_async(self.prompt_text)
 
     async def handle(self, line: str) -> bool:
         """Run one input line; False means quit."""
-        if not line.strip():
+        line = line.strip()
+        if not line:
             return True
         if not line.startswith("/"):
             if self.peer is None:
-                print("pick a conversation first: /to NAME")
+                print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {line}")
                 return True
             await self.send(self.peer, line)
             return True
+        print(f"{self.prompt_text()}{line}")   # echo the command, since the input line is erased
         cmd, _, rest = line.partition(" ")
         arg = rest.strip()
-        if cmd in ("/quit", "/exit"):
+        if cmd in ("/quit", "/exit", "/q"):
             return False
-        if cmd == "/help":
+        if cmd in ("/help", "/?"):
             print(HELP)
-        elif cmd == "/to" and arg:
-            self.peer = normalize_username(arg)
-            print(f"(talking to {self.peer})")
+        elif cmd in ("/to", "/history", "/safety", "/verify") and not arg:
+            print(f"usage: {cmd} NAME (try /help)")
+        elif cmd == "/to":
+            self.switch_to(arg)
         elif cmd == "/contacts":
-            contacts = self.client.contacts()
-            if not contacts:
-                print("no contacts yet: /to NAME, then type a message")
-            for c in contacts:
-                state = "verified" if c.verified else "unverified"
-                if c.pending_identity:
-                    state = "KEY CHANGED - run /verify " + c.name
-                print(f"  {c.name}  {state}")
-        elif cmd == "/history" and arg:
-            for m in self.client.history(normalize_username(arg)):
-                who = self.client.username if m.direction == "out" else m.contact
-                print(f"  [{fmt_time(m.sent_at or m.received_at)}] {who}: {m.text}")
-        elif cmd == "/safety" and arg:
-            number = self.client.safety_number(normalize_username(arg))
-            print(f"safety number with {arg}:\n{group_digits(number.digits)}")
-        elif cmd == "/verify" and arg:
+            self.list_contacts()
+        elif cmd == "/history":
+            self.show_history(normalize_username(arg))
+        elif cmd == "/safety":
+            name = normalize_username(arg)
+            number = self.client.safety_number(name)
+            print(f"safety number with {name}:\n{group_digits(number.digits)}\n"
+                  f"(compare it with {name} in person or on a call, then /verify {name})")
+        elif cmd == "/verify":
             await self.verify(arg)
         else:
-            print(f"unknown command or missing NAME: {line.strip()} (try /help)")
+            print(f"unknown command: {cmd} (try /help)")
         return True
 
+    def switch_to(self, arg: str) -> None:
+        name = normalize_username(arg)
+        if name == self.client.username:
+            print("that is you: /to someone else")
+            return
+        self.peer = name
+        known = self.client.db.get_contact(name) is not None
+        print(f"-- talking to {name}" + ("" if known else " (new contact: their keys are fetched "
+                                                         "when you send the first message)"))
+
+    def list_contacts(self) -> None:
+        contacts = self.client.contacts()
+        if not contacts:
+            print("no contacts yet: /to NAME, then type a message")
+        width = max((len(c.name) for c in contacts), default=0)
+        for c in contacts:
+            state = "verified" if c.verified else f"unverified (compare: /safety {c.name})"
+            if c.pending_identity:
+                state = f"KEY CHANGED - check it: /verify {c.name}"
+            print(f"  {c.name:<{width}}  {state}")
+
+    def show_history(self, name: str) -> None:
+        messages = self.client.history(name)
+        if not messages:
+            print(f"no messages with {name}")
+        for m in messages:
+            who = "you" if m.direction == "out" else m.contact
+            mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
+            prefix = "!! " if m.direction == "event" else ""
+            print(f"  [{clock(m.sent_at or m.received_at)}] {prefix}{who}: {m.text}{mark}")
+
     async def send(self, name: str, text: str) -> None:
+        before = self.client.pending_outbox()
         try:
-            await self.client.send(name, text)
+            msg_id = await self.client.send(name, text)
         except IdentityChanged as exc:
-            print(f"!! NOT SENT: {exc}")
-        except ClientError as exc:
-            queued = self.client.pending_outbox()
-            suffix = f" ({queued} message(s) wait in the outbox and will be retried)" if queued else ""
-            print(f"!! {exc}{suffix}")
+            print(f"!! NOT SENT to {name}: {exc}\n!! (in this chat: /verify {name})")
+            return
+        except ServerError as exc:
+            if exc.code == "unknown_user":
+                print(f"!! NOT SENT: there is no user '{name}' on {self.client.server_url}: {text}")
+            else:
+                print(f"!! NOT SENT to {name}: {exc}: {text}")
+            return
+        except EXPECTED as exc:
+            if self.client.pending_outbox() > before:
+                self.had_queued = True
+                print(f"[{clock(now_ms())}] you -> {name}: {text}  (queued: {exc}; it is retried "
+                      "when the connection is back)")
+            else:
+                print(f"!! NOT SENT to {name}: {exc}: {text}")
+            return
+        queued = any(item.msg_id == msg_id for item in self.client.db.outbox())
+        mark = "  (queued: not connected; it is sent when the connection is back)" if queued else ""
+        self.had_queued |= queued
+        print(f"[{clock(now_ms())}] you -> {name}: {text}{mark}")
 
     async def verify(self, arg: str) -> None:
         name, _, mode = arg.partition(" ")
@@ -118,7 +222,7 @@ class Chat:
         contact = self.client.contact(name)
         if mode.strip() == "password":
             from .verify_password import verify_with_password
-            password = await self.prompt.prompt_async("Shared password: ", is_password=True)
+            password = await ask(self.questions, f"Password you share with {name}: ", password=True)
             await verify_with_password(self.client, name, timeout=120.0, password=password)
             return
         candidate = contact.pending_identity or contact.identity
@@ -126,56 +230,127 @@ class Chat:
             print(f"!! {name}'s identity key CHANGED. The new safety number is below.")
         number = self.client.safety_number(name, candidate)
         print(f"safety number with {name}:\n{group_digits(number.digits)}")
-        answer = await self.prompt.prompt_async(f"Does {name} see exactly the same number? [y/N] ")
+        answer = await ask(self.questions, f"Does {name} see exactly the same number? [y/N] ")
         if answer.strip().lower() in ("y", "yes"):
             self.client.accept_identity(name, verified=True)
-            print(f"{name} is verified.")
+            print(f"-- {name} is verified.")
         else:
-            print(f"{name} is not verified.")
+            print(f"-- {name} is not verified. If the numbers differ, someone may be between you.")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _error(text: str) -> None:
+    print(f"cipherpost: error: {text}", file=sys.stderr, flush=True)
+
+
+async def _ask_username(prompt: PromptSession[str], existing: list[str]) -> str:
+    default = existing[0] if len(existing) == 1 else ""
+    if default:
+        hint = f" [{default}] (a new name creates a new identity)"
+    elif existing:
+        hint = f" (yours: {', '.join(existing)}; a new name creates a new identity)"
+    else:
+        hint = " (pick one, e.g. alice: this creates your identity)"
+    for _ in range(SETUP_ATTEMPTS):
+        try:
+            return normalize_username((await ask(prompt, f"Username{hint}: ")).strip() or default)
+        except ProtocolError as exc:
+            print(f"!! {exc.message}")
+    raise SetupCancelled("no valid username given")
+
+
+async def _ask_server(prompt: PromptSession[str], server: str | None) -> tuple[str, bytes]:
+    """The relay address and its certificate fingerprint, confirmed by the person."""
+    for _ in range(SETUP_ATTEMPTS):
+        url = server or (await ask(prompt, f"Server address [{DEFAULT_SERVER}]: ")).strip() \
+            or DEFAULT_SERVER
+        server = None   # a bad --server is asked for again
+        if "://" not in url:
+            url = "wss://" + url
+        try:
+            check_server_url(url)
+            print(f"contacting {url}...")
+            fingerprint = await probe_fingerprint(url)
+        except EXPECTED as exc:
+            print(f"!! {exc}")
+            continue
+        print(f"The server's certificate fingerprint is\n  {format_fingerprint(fingerprint)}\n"
+              "It must match the one the server printed when it started.")
+        answer = await ask(prompt, "Does it match? [Y/n] ")
+        if answer.strip().lower() in ("n", "no"):
+            raise SetupCancelled("certificate not confirmed; nothing was created")
+        return url, fingerprint
+    raise SetupCancelled("could not reach a server; nothing was created")
+
+
+async def _ask_new_passphrase(prompt: PromptSession[str]) -> str:
+    for _ in range(SETUP_ATTEMPTS):
+        passphrase = await ask(prompt, "New passphrase (protects your keys on this machine): ",
+                               password=True)
+        if len(passphrase) < MIN_PASSPHRASE:
+            print(f"!! choose at least {MIN_PASSPHRASE} characters")
+            continue
+        if await ask(prompt, "Repeat passphrase: ", password=True) == passphrase:
+            return passphrase
+        print("!! the two passphrases differ; again")
+    raise SetupCancelled("no passphrase chosen; nothing was created")
 
 
 async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | None,
                             server: str | None) -> Client:
     existing = list_profiles(home)
-    if user is None:
-        hint = f" (existing: {', '.join(existing)})" if existing else " (new name = new identity)"
-        user = await prompt.prompt_async(f"Username{hint}: ")
-    username = normalize_username(user)
+    username = normalize_username(user) if user is not None else await _ask_username(prompt, existing)
     env_passphrase = os.environ.get(PASSPHRASE_ENV)
     if username in existing:
-        passphrase = env_passphrase or await prompt.prompt_async(f"Passphrase for {username}: ",
-                                                                 is_password=True)
+        passphrase = env_passphrase or await ask(prompt, f"Passphrase for {username}: ", password=True)
         print("unlocking...")
         return Client.open(home, username, passphrase)
     print(f"'{username}' is new here: creating an identity for it.")
-    url = server or (await prompt.prompt_async(f"Server address [{DEFAULT_SERVER}]: ")).strip() \
-        or DEFAULT_SERVER
-    fingerprint = await probe_fingerprint(url)
-    print(f"The server's certificate fingerprint is\n  {format_fingerprint(fingerprint)}\n"
-          "It must match the one the server printed when it started.")
-    answer = await prompt.prompt_async("Does it match? [Y/n] ")
-    if answer.strip().lower() in ("n", "no"):
-        raise ClientError("certificate not confirmed; nothing was created")
-    if env_passphrase is not None:
-        passphrase = env_passphrase
-    else:
-        passphrase = await prompt.prompt_async("New passphrase (protects your keys on this machine): ",
-                                               is_password=True)
-        again = await prompt.prompt_async("Repeat passphrase: ", is_password=True)
-        if again != passphrase:
-            raise ClientError("the two passphrases differ; nothing was created")
-    print("creating keys and registering...")
-    client = await Client.create(home, username, url, passphrase, server_fingerprint=fingerprint)
-    print(f"registered {username}. Your identity fingerprint: {client.identity.public.fingerprint_text()}")
-    return client
+    url, fingerprint = await _ask_server(prompt, server)
+    passphrase = env_passphrase if env_passphrase is not None else await _ask_new_passphrase(prompt)
+    invite: str | None = None
+    for _ in range(SETUP_ATTEMPTS):
+        print("creating keys and registering...")
+        try:
+            client = await Client.create(home, username, url, passphrase, server_fingerprint=fingerprint,
+                                         invite=invite)
+        except ServerError as exc:
+            if exc.code == "username_taken":
+                print(f"!! '{username}' is already taken on this server")
+                username = await _ask_username(prompt, [])
+            elif exc.code in ("registration_closed", "bad_invite"):
+                print(f"!! {exc.server_message or exc}")
+                invite = (await ask(prompt, "Invite token (ask the server's operator): ")).strip() or None
+            else:
+                raise
+            continue
+        print(f"registered {username}. Your identity fingerprint: "
+              f"{client.identity.public.fingerprint_text()}")
+        return client
+    raise SetupCancelled("registration did not succeed; nothing was created")
+
+
+async def _wait_connected(client: Client, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.connected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 async def _chat(home: Path, user: str | None, server: str | None) -> int:
-    prompt: PromptSession[str] = PromptSession()
+    prompt = question_session()
     try:
         client = await _unlock_or_create(prompt, home, user, server)
-    except (ClientError, CryptoError, ProtocolError, ValueError) as exc:
-        print(f"cipherpost: error: {exc}")
+    except (EOFError, KeyboardInterrupt):
+        _error("cancelled; nothing was changed")
+        return 1
+    except SetupCancelled as exc:
+        _error(str(exc))
+        return 1
+    except EXPECTED as exc:
+        _error(str(exc))
         return 1
     chat = Chat(client, prompt)
     with patch_stdout(raw=True):
@@ -183,28 +358,33 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
         client.on_pake_request(lambda name: print(
             f"-- {name} started a password verification with you: type /verify {name} password"))
         keeper = asyncio.create_task(client.stay_connected(chat.status))
-        print(f"{client.username} on {client.server_url}. /to NAME starts a conversation; /help lists "
-              "commands.")
+        await _wait_connected(client, CONNECT_GRACE)
+        print(f"You are {client.username} on {client.server_url}. /to NAME starts a conversation; "
+              "/help lists commands; Ctrl-D leaves.")
         for m in client.take_new_messages():
             chat.show(m)
         try:
             while True:
                 try:
-                    line = await prompt.prompt_async(lambda: f"{chat.peer or '-'}> ")
+                    line = await chat.read_line()
                 except EOFError:
                     break
                 except KeyboardInterrupt:
+                    if not chat.interrupt_hint_shown:
+                        print("(Ctrl-C clears the line; /quit or Ctrl-D leaves)")
+                        chat.interrupt_hint_shown = True
                     continue
                 try:
                     if not await chat.handle(line):
                         break
-                except (ClientError, CryptoError, ProtocolError, ValueError) as exc:
+                except EXPECTED as exc:
                     print(f"!! {exc}")
         finally:
             keeper.cancel()
             with contextlib.suppress(BaseException):
                 await keeper
             await client.close()
+    print("bye")
     return 0
 
 
@@ -212,4 +392,5 @@ def run_chat(home: Path, user: str | None, server: str | None) -> int:
     try:
         return asyncio.run(_chat(home, user, server))
     except KeyboardInterrupt:
+        print("", file=sys.stderr)
         return 130
