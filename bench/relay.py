@@ -70,6 +70,8 @@ class Result:
         self.latencies: list[float] = []
         self.start = 0.0
         self.end = 0.0
+        self.server_cpu = 0.0
+        self.client_cpu = 0.0
 
     @property
     def rate(self) -> float:
@@ -80,6 +82,15 @@ class Result:
             return float("nan")
         data = sorted(self.latencies)
         return data[min(len(data) - 1, int(q * len(data)))] * 1000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def body(now: float) -> bytes:
@@ -105,7 +116,7 @@ async def run_load(n: int, total: int, window: int, seconds: float,
                    open_pair: Callable[[int], Awaitable[tuple[ClientConnection, ClientConnection]]],
                    make_send: Callable[[int, int, bytes], bytes],
                    on_receiver_frame: Callable[[ClientConnection, bytes, list[float]], Awaitable[int]],
-                   sender_reads: bool) -> Result:
+                   sender_reads: bool, server_pid: int) -> Result:
     per_pair = max(1, total // n)
     pairs = [Pair(window) for _ in range(n)]
     conns = [await open_pair(i) for i in range(n)]
@@ -138,12 +149,15 @@ async def run_load(n: int, total: int, window: int, seconds: float,
             await ws.send(make_send(i, k, body(time.perf_counter())))
 
     result.start = time.perf_counter()
+    cpu0, own0 = cpu_seconds(server_pid), time.process_time()
     drains = [asyncio.create_task(drain_sender(i)) for i in range(n)] if sender_reads else []
     receivers = [asyncio.create_task(receive(i)) for i in range(n)]
     await asyncio.gather(*[send(i) for i in range(n)])
     remaining = max(1.0, deadline - time.monotonic())
     await asyncio.wait(receivers, timeout=remaining)
     result.end = time.perf_counter()
+    result.server_cpu = cpu_seconds(server_pid) - cpu0
+    result.client_cpu = time.process_time() - own0
     for task in receivers + drains:
         task.cancel()
     for s, r in conns:
@@ -259,18 +273,23 @@ async def bench(args: argparse.Namespace) -> None:
             fwd = ForwarderLoad(fwd_url, ctx)
             print(f"{BODY_SIZE}-byte envelopes, window {args.window}/pair, up to {args.messages} messages "
                   f"or {args.seconds:.0f} s per run; server: 1 process each, SQLite synchronous=FULL")
-            print(f"{'N':>4} {'system':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>9}")
+            print(f"{'N':>4} {'system':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>9} "
+                  f"{'server us/msg':>13} {'clients us/msg':>14}")
             ratios = []
             for n in args.pairs:
                 relay.round += 1
                 fwd.round += 1
                 r = await run_load(n, args.messages, args.window, args.seconds, relay.open_pair,
-                                   relay.make_send, relay.on_receiver_frame, sender_reads=True)
+                                   relay.make_send, relay.on_receiver_frame, sender_reads=True,
+                                   server_pid=relay_proc.pid)
                 f = await run_load(n, args.messages, args.window, args.seconds, fwd.open_pair,
-                                   fwd.make_send, fwd.on_receiver_frame, sender_reads=False)
+                                   fwd.make_send, fwd.on_receiver_frame, sender_reads=False,
+                                   server_pid=fwd_proc.pid)
                 for name, res in (("relay", r), ("forwarder", f)):
+                    count = max(1, len(res.latencies))
                     print(f"{n:>4} {name:<10} {res.rate:>9.0f} {res.pct(0.5):>8.2f} {res.pct(0.99):>8.2f} "
-                          f"{len(res.latencies):>9}", flush=True)
+                          f"{len(res.latencies):>9} {res.server_cpu / count * 1e6:>13.1f} "
+                          f"{res.client_cpu / count * 1e6:>14.1f}", flush=True)
                 ratio = r.rate / f.rate if f.rate else float("nan")
                 ratios.append((n, ratio))
                 print(f"{n:>4} ratio relay/forwarder = {ratio:.2f}", flush=True)

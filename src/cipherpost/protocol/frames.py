@@ -232,6 +232,12 @@ def encode_frame(frame: Frame) -> bytes:
     return msgpack.packb(frame_to_map(frame), use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def encode_accepted(rid: int, msg_id: bytes) -> bytes:
+    """Fast path for ``encode_frame(Accepted(rid, msg_id))``: one per message sent."""
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {"v": PROTOCOL_VERSION, "t": "accepted", "rid": rid, "id": msg_id}, use_bin_type=True)
+
+
 def encode_deliver(messages: list[DeliveredMessage]) -> bytes:
     """Fast path for the server's hottest frame: a deliver frame of several messages."""
     return msgpack.packb(  # type: ignore[no-any-return]

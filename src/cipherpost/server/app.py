@@ -30,6 +30,7 @@ from .config import ServerConfig
 from .connection import Connection
 from .limits import WindowLimiter
 from .metrics import Metrics
+from .transport import BatchingServerConnection
 
 log = logging.getLogger("cipherpost.server")
 
@@ -79,7 +80,7 @@ class RelayServer:
             # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
             # error; beyond that websockets closes the connection (1009) without reading it.
             max_size=2 * cfg.max_frame, compression=None, server_header=None,
-            ping_interval=30, ping_timeout=30, close_timeout=5,
+            ping_interval=30, ping_timeout=30, close_timeout=5, create_connection=BatchingServerConnection,
         )
         sock = next(iter(self._server.sockets))
         self.port = sock.getsockname()[1]
@@ -137,6 +138,7 @@ class RelayServer:
     # --- connections and routing --------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, BatchingServerConnection)
         self.metrics.connections_total += 1
         self.metrics.connections_open += 1
         conn = Connection(self, ws)

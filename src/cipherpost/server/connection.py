@@ -25,7 +25,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ..crypto.encoding import pack
@@ -36,7 +35,6 @@ from ..protocol import errors as E
 from ..protocol.errors import ProtocolError
 from ..protocol.frames import (
     MAX_DELIVER_MESSAGES,
-    Accepted,
     Ack,
     Auth,
     Bundle,
@@ -54,6 +52,7 @@ from ..protocol.frames import (
     Send,
     UploadPrekeys,
     decode_frame,
+    encode_accepted,
     encode_deliver,
     encode_frame,
 )
@@ -70,6 +69,7 @@ from ..store.base import (
     UsernameTaken,
 )
 from .limits import TokenBucket
+from .transport import BatchingServerConnection
 
 if TYPE_CHECKING:
     from .app import RelayServer
@@ -82,7 +82,7 @@ DELIVER_OVERHEAD = 64  # msgpack framing bytes per message in a deliver frame, g
 
 
 class Connection:
-    def __init__(self, server: RelayServer, ws: ServerConnection) -> None:
+    def __init__(self, server: RelayServer, ws: BatchingServerConnection) -> None:
         self.server = server
         self.ws = ws
         self.config = server.config
@@ -187,10 +187,9 @@ class Connection:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                frames, self._frames = self._frames, []
-                for frame in frames:
-                    await self.ws.send(frame)
-                while self._messages:
+                out, self._frames = self._frames, []
+                delivered = 0
+                while self._messages:  # as few deliver frames as the frame size limit allows
                     pending = self._messages
                     n, size = 0, 0
                     while n < len(pending) and n < MAX_DELIVER_MESSAGES:
@@ -198,10 +197,12 @@ class Connection:
                         if n and size > max_payload:
                             break
                         n += 1
-                    batch = pending[:n]
+                    out.append(encode_deliver(pending[:n]))
                     del pending[:n]
-                    await self.ws.send(encode_deliver(batch))
-                    self.metrics.messages_delivered += len(batch)
+                    delivered += n
+                if out:
+                    await self.ws.send_frames(out)
+                    self.metrics.messages_delivered += delivered
                 if not self._frames and not self._messages:
                     self._flushed.set()
         except ConnectionClosed:
@@ -415,7 +416,7 @@ class Connection:
             return
         result = future.result()
         self.server.valid_names.add(message.recipient)
-        self._queue_frame(encode_frame(Accepted(rid=rid, id=message.msg_id)))
+        self._queue_frame(encode_accepted(rid, message.msg_id))
         if result.duplicate:
             self.metrics.messages_duplicate += 1
             return

@@ -86,7 +86,6 @@ CREATE TABLE IF NOT EXISTS recent_ids (
     ts INTEGER NOT NULL,
     PRIMARY KEY (recipient, sender, msg_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS recent_ids_by_ts ON recent_ids (ts);
 """
 
 
@@ -100,7 +99,23 @@ class _Op:
         self.error: BaseException | None = None
 
 
+class _EnqueueOp(_Op):
+    """A send; consecutive ones in a batch are checked and inserted together (executemany)."""
+
+    __slots__ = ("max_queue", "message")
+
+    def __init__(self, message: NewMessage, max_queue: int, future: asyncio.Future[Any]) -> None:
+        super().__init__(_no_fn, future)
+        self.message = message
+        self.max_queue = max_queue
+
+
+def _no_fn(conn: sqlite3.Connection) -> None:
+    raise AssertionError("enqueue operations run through _enqueue_run")
+
+
 _STOP = object()
+_DEDUP_CHUNK = 300  # rows per lookup statement (3 parameters each, far below SQLite's limit)
 
 
 class SqliteRelayStore:
@@ -203,11 +218,21 @@ class SqliteRelayStore:
         self.batched_ops += len(batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
+            i = 0
+            while i < len(batch):
+                op = batch[i]
+                if isinstance(op, _EnqueueOp):
+                    j = i + 1
+                    while j < len(batch) and isinstance(batch[j], _EnqueueOp):
+                        j += 1
+                    self._enqueue_run(conn, batch[i:j])  # type: ignore[arg-type]
+                    i = j
+                    continue
                 try:
                     op.result = op.fn(conn)
                 except StoreError as exc:  # refused before writing anything: the batch goes on
                     op.error = exc
+                i += 1
             self._persist_seq(conn)
             conn.execute("COMMIT")
             return
@@ -221,7 +246,10 @@ class SqliteRelayStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    op.result = op.fn(conn)
+                    if isinstance(op, _EnqueueOp):
+                        self._enqueue_run(conn, [op])
+                    else:
+                        op.result = op.fn(conn)
                 except StoreError as exc:
                     op.error = exc
                 self._persist_seq(conn)
@@ -358,28 +386,54 @@ class SqliteRelayStore:
         return n
 
     def enqueue(self, message: NewMessage, max_queue: int) -> asyncio.Future[EnqueueResult]:
-        m = message
+        if self._loop is None or self._closed:
+            raise StoreError("store is not open")
+        future: asyncio.Future[EnqueueResult] = self._loop.create_future()
+        self._queue.put(_EnqueueOp(message, max_queue, future))
+        return future
 
-        def op(conn: sqlite3.Connection) -> EnqueueResult:
+    def _enqueue_run(self, conn: sqlite3.Connection, ops: list[_EnqueueOp]) -> None:
+        """Check and insert consecutive sends with a few statements instead of three per message."""
+        seen: dict[tuple[str, str, bytes], int] = {}
+        for start in range(0, len(ops), _DEDUP_CHUNK):
+            chunk = ops[start:start + _DEDUP_CHUNK]
+            params: list[Any] = []
+            for op in chunk:
+                params += (op.message.recipient, op.message.sender, op.message.msg_id)
+            values = ",".join(["(?,?,?)"] * len(chunk))
+            for recipient, sender, msg_id, seq in conn.execute(
+                    "SELECT r.recipient, r.sender, r.msg_id, r.seq FROM (VALUES " + values + ") AS v "  # noqa: S608
+                    "CROSS JOIN recent_ids AS r ON r.recipient=v.column1 AND r.sender=v.column2 "
+                    "AND r.msg_id=v.column3", params):
+                seen[(recipient, sender, bytes(msg_id))] = seq
+        messages: list[tuple[Any, ...]] = []
+        ids: list[tuple[Any, ...]] = []
+        for op in ops:
+            m = op.message
             if not self._account_exists(conn, m.recipient):
-                raise UnknownAccount(m.recipient)
-            row = conn.execute("SELECT seq FROM recent_ids WHERE recipient=? AND sender=? AND msg_id=?",
-                               (m.recipient, m.sender, m.msg_id)).fetchone()
-            if row is not None:
-                return EnqueueResult(seq=row[0], duplicate=True)
+                op.error = UnknownAccount(m.recipient)
+                continue
+            key = (m.recipient, m.sender, m.msg_id)
+            seq = seen.get(key)
+            if seq is not None:
+                op.result = EnqueueResult(seq=seq, duplicate=True)
+                continue
             queued = self._queued(conn, m.recipient)
-            if queued >= max_queue:
-                raise MailboxFull(m.recipient)
+            if queued >= op.max_queue:
+                op.error = MailboxFull(m.recipient)
+                continue
             seq = self._next_seq
-            conn.execute("INSERT INTO messages(seq, recipient, sender, msg_id, kind, body, ts) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (seq, m.recipient, m.sender, m.msg_id, m.kind, m.body, m.ts))
-            conn.execute("INSERT INTO recent_ids(recipient, sender, msg_id, seq, ts) VALUES (?, ?, ?, ?, ?)",
-                         (m.recipient, m.sender, m.msg_id, seq, m.ts))
             self._next_seq = seq + 1
+            seen[key] = seq
             self._queue_len[m.recipient] = queued + 1
-            return EnqueueResult(seq=seq, duplicate=False)
-        return self._submit(op)
+            messages.append((seq, m.recipient, m.sender, m.msg_id, m.kind, m.body, m.ts))
+            ids.append((m.recipient, m.sender, m.msg_id, seq, m.ts))
+            op.result = EnqueueResult(seq=seq, duplicate=False)
+        if messages:
+            conn.executemany("INSERT INTO messages(seq, recipient, sender, msg_id, kind, body, ts) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)", messages)
+            conn.executemany("INSERT INTO recent_ids(recipient, sender, msg_id, seq, ts) "
+                             "VALUES (?, ?, ?, ?, ?)", ids)
 
     async def pending(self, recipient: str, after_seq: int, limit: int) -> list[StoredMessage]:
         def op(conn: sqlite3.Connection) -> list[StoredMessage]:
