@@ -77,6 +77,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cipherpost.server")
 
 SYNC_PAGE = 256
+MAX_IN_FLIGHT_SENDS = 1024  # per connection; beyond it the connection's frames wait (backpressure)
 MAX_OUTBOUND_FRAMES = 10_000  # a peer that stops reading is disconnected; its mail stays stored
 DELIVER_OVERHEAD = 64  # msgpack framing bytes per message in a deliver frame, generous
 
@@ -102,6 +103,8 @@ class Connection:
         self._sync_buffer: list[DeliveredMessage] = []
         self._last_seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight = 0
+        self._send_slot = asyncio.Event()
         peer = ws.remote_address
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
@@ -118,6 +121,9 @@ class Connection:
                 await self._handle(data)
                 if self._abort_reason is not None or self.closed:
                     break
+                while self._in_flight >= MAX_IN_FLIGHT_SENDS:  # stop reading until commits catch up
+                    self._send_slot.clear()
+                    await self._send_slot.wait()
             if self._abort_reason is not None and not self.closed:
                 # let the peer read the error that explains the close, then close with 1008
                 if self._frames or self._messages:
@@ -397,10 +403,14 @@ class Connection:
         message = NewMessage(sender=self.username, recipient=to, msg_id=frame.id, kind=frame.kind,
                              body=frame.body, ts=_now_ms())
         future = asyncio.ensure_future(self.store.enqueue(message, self.config.max_queue))
+        self._in_flight += 1
         future.add_done_callback(partial(self._enqueued, frame.rid, message))
 
     def _enqueued(self, rid: int, message: NewMessage, future: asyncio.Future[EnqueueResult]) -> None:
         """Runs after the commit: reply ``accepted`` and push the message to its recipient."""
+        self._in_flight -= 1
+        if self._in_flight < MAX_IN_FLIGHT_SENDS:
+            self._send_slot.set()
         if future.cancelled():
             return
         exc = future.exception()
