@@ -1,0 +1,231 @@
+"""The interactive chat driven through a pseudo-terminal, as a person would use it, against a real relay.
+
+Every client has its own home. prompt_toolkit redraws with escape sequences, so the screen is read
+as a text stream with ANSI sequences and carriage returns removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+from e2e_support import PASSPHRASE, RelayProcess
+
+TIMEOUT = 20.0
+ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_=>])")
+SAFETY_NUMBER = re.compile(r"safety number with (\w+):\n((?:\d{5}[ \n]){11}\d{5})")
+
+
+class Terminal:
+    """One `cipherpost client` in a pty; :meth:`wait_for` reads the screen stream up to a pattern."""
+
+    def __init__(self, home: Path, *args: str, passphrase: str | None = None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIPHERPOST_")}
+        # PROMPT_TOOLKIT_NO_CPR: pexpect does not answer cursor-position requests as a real terminal
+        # does (it only costs prompt_toolkit a timeout there, users do not need it).
+        env.update({"CIPHERPOST_HOME": str(home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1",
+                    "PYTHONUNBUFFERED": "1"})
+        if passphrase is not None:
+            env["CIPHERPOST_PASSPHRASE"] = passphrase
+        self.child = pexpect.spawn(sys.executable, ["-m", "cipherpost", "client", *args], env=env,
+                                   dimensions=(40, 160), encoding="utf-8", timeout=TIMEOUT)
+        self.raw = ""
+        self.screen = ""
+        self.pos = 0
+
+    def _read(self, timeout: float) -> bool:
+        try:
+            self.raw += self.child.read_nonblocking(65536, timeout=timeout)
+        except pexpect.TIMEOUT:
+            return True
+        except pexpect.EOF:
+            return False
+        self.screen = ANSI.sub("", self.raw).replace("\r", "")
+        return True
+
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
+        """The first match of ``pattern`` after the previous match; the cursor moves past it."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        alive = True
+        while True:
+            found = regex.search(self.screen, self.pos)
+            if found:
+                self.pos = found.end()
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not alive:
+                raise AssertionError(f"never saw {pattern!r}; screen since the last match:\n"
+                                     f"{self.screen[self.pos:][-3000:]}")
+            alive = self._read(min(remaining, 0.2))
+
+    def type(self, text: str) -> None:
+        self.child.send(text)
+
+    def line(self, text: str) -> None:
+        self.child.send(text + "\r")
+
+    def exit_code(self) -> int:
+        while self._read(TIMEOUT):
+            pass
+        self.child.close()
+        assert self.child.exitstatus is not None, f"killed by signal {self.child.signalstatus}"
+        return int(self.child.exitstatus)
+
+    def kill(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+
+
+def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, type_server: bool,
+                           type_passphrase: bool) -> None:
+    term.wait_for(r"Username \(pick one.*\): ?")
+    term.line(name)
+    term.wait_for(f"'{name}' is new here")
+    if type_server:
+        term.wait_for(r"Server address \[wss://127\.0\.0\.1:8765\]: ?")
+        term.line(relay.url)
+    shown = term.wait_for(r"fingerprint is\n\s+(SHA256:[0-9a-f]{64})")
+    assert shown.group(1) == relay.fingerprint     # the pin the person confirms is the real one
+    term.wait_for(r"Does it match\? \[Y/n\] ?")
+    term.line("y")
+    if type_passphrase:
+        term.wait_for(r"New passphrase .*: ?")
+        term.line(PASSPHRASE)
+        term.wait_for(r"Repeat passphrase: ?")
+        term.line(PASSPHRASE)
+    term.wait_for(f"registered {name}")
+    term.wait_for(r"-- connected")
+    term.wait_for(r"/help lists commands.*\n> ?")
+
+
+def test_two_interactive_clients_chat_live_both_ways(relay: RelayProcess, tmp_path: Path) -> None:
+    alice = Terminal(tmp_path / "home-alice")                        # types everything, passphrase too
+    bob = Terminal(tmp_path / "home-bob", "--server", relay.url, passphrase=PASSPHRASE)
+    try:
+        create_through_prompts(alice, "alice", relay, type_server=True, type_passphrase=True)
+        create_through_prompts(bob, "bob", relay, type_server=False, type_passphrase=False)
+        assert PASSPHRASE not in alice.screen                         # the passphrase was masked
+        alice.line("/to bob")
+        alice.wait_for(r"-- talking to bob.*\n")
+        alice.wait_for(r"bob> ?")
+        alice.line("hello bob, from alice")
+        alice.wait_for(r"\] you -> bob: hello bob, from alice\n")
+        bob.wait_for(r"\] alice: hello bob, from alice\n")             # live, bob pressed nothing
+        bob.wait_for(r"now talking to alice")                         # the sender became bob's peer
+        bob.wait_for(r"alice> ?")
+        bob.line("hi alice, bob here")
+        bob.wait_for(r"\] you -> alice: hi alice, bob here\n")
+        alice.wait_for(r"\] bob: hi alice, bob here\n")
+        assert "queued" not in alice.screen + bob.screen and "NOT SENT" not in alice.screen + bob.screen
+        # The typed chat line is shown in clear, not masked like the passphrase before it.
+        alice.wait_for(r"bob> ?")
+        alice.type("visible")
+        alice.wait_for(r"visible", timeout=5)
+        alice.line("")
+        bob.wait_for(r"alice: visible\n")
+        alice.line("/quit")
+        bob.line("/quit")
+        assert alice.exit_code() == 0 and bob.exit_code() == 0
+    finally:
+        alice.kill()
+        bob.kill()
+
+
+def test_incoming_message_keeps_the_half_typed_line(make_user, relay: RelayProcess, tmp_path: Path) -> None:
+    bob, carol = make_user("bob"), make_user("carol")      # command-line users next to the chat
+    alice = Terminal(tmp_path / "home-alice", "--server", relay.url, passphrase=PASSPHRASE)
+    try:
+        create_through_prompts(alice, "alice", relay, type_server=False, type_passphrase=False)
+        alice.line("/to bob")
+        alice.wait_for(r"bob> ?")
+        alice.type("half-typed")
+        alice.wait_for(r"half-typed", timeout=5)
+        carol.ok("send", "alice", "an interruption")
+        alice.wait_for(r"\] carol: an interruption\n")
+        alice.wait_for(r"bob> ?half-typed")               # the prompt is redrawn with the typed text
+        alice.line(" rest")
+        alice.wait_for(r"\] you -> bob: half-typed rest\n")
+        assert [(m["from"], m["text"]) for m in bob.recv(wait=10)] == [("alice", "half-typed rest")]
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+    finally:
+        alice.kill()
+
+
+def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
+    bob = make_user("bob")
+    alice = Terminal(tmp_path / "home-alice", "--server", relay.url, passphrase=PASSPHRASE)
+    try:
+        create_through_prompts(alice, "alice", relay, type_server=False, type_passphrase=False)
+        alice.line("/contacts")
+        alice.wait_for(r"no contacts yet")
+        alice.line("hello?")                                      # no peer chosen yet
+        alice.wait_for(r"\(not sent\) who is it for\? /to NAME")
+        alice.line("/to bob")
+        alice.wait_for(r"bob> ?")
+        alice.line("first message")
+        alice.wait_for(r"you -> bob: first message\n")
+        assert [m["text"] for m in bob.recv(wait=10)] == ["first message"]
+        alice.line("/contacts")
+        alice.wait_for(r"  bob  unverified \(compare: /safety bob\)")
+        alice.line("/safety bob")
+        shown = alice.wait_for(SAFETY_NUMBER.pattern)
+        groups = shown.group(2).split()
+        assert shown.group(1) == "bob" and len(groups) == 12 and all(len(g) == 5 for g in groups)
+        # bob computes the same 60 digits on his side: the number really is the shared one.
+        on_bobs_side = SAFETY_NUMBER.search(bob.ok("fingerprint", "alice"))
+        assert on_bobs_side is not None and on_bobs_side.group(2).split() == groups
+        alice.line("/history bob")
+        alice.wait_for(r"\] you: first message\n")
+        alice.line("/help")
+        alice.wait_for(r"/history NAME .*\n(.*\n)*  /quit ")
+        alice.line("/frobnicate")
+        alice.wait_for(r"unknown command: /frobnicate \(try /help\)")
+        alice.line("/to")
+        alice.wait_for(r"usage: /to NAME")
+        alice.line("/to nobody")
+        alice.wait_for(r"nobody> ?")
+        alice.line("anyone there?")
+        alice.wait_for(r"NOT SENT: there is no user 'nobody'")
+        alice.wait_for(r"nobody> ?")
+        alice.type("discard-me")
+        alice.wait_for(r"discard-me", timeout=5)
+        alice.type("\x03")                                         # Ctrl-C clears the line, stays
+        alice.wait_for(r"Ctrl-C clears the line; /quit or Ctrl-D leaves")
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+        assert bob.recv() == []            # neither the Ctrl-C'd line nor anything else was sent
+        assert "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+
+
+def test_wrong_passphrase_and_cancel_exit_cleanly(make_user, tmp_path: Path) -> None:
+    alice_cli = make_user("alice")
+    alice = Terminal(alice_cli.home)
+    try:
+        alice.wait_for(r"Username \[alice\] \(a new name creates a new identity\): ?")
+        alice.line("")                                           # the only profile is the default
+        alice.wait_for(r"Passphrase for alice: ?")
+        alice.line("not the passphrase")
+        alice.wait_for(r"unlocking\.\.\.\n")
+        assert alice.exit_code() == 1
+        assert alice.screen[alice.pos:].strip() == "cipherpost: error: wrong passphrase"
+        assert "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+    # Ctrl-D at the first question leaves without a traceback, and the profile still opens.
+    again = Terminal(alice_cli.home)
+    try:
+        again.wait_for(r"Username \[alice\]")
+        again.type("\x04")
+        assert again.exit_code() == 1
+        assert "cancelled" in again.screen and "Traceback" not in again.screen
+    finally:
+        again.kill()
+    assert alice_cli.ok("contacts").startswith("no contacts yet")
