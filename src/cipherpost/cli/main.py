@@ -25,6 +25,7 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from .common import UsageError, fmt_time, group_digits, read_passphrase
 from .server_cmd import register as register_server_commands
+from .verify_password import verify_with_password
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 USER_ENV = "CIPHERPOST_USER"
@@ -247,10 +248,9 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
-        contact = client.contact(args.name)
-        if args.password:
-            from .verify_password import verify_with_password
+        if args.password:   # also works for someone not yet a contact: their key is fetched first
             return await verify_with_password(client, args.name, timeout=args.timeout)
+        contact = client.contact(args.name)
         candidate = contact.pending_identity or contact.identity
         if contact.pending_identity:
             print(f"!! {args.name}'s identity key CHANGED.")

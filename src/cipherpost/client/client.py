@@ -480,7 +480,8 @@ class Client:
         if not isinstance(sender, str) or not isinstance(msg_id, bytes) or not isinstance(body, bytes):
             return None
         if m.get("kind") == "pake":
-            if self.pake_mailbox.put(sender, body) == "spake2":
+            ts = m.get("ts")
+            if self.pake_mailbox.put(sender, body, ts if isinstance(ts, int) else now_ms()) == "spake2":
                 for listener in self._pake_listeners:
                     listener(sender)
             return None

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from ..crypto.encoding import pack
 from ..crypto.identity import IdentityKeyPair
-from .errors import ConnectionFailed, ServerError, ServerPinMismatch
+from .errors import ClientError, ConnectionFailed, ServerError, ServerPinMismatch
 
 PROTOCOL_VERSION = 1
 MAX_INCOMING_FRAME = 4 << 20
@@ -76,7 +76,11 @@ class Connection:
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._push: PushHandler | None = None
+        # Pushes are handled by their own task, in order: a handler may itself wait for a reply,
+        # which only the reader can deliver, so the reader must never wait for a handler.
+        self._pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        self._push_worker: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.close_reason = ""
 
@@ -130,6 +134,7 @@ class Connection:
         limits = hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
         conn = cls(ws, channel, nonce, dict(limits or {}))
         conn._reader = asyncio.create_task(conn._read_loop())
+        conn._push_worker = asyncio.create_task(conn._push_loop())
         return conn
 
     def on_push(self, handler: PushHandler) -> None:
@@ -188,8 +193,8 @@ class Connection:
                         self._pending[rid].set_result(frame)
                 elif frame.get("t") == "error" and rid is None:
                     self.close_reason = f"{frame.get('code')}: {frame.get('message')}"
-                elif self._push is not None:
-                    await self._push(frame)
+                else:
+                    self._pushes.put_nowait(frame)
         except websockets.exceptions.WebSocketException as exc:
             self.close_reason = str(exc)
         finally:
@@ -200,13 +205,25 @@ class Connection:
                 if not future.done():
                     future.set_exception(ConnectionFailed(f"connection lost: {self.close_reason}"))
 
+    async def _push_loop(self) -> None:
+        while True:
+            frame = await self._pushes.get()
+            if self._push is not None:
+                try:
+                    await self._push(frame)
+                except (ClientError, OSError) as exc:
+                    # Nothing was acked for a push that failed: the server redelivers it.
+                    self.close_reason = f"handling a server push failed: {exc}"
+                    await self._ws.close()
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+        for task in (self._reader, self._push_worker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         self.closed.set()
 
 

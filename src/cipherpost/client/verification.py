@@ -3,7 +3,11 @@
 The crypto is :class:`cipherpost.crypto.pake.PakeVerifier` (SPAKE2 + key confirmation); this module
 only carries its messages through the relay as ``kind="pake"`` sends and keeps the bookkeeping:
 
-    each side:  [1, "spake2", msg]  ->  [1, "confirm", mac]  ->  [1, "result", ok]
+    each side:  [1, "spake2", my_nonce, msg] -> [1, "confirm", tag, mac] -> [1, "result", tag, ok]
+
+where each side picks a random 16-byte nonce per attempt and ``tag = sender_nonce || recipient_nonce``.
+The nonces only route messages to the right attempt (a message left over from an abandoned attempt
+is ignored); the security comes from SPAKE2 and the key confirmation.
 
 A side marks the contact verified only when its own check passed AND the peer reported success,
 so a tampered confirmation fails both sides. The PSK that comes out is kept (encrypted) for the
@@ -42,7 +46,7 @@ BLOCKED = ("the last password verification failed (wrong password, or someone su
 class _Inbox:
     """PAKE messages received from one contact, kept briefly until a verification consumes them."""
 
-    items: list[tuple[float, str, Any]] = field(default_factory=list)
+    items: list[tuple[int, str, bytes, Any]] = field(default_factory=list)   # (server ts, step, tag, value)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -50,34 +54,36 @@ class PakeMailbox:
     def __init__(self) -> None:
         self._inboxes: dict[str, _Inbox] = {}
 
-    def put(self, sender: str, body: bytes) -> str | None:
+    def put(self, sender: str, body: bytes, server_ts: int) -> str | None:
         """Buffer a PAKE message; returns its step name, or None if it is malformed."""
         try:
             msg = unpack(body, what="pake message", max_size=4096)
         except CryptoError:
             return None
-        if not (isinstance(msg, list) and len(msg) == 3 and msg[0] == PAKE_VERSION
-                and msg[1] in ("spake2", "confirm", "result")):
+        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == PAKE_VERSION
+                and msg[1] in ("spake2", "confirm", "result") and isinstance(msg[2], bytes)):
             return None
         inbox = self._inboxes.setdefault(sender, _Inbox())
-        inbox.items.append((time.monotonic(), msg[1], msg[2]))
+        inbox.items.append((server_ts, msg[1], msg[2], msg[3]))
         del inbox.items[:-16]   # a flood from one sender cannot grow memory
         inbox.arrived.set()
         return str(msg[1])
 
-    def discard_older_than(self, sender: str, seconds: float) -> None:
+    def discard_older_than(self, sender: str, cutoff_ms: int) -> None:
         inbox = self._inboxes.get(sender)
         if inbox:
-            cutoff = time.monotonic() - seconds
-            inbox.items = [i for i in inbox.items if i[0] >= cutoff]
+            inbox.items = [i for i in inbox.items if i[0] >= cutoff_ms]
 
-    async def take(self, sender: str, step: str, deadline: float) -> Any:
+    async def take(self, sender: str, step: str, deadline: float, tag: bytes | None = None
+                   ) -> tuple[bytes, Any]:
+        """The newest buffered ``step`` message (with ``tag``, if given): ``(tag, value)``."""
         inbox = self._inboxes.setdefault(sender, _Inbox())
         while True:
-            for i, (_, kind, value) in enumerate(inbox.items):
-                if kind == step:
+            for i in range(len(inbox.items) - 1, -1, -1):
+                _, kind, item_tag, value = inbox.items[i]
+                if kind == step and (tag is None or item_tag == tag):
                     del inbox.items[i]
-                    return value
+                    return item_tag, value
             inbox.arrived.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -99,33 +105,34 @@ async def verify_with_password(client: Client, name: str, password: str, *, time
     peer_identity_bytes = contact.pending_identity or contact.identity
     peer_identity = PublicIdentity.decode(peer_identity_bytes)
     client.record_pake_attempt(name, MAX_ATTEMPTS_PER_HOUR)
-    # Messages from an earlier, abandoned attempt must not be mixed into this one.
-    client.pake_mailbox.discard_older_than(name, timeout)
+    # A peer may have started up to ``timeout`` before us; anything older is from another attempt.
+    client.pake_mailbox.discard_older_than(name, int((time.time() - timeout) * 1000))
     deadline = time.monotonic() + timeout
     verifier = PakeVerifier(password, client.username, client.identity.public, name, peer_identity)
+    my_nonce = os.urandom(16)
 
-    async def send(step: str, value: Any) -> None:
-        await client.send_pake(name, pack([PAKE_VERSION, step, value]))
+    async def send(step: str, tag: bytes, value: Any) -> None:
+        await client.send_pake(name, pack([PAKE_VERSION, step, tag, value]))
 
-    await send("spake2", verifier.start())
-    peer_message = await client.pake_mailbox.take(name, "spake2", deadline)
+    await send("spake2", my_nonce, verifier.start())
+    peer_nonce, peer_message = await client.pake_mailbox.take(name, "spake2", deadline)
     ok = False
     psk = b""
     try:
-        if not isinstance(peer_message, bytes):
+        if not isinstance(peer_message, bytes) or len(peer_nonce) != 16:
             raise VerificationFailed("malformed")
-        await send("confirm", verifier.finish(peer_message))
-        peer_mac = await client.pake_mailbox.take(name, "confirm", deadline)
+        await send("confirm", my_nonce + peer_nonce, verifier.finish(peer_message))
+        _, peer_mac = await client.pake_mailbox.take(name, "confirm", deadline, peer_nonce + my_nonce)
         if not isinstance(peer_mac, bytes):
             raise VerificationFailed("malformed")
         psk = verifier.confirm(peer_mac)
         ok = True
     except VerificationFailed:
         ok = False
-    await send("result", ok)
+    await send("result", my_nonce + peer_nonce, ok)
     if ok:
-        peer_ok = await client.pake_mailbox.take(name, "result",
-                                                 min(deadline, time.monotonic() + RESULT_TIMEOUT))
+        _, peer_ok = await client.pake_mailbox.take(
+            name, "result", min(deadline, time.monotonic() + RESULT_TIMEOUT), peer_nonce + my_nonce)
         ok = peer_ok is True
     if not ok:
         # Either side may be under attack: stop sending until a verification succeeds.
@@ -133,6 +140,3 @@ async def verify_with_password(client: Client, name: str, password: str, *, time
         raise VerificationError(FAILED)
     client.store_verification(name, peer_identity_bytes, psk)
 
-
-def new_pake_id() -> bytes:
-    return os.urandom(16)
