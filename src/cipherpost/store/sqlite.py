@@ -210,7 +210,11 @@ class SqliteRelayStore:
                     batch.append(item)
             if batch:
                 self._run_batch(conn, batch)
-                loop.call_soon_threadsafe(_complete, batch)
+                try:
+                    loop.call_soon_threadsafe(_complete, batch)
+                except RuntimeError:  # the event loop is gone (closed without close()): stop
+                    log.error("event=store_loop_closed ops=%d", len(batch))
+                    break
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
