@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, SERVER_MAIN, ServerProcess, run
 from relay_client import RelayClient
 
@@ -107,7 +109,9 @@ def test_restart_between_send_and_receive_loses_nothing(tmp_path: Path) -> None:
         server2.terminate()
 
 
-def test_sigterm_under_load_loses_no_accepted_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stop_under_load_loses_no_accepted_message(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM: graceful stop, exit 0. SIGKILL: a crash; still every ``accepted`` was committed."""
     data = tmp_path / "data"
     cert = data / "tls-cert.pem"
     server = ServerProcess(data).start()
@@ -142,13 +146,13 @@ def test_sigterm_under_load_loses_no_accepted_message(tmp_path: Path) -> None:
         while len(accepted) < 200:
             await asyncio.sleep(0.01)
         assert server.proc is not None
-        server.proc.terminate()  # SIGTERM while sends are in flight
+        server.proc.send_signal(sig)  # while sends are in flight
         await asyncio.wait_for(task, 20)
         return bob_id
 
     bob_id = run(pump(), timeout=60)
     assert server.proc is not None
-    assert server.proc.wait(timeout=15) == 0
+    assert server.proc.wait(timeout=15) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
     assert len(accepted) >= 200
     server2 = ServerProcess(data).start()
 
