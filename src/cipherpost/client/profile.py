@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..crypto.encoding import pack, unpack
+from ..crypto.errors import CryptoError
 from ..crypto.records import RecordCipher
 from .errors import ProfileError
 
@@ -127,6 +128,15 @@ class ProfileDB:
     def close(self) -> None:
         self._db.close()
 
+    def _open(self, blob: bytes, *, aad: bytes) -> bytes:
+        """Decrypt a record; a failure means the file was damaged or edited behind our back."""
+        try:
+            return self._cipher.decrypt(blob, aad=aad)
+        except CryptoError:
+            what = aad.split(b":")[0].decode("ascii", "replace")
+            raise ProfileError(f"a {what} record in the profile database is damaged or was tampered "
+                               "with; refusing to use it") from None
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """BEGIN IMMEDIATE ... COMMIT; nested uses join the outer transaction."""
@@ -161,7 +171,7 @@ class ProfileDB:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         if row is None:
             return None
-        return self._cipher.decrypt(row[0], aad=b"meta:" + key.encode())
+        return self._open(row[0], aad=b"meta:" + key.encode())
 
     def set_secret_meta(self, key: str, value: bytes) -> None:
         blob = self._cipher.encrypt(value, aad=b"meta:" + key.encode())
@@ -169,7 +179,7 @@ class ProfileDB:
 
     # -- contacts ---------------------------------------------------------------------------
     def _contact(self, name: str, blob: bytes) -> Contact:
-        a = unpack(self._cipher.decrypt(blob, aad=b"contact:" + name.encode()), what="contact")
+        a = unpack(self._open(blob, aad=b"contact:" + name.encode()), what="contact")
         if not isinstance(a, list) or len(a) != 7 or a[0] != 1:
             raise ProfileError(f"contact record for {name!r} is damaged")
         return Contact(name, a[1], bool(a[2]), a[3], a[4], a[5], a[6])
@@ -215,7 +225,7 @@ class ProfileDB:
             "SELECT contact, identity, state FROM sessions WHERE session_id=?", (session_id,)).fetchone()
         if row is None:
             return None
-        return row[0], row[1], self._cipher.decrypt(row[2], aad=b"session:" + session_id)
+        return row[0], row[1], self._open(row[2], aad=b"session:" + session_id)
 
     def latest_session(self, contact: str, identity: bytes, *, with_psk: bool = False
                        ) -> tuple[bytes, bytes] | None:
@@ -229,7 +239,7 @@ class ProfileDB:
             " ORDER BY updated_at DESC, rowid DESC LIMIT 1", (contact, identity, int(with_psk))).fetchone()
         if row is None:
             return None
-        return row[0], self._cipher.decrypt(row[1], aad=b"session:" + row[0])
+        return row[0], self._open(row[1], aad=b"session:" + row[0])
 
     def save_session(self, session_id: bytes, contact: str, identity: bytes, state: bytes,
                      now: int, *, with_psk: bool = False) -> None:
@@ -284,7 +294,7 @@ class ProfileDB:
     def _message(self, row: tuple[Any, ...]) -> StoredMessage:
         rid, contact, direction, msg_id, body, sent_at, received_at, status = row
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
-        plain = unpack(self._cipher.decrypt(body, aad=aad), what="message")
+        plain = unpack(self._open(body, aad=aad), what="message")
         return StoredMessage(rid, contact, direction, msg_id, plain["text"], sent_at, received_at,
                              status, plain.get("extra", {}))
 
