@@ -147,6 +147,7 @@ def test_incoming_message_keeps_the_half_typed_line(make_user, relay: RelayProce
         alice.wait_for(r"half-typed", timeout=5)
         carol.ok("send", "alice", "an interruption")
         alice.wait_for(r"\] carol: an interruption\n")
+        alice.wait_for(r"-- to answer carol: /to carol \(you are talking to bob\)")
         alice.wait_for(r"bob> ?half-typed")               # the prompt is redrawn with the typed text
         alice.line(" rest")
         alice.wait_for(r"\] you -> bob: half-typed rest\n")
@@ -182,6 +183,13 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         assert on_bobs_side is not None and on_bobs_side.group(2).split() == groups
         alice.line("/history bob")
         alice.wait_for(r"\] you: first message\n")
+        # Ctrl-C while a command waits (a password verification nobody answers) cancels only it.
+        alice.line("/verify bob password")
+        alice.wait_for(r"Password you share with bob: ?")
+        alice.line("a shared secret")
+        alice.wait_for(r"waiting up to 120s")
+        alice.type("\x03")
+        alice.wait_for(r"-- cancelled")
         alice.line("/help")
         alice.wait_for(r"/history NAME .*\n(.*\n)*  /quit ")
         alice.line("/frobnicate")
@@ -200,7 +208,7 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         alice.line("/quit")
         assert alice.exit_code() == 0
         assert bob.recv() == []            # neither the Ctrl-C'd line nor anything else was sent
-        assert "Traceback" not in alice.screen
+        assert "Traceback" not in alice.screen and "a shared secret" not in alice.screen
     finally:
         alice.kill()
 

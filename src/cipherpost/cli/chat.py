@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import DummyHistory
@@ -71,7 +74,9 @@ def chat_session() -> PromptSession[str]:
 
 async def ask(prompt: PromptSession[str], message: str, *, password: bool = False) -> str:
     # A PromptSession keeps options from the previous call, so is_password is passed every time.
-    return await prompt.prompt_async(message, is_password=password)
+    # handle_sigint=False: in raw mode Ctrl-C is a key anyway, and prompt_toolkit's SIGINT handling
+    # would remove the one _interruptible installs around a command that asks a question.
+    return await prompt.prompt_async(message, is_password=password, handle_sigint=False)
 
 
 class Chat:
@@ -83,6 +88,7 @@ class Chat:
         self.interrupt_hint_shown = False
         self.last_status = ""
         self.had_queued = False
+        self.reply_hinted: set[str] = set()
 
     def prompt_text(self) -> str:
         return f"{self.peer}> " if self.peer else "> "
@@ -97,6 +103,9 @@ class Chat:
         if self.peer is None:
             self.peer = message.sender
             print(f"-- now talking to {message.sender}: type to reply (/to NAME to switch)")
+        elif message.sender != self.peer and message.sender not in self.reply_hinted:
+            self.reply_hinted.add(message.sender)
+            print(f"-- to answer {message.sender}: /to {message.sender} (you are talking to {self.peer})")
 
     def on_incoming(self, _message: IncomingMessage) -> None:
         for m in self.client.take_new_messages():
@@ -333,6 +342,34 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
     raise SetupCancelled("registration did not succeed; nothing was created")
 
 
+async def _interruptible(command: Coroutine[Any, Any, bool]) -> bool:
+    """Run one chat command; Ctrl-C cancels just that command (a password verification waits up to
+    two minutes) instead of ending the chat. Outside a prompt the terminal turns Ctrl-C into SIGINT."""
+    task = asyncio.ensure_future(command)
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+    except (NotImplementedError, RuntimeError):   # not the main thread, or no signals here
+        return await task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not interrupted:   # the chat itself is being cancelled, not just this command
+            raise
+        print("\r-- cancelled")   # over the "^C" the terminal echoed
+        return True
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, previous)
+
+
 async def _wait_connected(client: Client, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not client.connected and time.monotonic() < deadline:
@@ -375,7 +412,7 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
                         chat.interrupt_hint_shown = True
                     continue
                 try:
-                    if not await chat.handle(line):
+                    if not await _interruptible(chat.handle(line)):
                         break
                 except EXPECTED as exc:
                     print(f"!! {exc}")
