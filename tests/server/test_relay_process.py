@@ -148,6 +148,7 @@ def test_stop_under_load_loses_no_accepted_message(tmp_path: Path, sig: signal.S
         assert server.proc is not None
         server.proc.send_signal(sig)  # while sends are in flight
         await asyncio.wait_for(task, 20)
+        await alice.close()
         return bob_id
 
     bob_id = run(pump(), timeout=60)
