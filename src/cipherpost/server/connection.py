@@ -179,10 +179,12 @@ class Connection:
         """Route one committed message to this (authenticated) connection."""
         if self._syncing:
             self._sync_buffer.append(message)
-        elif message.seq > self._last_seq:
+        elif message.seq > self._last_seq and not self.closed:
             self._last_seq = message.seq
             self._messages.append(message)
             self._wake.set()
+            if len(self._messages) > MAX_OUTBOUND_FRAMES:  # they stay stored; redelivered on reconnect
+                self._abort_now("delivery queue full (peer not reading)")
 
     def push_frame(self, frame: bytes) -> None:
         self._queue_frame(frame)
