@@ -82,7 +82,7 @@ class Terminal:
 
 
 def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, type_server: bool,
-                           type_passphrase: bool) -> None:
+                           type_passphrase: bool, paste_fingerprint: bool = False) -> None:
     term.wait_for(r"Username \(pick one.*\): ?")
     term.line(name)
     term.wait_for(f"'{name}' is new here")
@@ -91,8 +91,12 @@ def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, ty
         term.line(relay.url)
     shown = term.wait_for(r"fingerprint is\n\s+(SHA256:[0-9a-f]{64})")
     assert shown.group(1) == relay.fingerprint     # the pin the person confirms is the real one
-    term.wait_for(r"Does it match\? \[Y/n\] ?")
-    term.line("y")
+    term.wait_for(r"Does it match\? \[Y/n, or paste the fingerprint to compare\] ?")
+    if paste_fingerprint:
+        term.line(relay.fingerprint)
+        term.wait_for(r"the fingerprints match\.")
+    else:
+        term.line("y")
     if type_passphrase:
         term.wait_for(r"New passphrase .*: ?")
         term.line(PASSPHRASE)
@@ -107,7 +111,8 @@ def test_two_interactive_clients_chat_live_both_ways(relay: RelayProcess, tmp_pa
     alice = Terminal(tmp_path / "home-alice")                        # types everything, passphrase too
     bob = Terminal(tmp_path / "home-bob", "--server", relay.url, passphrase=PASSPHRASE)
     try:
-        create_through_prompts(alice, "alice", relay, type_server=True, type_passphrase=True)
+        create_through_prompts(alice, "alice", relay, type_server=True, type_passphrase=True,
+                               paste_fingerprint=True)
         create_through_prompts(bob, "bob", relay, type_server=False, type_passphrase=False)
         assert PASSPHRASE not in alice.screen                         # the passphrase was masked
         alice.line("/to bob")
@@ -183,6 +188,12 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         assert on_bobs_side is not None and on_bobs_side.group(2).split() == groups
         alice.line("/history bob")
         alice.wait_for(r"\] you: first message\n")
+        alice.line("/verify bob")
+        alice.wait_for(r"Does bob see exactly the same number\? \[y/N\] ?")
+        alice.type("\x03")                                         # Ctrl-C at the question
+        alice.wait_for(r"-- cancelled")
+        alice.line("/contacts")
+        alice.wait_for(r"  bob  unverified")
         # Ctrl-C while a command waits (a password verification nobody answers) cancels only it.
         alice.line("/verify bob password")
         alice.wait_for(r"Password you share with bob: ?")
@@ -207,7 +218,7 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         alice.wait_for(r"Ctrl-C clears the line; /quit or Ctrl-D leaves")
         alice.line("/quit")
         assert alice.exit_code() == 0
-        assert bob.recv() == []            # neither the Ctrl-C'd line nor anything else was sent
+        assert "discard-me/quit" not in alice.screen      # Ctrl-C really emptied the line
         assert "Traceback" not in alice.screen and "a shared secret" not in alice.screen
     finally:
         alice.kill()
@@ -237,3 +248,19 @@ def test_wrong_passphrase_and_cancel_exit_cleanly(make_user, tmp_path: Path) -> 
     finally:
         again.kill()
     assert alice_cli.ok("contacts").startswith("no contacts yet")
+
+
+def test_pasted_fingerprint_that_differs_creates_nothing(relay: RelayProcess, tmp_path: Path) -> None:
+    home = tmp_path / "home-mallory"
+    term = Terminal(home, "--server", relay.url, passphrase=PASSPHRASE)
+    try:
+        term.wait_for(r"Username .*: ?")
+        term.line("mallory")
+        term.wait_for(r"Does it match\? .*\] ?")
+        term.line("SHA256:" + "ab" * 32)
+        assert term.exit_code() == 1
+        assert "does NOT match this server's certificate" in term.screen
+        assert "Traceback" not in term.screen
+        assert not (home / "profiles" / "mallory").exists()
+    finally:
+        term.kill()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from prompt_toolkit.history import DummyHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from ..client.client import Client, IncomingMessage
-from ..client.connection import check_server_url, format_fingerprint, probe_fingerprint
+from ..client.connection import check_server_url, format_fingerprint, parse_fingerprint, probe_fingerprint
 from ..client.errors import ClientError, IdentityChanged, ServerError
 from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
@@ -49,7 +50,12 @@ commands:
 
 
 class SetupCancelled(Exception):
-    """The person gave up during setup (Ctrl-D, Ctrl-C or too many wrong answers)."""
+    """The person gave up during setup (too many wrong answers, or the certificate refused)."""
+
+
+class Cancelled(Exception):
+    """Ctrl-C or Ctrl-D at a question. An ordinary exception: a KeyboardInterrupt escaping a task
+    would stop the whole event loop."""
 
 
 def clock(ms: int | None) -> str:
@@ -76,7 +82,10 @@ async def ask(prompt: PromptSession[str], message: str, *, password: bool = Fals
     # A PromptSession keeps options from the previous call, so is_password is passed every time.
     # handle_sigint=False: in raw mode Ctrl-C is a key anyway, and prompt_toolkit's SIGINT handling
     # would remove the one _interruptible installs around a command that asks a question.
-    return await prompt.prompt_async(message, is_password=password, handle_sigint=False)
+    try:
+        return await prompt.prompt_async(message, is_password=password, handle_sigint=False)
+    except (EOFError, KeyboardInterrupt):
+        raise Cancelled from None
 
 
 class Chat:
@@ -288,11 +297,28 @@ async def _ask_server(prompt: PromptSession[str], server: str | None) -> tuple[s
             continue
         print(f"The server's certificate fingerprint is\n  {format_fingerprint(fingerprint)}\n"
               "It must match the one the server printed when it started.")
-        answer = await ask(prompt, "Does it match? [Y/n] ")
-        if answer.strip().lower() in ("n", "no"):
-            raise SetupCancelled("certificate not confirmed; nothing was created")
+        await _confirm_fingerprint(prompt, fingerprint)
         return url, fingerprint
     raise SetupCancelled("could not reach a server; nothing was created")
+
+
+async def _confirm_fingerprint(prompt: PromptSession[str], fingerprint: bytes) -> None:
+    while True:
+        answer = (await ask(prompt, "Does it match? [Y/n, or paste the fingerprint to compare] ")).strip()
+        if answer.lower() in ("", "y", "yes"):
+            return
+        if answer.lower() in ("n", "no"):
+            raise SetupCancelled("certificate not confirmed; nothing was created")
+        try:
+            given = parse_fingerprint(answer)
+        except ValueError:
+            print("!! answer y or n, or paste the fingerprint the server printed (SHA256:...)")
+            continue
+        if not hmac.compare_digest(given, fingerprint):
+            raise SetupCancelled("the fingerprint you gave does NOT match this server's certificate: "
+                                 "someone may be in between; nothing was created")
+        print("the fingerprints match.")
+        return
 
 
 async def _ask_new_passphrase(prompt: PromptSession[str]) -> str:
@@ -380,7 +406,7 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     prompt = question_session()
     try:
         client = await _unlock_or_create(prompt, home, user, server)
-    except (EOFError, KeyboardInterrupt):
+    except Cancelled:
         _error("cancelled; nothing was changed")
         return 1
     except SetupCancelled as exc:
@@ -414,6 +440,8 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
                 try:
                     if not await _interruptible(chat.handle(line)):
                         break
+                except Cancelled:
+                    print("-- cancelled")
                 except EXPECTED as exc:
                     print(f"!! {exc}")
         finally:
