@@ -150,8 +150,9 @@ def test_incoming_message_keeps_the_half_typed_line(make_user, relay: RelayProce
         alice.wait_for(r"bob> ?")
         alice.type("half-typed")
         alice.wait_for(r"half-typed", timeout=5)
-        carol.ok("send", "alice", "an interruption")
-        alice.wait_for(r"\] carol: an interruption\n")
+        # An escape sequence from a sender is shown, not obeyed (the screen here is stripped of real ones).
+        carol.ok("send", "alice", "an interruption \x1b[2J")
+        alice.wait_for(r"\] carol: an interruption \\x1b\[2J\n")
         alice.wait_for(r"-- to answer carol: /to carol \(you are talking to bob\)")
         alice.wait_for(r"bob> ?half-typed")               # the prompt is redrawn with the typed text
         alice.line(" rest")

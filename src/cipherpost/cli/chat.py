@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import unicodedata
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,22 @@ def clock(ms: int | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M")
 
 
+def printable(text: str) -> str:
+    """Text from others made harmless for the terminal: control and format characters (escape
+    sequences could clear the screen, fake lines or set the clipboard; bidi overrides could reorder
+    what is shown) become visible escapes, and each extra line is indented so it cannot pass for
+    a new message."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("\n    ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def question_session() -> PromptSession[str]:
     """For setup and yes/no questions: no history, so Up never brings back a passphrase."""
     return PromptSession(history=DummyHistory())
@@ -104,11 +121,11 @@ class Chat:
 
     def show(self, message: IncomingMessage) -> None:
         if message.warning == "undecryptable":
-            print(f"!! [{clock(message.received_at)}] {message.text}")
+            print(f"!! [{clock(message.received_at)}] {printable(message.text)}")
             return
         if message.warning:
-            print(f"!! WARNING: {message.warning}\n!! (in this chat: /verify {message.sender})")
-        print(f"[{clock(message.sent_at)}] {message.sender}: {message.text}")
+            print(f"!! WARNING: {printable(message.warning)}\n!! (in this chat: /verify {message.sender})")
+        print(f"[{clock(message.sent_at)}] {message.sender}: {printable(message.text)}")
         if self.peer is None:
             self.peer = message.sender
             print(f"-- now talking to {message.sender}: type to reply (/to NAME to switch)")
@@ -206,33 +223,34 @@ class Chat:
             who = "you" if m.direction == "out" else m.contact
             mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
             prefix = "!! " if m.direction == "event" else ""
-            print(f"  [{clock(m.sent_at or m.received_at)}] {prefix}{who}: {m.text}{mark}")
+            print(f"  [{clock(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")
 
     async def send(self, name: str, text: str) -> None:
         before = self.client.pending_outbox()
+        shown = printable(text)
         try:
             msg_id = await self.client.send(name, text)
         except IdentityChanged as exc:
-            print(f"!! NOT SENT to {name}: {exc}\n!! (in this chat: /verify {name})")
+            print(f"!! NOT SENT to {name}: {printable(str(exc))}\n!! (in this chat: /verify {name})")
             return
         except ServerError as exc:
             if exc.code == "unknown_user":
-                print(f"!! NOT SENT: there is no user '{name}' on {self.client.server_url}: {text}")
+                print(f"!! NOT SENT: there is no user '{name}' on {self.client.server_url}: {shown}")
             else:
-                print(f"!! NOT SENT to {name}: {exc}: {text}")
+                print(f"!! NOT SENT to {name}: {printable(str(exc))}: {shown}")
             return
         except EXPECTED as exc:
             if self.client.pending_outbox() > before:
                 self.had_queued = True
-                print(f"[{clock(now_ms())}] you -> {name}: {text}  (queued: {exc}; it is retried "
-                      "when the connection is back)")
+                print(f"[{clock(now_ms())}] you -> {name}: {shown}  (queued: {printable(str(exc))}; "
+                      "it is retried when the connection is back)")
             else:
-                print(f"!! NOT SENT to {name}: {exc}: {text}")
+                print(f"!! NOT SENT to {name}: {printable(str(exc))}: {shown}")
             return
         queued = any(item.msg_id == msg_id for item in self.client.db.outbox())
         mark = "  (queued: not connected; it is sent when the connection is back)" if queued else ""
         self.had_queued |= queued
-        print(f"[{clock(now_ms())}] you -> {name}: {text}{mark}")
+        print(f"[{clock(now_ms())}] you -> {name}: {shown}{mark}")
 
     async def verify(self, arg: str) -> None:
         name, _, mode = arg.partition(" ")
@@ -293,7 +311,7 @@ async def _ask_server(prompt: PromptSession[str], server: str | None) -> tuple[s
             print(f"contacting {url}...")
             fingerprint = await probe_fingerprint(url)
         except EXPECTED as exc:
-            print(f"!! {exc}")
+            print(f"!! {printable(str(exc))}")
             continue
         print(f"The server's certificate fingerprint is\n  {format_fingerprint(fingerprint)}\n"
               "It must match the one the server printed when it started.")
@@ -443,7 +461,7 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
                 except Cancelled:
                     print("-- cancelled")
                 except EXPECTED as exc:
-                    print(f"!! {exc}")
+                    print(f"!! {printable(str(exc))}")
         finally:
             keeper.cancel()
             with contextlib.suppress(BaseException):
