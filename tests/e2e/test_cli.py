@@ -131,3 +131,17 @@ def test_usage_errors_exit_non_zero(make_user, tmp_path: Path) -> None:
     env_less = nobody.run("send")
     assert env_less.returncode == 2
     assert os.path.exists(tmp_path)
+
+
+def test_send_while_relay_down_is_kept_in_outbox(make_user, relay: RelayProcess) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.ok("send", "bob", "first, online")
+    assert [m["text"] for m in bob.recv()] == ["first, online"]
+    relay.stop()
+    result = alice.run("send", "bob", "written while the relay was down")
+    assert result.returncode == 1
+    assert "queued" in result.stderr and "outbox" in result.stderr
+    relay.start(port=relay.port)
+    alice.ok("recv")                      # any connection flushes the outbox
+    assert [m["text"] for m in bob.recv()] == ["written while the relay was down"]
+    assert "(queued)" not in alice.ok("history", "bob")

@@ -17,9 +17,9 @@ from typing import Any
 import segno
 
 from .. import __version__
-from ..client.client import Client, IncomingMessage
+from ..client.client import ONE_TIME_POOL_TARGET, Client, IncomingMessage
 from ..client.connection import parse_fingerprint
-from ..client.errors import ClientError
+from ..client.errors import ClientError, ConnectionFailed
 from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
@@ -168,6 +168,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
     passphrase = read_passphrase(f"New passphrase for {args.name}: ", confirm=True)
 
     async def create() -> int:
+        print(f"creating an identity and {2 * ONE_TIME_POOL_TARGET} one-time prekeys, registering "
+              f"'{args.name}' with {args.server}...", file=sys.stderr, flush=True)
         client = await Client.create(_home(args), args.name, args.server, passphrase,
                                      server_fingerprint=pin, invite=args.invite)
         try:
@@ -187,10 +189,16 @@ def _cmd_send(args: argparse.Namespace) -> int:
         raise UsageError("nothing to send")
 
     async def body(client: Client) -> int:
-        await client.connect()
+        offline: ConnectionFailed | None = None
+        try:
+            await client.connect()
+        except ConnectionFailed as exc:
+            offline = exc   # with an existing session the message can still go to the outbox
         msg_id = await client.send(args.name, text)
         if client.pending_outbox():
-            print(f"queued {msg_id.hex()} (not yet accepted; it will be retried on the next connection)")
+            reason = f" ({offline})" if offline else ""
+            print(f"queued {msg_id.hex()}: not yet accepted by the relay{reason}; it is kept in the "
+                  "outbox and sent on the next connection (any cipherpost command)", file=sys.stderr)
             return 1
         print(f"sent {msg_id.hex()} to {args.name}")
         return 0
