@@ -103,8 +103,8 @@ def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, ty
         term.wait_for(r"Repeat passphrase: ?")
         term.line(PASSPHRASE)
     term.wait_for(f"registered {name}")
-    term.wait_for(r"-- connected")
-    term.wait_for(r"/help lists commands.*\n> ?")
+    term.wait_for(r"/help lists commands.*\n")
+    term.wait_for(r"-- connected\n> ?")
 
 
 def test_two_interactive_clients_chat_live_both_ways(relay: RelayProcess, tmp_path: Path) -> None:

@@ -164,7 +164,7 @@ class Chat:
             return True
         if not line.startswith("/"):
             if self.peer is None:
-                print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {line}")
+                print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {printable(line)}")
                 return True
             await self.send(self.peer, line)
             return True
@@ -380,8 +380,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             else:
                 raise
             continue
-        print(f"registered {username}. Your identity fingerprint: "
-              f"{client.identity.public.fingerprint_text()}")
+        print(f"registered {username}. Your identity fingerprint:\n"
+              f"  {client.identity.public.fingerprint_text()}")
         return client
     raise SetupCancelled("registration did not succeed; nothing was created")
 
@@ -438,10 +438,10 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
         client.add_listener(chat.on_incoming)
         client.on_pake_request(lambda name: print(
             f"-- {name} started a password verification with you: type /verify {name} password"))
-        keeper = asyncio.create_task(client.stay_connected(chat.status))
-        await _wait_connected(client, CONNECT_GRACE)
         print(f"You are {client.username} on {client.server_url}. /to NAME starts a conversation; "
               "/help lists commands; Ctrl-D leaves.")
+        keeper = asyncio.create_task(client.stay_connected(chat.status))
+        await _wait_connected(client, CONNECT_GRACE)
         for m in client.take_new_messages():
             chat.show(m)
         try:
