@@ -7,7 +7,8 @@ For each N, N sender/receiver pairs on 127.0.0.1 push 256-byte envelopes:
   synchronous=FULL group commits, accepted-after-commit, deliver + batched ack), and
 - through a bare forwarder (subprocess: TLS WebSocket, no auth, no storage, sender i -> receiver i).
 Each sender keeps at most ``--window`` messages in flight (sent, not yet received by its receiver).
-Latency is send -> receipt by the receiver. Bounded by ``--messages`` per run and ``--seconds``.
+Latency is send -> receipt by the receiver. Bounded by ``--messages`` per run and ``--seconds``;
+each configuration runs ``--rounds`` times, interleaved, and the median run is reported.
 The relay is started with its per-connection rate limit raised (the default 500 frames/s would
 throttle the load generator; the limit is a policy, not a cost).
 """
@@ -272,25 +273,32 @@ async def bench(args: argparse.Namespace) -> None:
             relay = RelayLoad(relay_url, ctx, bytes.fromhex(fingerprint))
             fwd = ForwarderLoad(fwd_url, ctx)
             print(f"{BODY_SIZE}-byte envelopes, window {args.window}/pair, up to {args.messages} messages "
-                  f"or {args.seconds:.0f} s per run; server: 1 process each, SQLite synchronous=FULL")
+                  f"or {args.seconds:.0f} s per run, median of {args.rounds} interleaved runs; "
+                  "server: 1 process each, SQLite synchronous=FULL")
             print(f"{'N':>4} {'system':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>9} "
                   f"{'server us/msg':>13} {'clients us/msg':>14}")
             ratios = []
             for n in args.pairs:
-                relay.round += 1
-                fwd.round += 1
-                r = await run_load(n, args.messages, args.window, args.seconds, relay.open_pair,
-                                   relay.make_send, relay.on_receiver_frame, sender_reads=True,
-                                   server_pid=relay_proc.pid)
-                f = await run_load(n, args.messages, args.window, args.seconds, fwd.open_pair,
-                                   fwd.make_send, fwd.on_receiver_frame, sender_reads=False,
-                                   server_pid=fwd_proc.pid)
-                for name, res in (("relay", r), ("forwarder", f)):
+                runs: dict[str, list[Result]] = {"relay": [], "forwarder": []}
+                for _ in range(args.rounds):  # interleaved, so that background load hits both alike
+                    relay.round += 1
+                    fwd.round += 1
+                    runs["relay"].append(await run_load(
+                        n, args.messages, args.window, args.seconds, relay.open_pair, relay.make_send,
+                        relay.on_receiver_frame, sender_reads=True, server_pid=relay_proc.pid))
+                    runs["forwarder"].append(await run_load(
+                        n, args.messages, args.window, args.seconds, fwd.open_pair, fwd.make_send,
+                        fwd.on_receiver_frame, sender_reads=False, server_pid=fwd_proc.pid))
+                medians = {}
+                for name, results in runs.items():
+                    res = sorted(results, key=lambda r: r.rate)[len(results) // 2]  # the median run
+                    medians[name] = res.rate
                     count = max(1, len(res.latencies))
                     print(f"{n:>4} {name:<10} {res.rate:>9.0f} {res.pct(0.5):>8.2f} {res.pct(0.99):>8.2f} "
                           f"{len(res.latencies):>9} {res.server_cpu / count * 1e6:>13.1f} "
-                          f"{res.client_cpu / count * 1e6:>14.1f}", flush=True)
-                ratio = r.rate / f.rate if f.rate else float("nan")
+                          f"{res.client_cpu / count * 1e6:>14.1f}   (all runs: "
+                          f"{', '.join(f'{r.rate:.0f}' for r in results)})", flush=True)
+                ratio = medians["relay"] / medians["forwarder"] if medians["forwarder"] else float("nan")
                 ratios.append((n, ratio))
                 print(f"{n:>4} ratio relay/forwarder = {ratio:.2f}", flush=True)
             target = dict(ratios).get(100)
@@ -314,6 +322,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000, help="messages per run (all pairs)")
     parser.add_argument("--window", type=int, default=16, help="messages in flight per pair")
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per system and N; the median is shown")
     asyncio.run(bench(parser.parse_args()))
 
 

@@ -69,7 +69,7 @@ class BundleParts:
     remaining: PoolCounts
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: created per message on the hot path, frozen init costs ~2 us
 class NewMessage:
     sender: str
     recipient: str
@@ -79,7 +79,7 @@ class NewMessage:
     ts: int  # ms since the epoch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: created per message on the hot path, frozen init costs ~2 us
 class StoredMessage:
     seq: int
     recipient: str
@@ -90,7 +90,7 @@ class StoredMessage:
     ts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: created per message on the hot path, frozen init costs ~2 us
 class EnqueueResult:
     """``duplicate`` is true when ``(recipient, sender, msg_id)`` was already accepted earlier."""
 
