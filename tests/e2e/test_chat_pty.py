@@ -133,9 +133,26 @@ def test_two_interactive_clients_chat_live_both_ways(relay: RelayProcess, tmp_pa
         alice.wait_for(r"visible", timeout=5)
         alice.line("")
         bob.wait_for(r"alice: visible\n")
+        # Password verification from both chats, then the conversation goes on.
+        alice.wait_for(r"bob> ?")
+        alice.line("/verify bob password")
+        alice.wait_for(r"Password you share with bob: ?")
+        alice.line("tuna sandwich")
+        bob.wait_for(r"-- alice started a password verification with you: type /verify alice password")
+        bob.line("/verify alice password")
+        bob.wait_for(r"Password you share with alice: ?")
+        bob.line("tuna sandwich")
+        alice.wait_for(r"bob is verified")
+        bob.wait_for(r"alice is verified")
+        assert "bob started a password verification" not in alice.screen   # it was her own request
+        alice.line("/contacts")
+        alice.wait_for(r"  bob  verified\n")
+        alice.line("after verification")
+        bob.wait_for(r"\] alice: after verification\n")
         alice.line("/quit")
         bob.line("/quit")
         assert alice.exit_code() == 0 and bob.exit_code() == 0
+        assert "tuna sandwich" not in alice.screen + bob.screen
     finally:
         alice.kill()
         bob.kill()

@@ -115,6 +115,7 @@ class Chat:
         self.last_status = ""
         self.had_queued = False
         self.reply_hinted: set[str] = set()
+        self.verifying: set[str] = set()
 
     def prompt_text(self) -> str:
         return f"{self.peer}> " if self.peer else "> "
@@ -136,6 +137,10 @@ class Chat:
     def on_incoming(self, _message: IncomingMessage) -> None:
         for m in self.client.take_new_messages():
             self.show(m)
+
+    def on_pake_request(self, name: str) -> None:
+        if name not in self.verifying:   # not when it is the answer to our own /verify
+            print(f"-- {name} started a password verification with you: type /verify {name} password")
 
     def status(self, text: str) -> None:
         """Connection news from ``stay_connected``; a retry loop is reported once, not every retry."""
@@ -259,7 +264,11 @@ class Chat:
         if mode.strip() == "password":
             from .verify_password import verify_with_password
             password = await ask(self.questions, f"Password you share with {name}: ", password=True)
-            await verify_with_password(self.client, name, timeout=120.0, password=password)
+            self.verifying.add(name)
+            try:
+                await verify_with_password(self.client, name, timeout=120.0, password=password)
+            finally:
+                self.verifying.discard(name)
             return
         candidate = contact.pending_identity or contact.identity
         if contact.pending_identity:
@@ -436,8 +445,7 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     chat = Chat(client, prompt)
     with patch_stdout(raw=True):
         client.add_listener(chat.on_incoming)
-        client.on_pake_request(lambda name: print(
-            f"-- {name} started a password verification with you: type /verify {name} password"))
+        client.on_pake_request(chat.on_pake_request)
         print(f"You are {client.username} on {client.server_url}. /to NAME starts a conversation; "
               "/help lists commands; Ctrl-D leaves.")
         keeper = asyncio.create_task(client.stay_connected(chat.status))
