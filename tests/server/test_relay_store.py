@@ -58,6 +58,13 @@ def test_sequence_numbers_never_repeat_across_restarts(tmp_path: Path) -> None:
         assert second.seq > first.seq
         again = await store.enqueue(_msg("bob", 1), 10)  # dedup survives ack and restart
         assert again.duplicate and again.seq == first.seq
+        assert await store.ack("bob", [second.seq]) == 1
+        await store.prune(now_ms=10**15, dedup_window_ms=0)  # every remembered id is forgotten
+        await store.close()
+        store = SqliteRelayStore(tmp_path / "r.db")
+        await store.open()
+        third = await store.enqueue(_msg("bob", 3), 10)
+        assert third.seq > second.seq
         await store.close()
     run(scenario())
 

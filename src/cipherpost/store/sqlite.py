@@ -133,7 +133,6 @@ class SqliteRelayStore:
         self._closed = False
         # Writer-thread caches, see the module docstring.
         self._next_seq = 1
-        self._persisted_seq = 1
         self._queue_len: dict[str, int] = {}
         self._known_accounts: set[str] = set()
         self.batches = 0
@@ -171,11 +170,13 @@ class SqliteRelayStore:
         return conn
 
     def _load_caches(self, conn: sqlite3.Connection) -> None:
+        # Sequence numbers never repeat: every accepted message leaves its seq in recent_ids for
+        # the dedup window, and prune() records the next seq in meta before forgetting any.
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         stored = row[0] if row else 1
-        top = conn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
+        top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM messages), 0), "
+                           "coalesce((SELECT max(seq) FROM recent_ids), 0))").fetchone()[0]
         self._next_seq = max(stored, top + 1)
-        self._persisted_seq = stored
         self._queue_len.clear()
         self._known_accounts.clear()
 
@@ -237,7 +238,6 @@ class SqliteRelayStore:
                 except StoreError as exc:  # refused before writing anything: the batch goes on
                     op.error = exc
                 i += 1
-            self._persist_seq(conn)
             conn.execute("COMMIT")
             return
         except Exception:  # a database error, or a bug in one operation: isolate it
@@ -256,7 +256,6 @@ class SqliteRelayStore:
                         op.result = op.fn(conn)
                 except StoreError as exc:
                     op.error = exc
-                self._persist_seq(conn)
                 conn.execute("COMMIT")
             except Exception as exc:
                 log.error("event=store_op_failed error=%s", type(exc).__name__)
@@ -264,12 +263,6 @@ class SqliteRelayStore:
                     conn.execute("ROLLBACK")
                 self._load_caches(conn)
                 op.result, op.error = None, StoreError(f"database error ({type(exc).__name__})")
-
-    def _persist_seq(self, conn: sqlite3.Connection) -> None:
-        if self._next_seq != self._persisted_seq:
-            conn.execute("INSERT INTO meta(key, value) VALUES('next_seq', ?) "
-                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._next_seq,))
-            self._persisted_seq = self._next_seq
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._loop is None or self._closed:
@@ -465,6 +458,8 @@ class SqliteRelayStore:
 
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO meta(key, value) VALUES('next_seq', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._next_seq,))
             conn.execute("DELETE FROM recent_ids WHERE ts < ?", (now_ms - dedup_window_ms,))
             conn.execute("DELETE FROM invites WHERE expires_ms < ?", (now_ms,))
         await self._submit(op)
