@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, SERVER_MAIN, harness, run
 from relay_client import RelayClient
+from relay_harness import REPO, SERVER_MAIN, harness, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Auth, Error, FetchBundle, Ok, Ping, Pong, Register, Send

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from conftest import harness, run
+from relay_harness import harness, run
 
 from cipherpost.protocol.frames import Accepted, Deliver, Error, PrekeysLow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import harness, mlkem_public, prekey_upload, run
+from relay_harness import harness, mlkem_public, prekey_upload, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.crypto.prekeys import KemPrekey, PrekeyBundle, SignedPrekey

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SERVER_MAIN, ServerProcess, run
 from relay_client import RelayClient
+from relay_harness import REPO, SERVER_MAIN, ServerProcess, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Accepted, Send

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import harness, run
 from relay_client import RelayClient
+from relay_harness import harness, run
 from websockets.exceptions import InvalidStatus
 
 from cipherpost.protocol.frames import Accepted, Error, Ping, Pong

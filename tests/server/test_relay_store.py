@@ -8,8 +8,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import harness, run
 from relay_client import RelayClient
+from relay_harness import harness, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Ok

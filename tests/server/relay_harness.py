@@ -1,4 +1,4 @@
-"""Fixtures for relay tests: a real RelayServer on 127.0.0.1 with real TLS and a real SQLite file."""
+"""Helpers for relay tests: a real RelayServer on 127.0.0.1 with real TLS and a real SQLite file."""
 
 from __future__ import annotations
 
