@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import segno
-
 from .. import __version__
 from ..client.client import ONE_TIME_POOL_TARGET, Client, IncomingMessage
 from ..client.connection import parse_fingerprint
@@ -240,6 +238,8 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    import segno  # only this command draws QR codes
+
     async def body(client: Client) -> int:
         if args.name is None:
             print(f"{client.username}: {client.identity.public.fingerprint_text()}")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from ..server import logfmt
-from ..server.app import RelayServer
 from ..server.config import DATA_ENV, REGISTRATION_MODES, ServerConfig, default_data_dir
 from ..store.sqlite import SqliteRelayStore
 
@@ -87,6 +86,8 @@ async def _serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before anything is printed: a parent may signal at once
         with contextlib.suppress(NotImplementedError):  # not available on Windows
             loop.add_signal_handler(sig, stop.set)
+    from ..server.app import RelayServer  # imported here: client commands need not load the relay
+
     server = RelayServer(config)
     await server.start()
     print(f"cipherpost server listening on {server.url}", flush=True)
