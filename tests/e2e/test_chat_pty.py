@@ -190,9 +190,8 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         alice.wait_for(r"no contacts yet")
         alice.line("hello?")                                      # no peer chosen yet
         alice.wait_for(r"\(not sent\) who is it for\? /to NAME")
-        alice.line("/to bob")
-        alice.wait_for(r"bob> ?")
-        alice.line("first message")
+        alice.line("/to bob first message")                       # switch and send in one go
+        alice.wait_for(r"-- talking to bob")
         alice.wait_for(r"you -> bob: first message\n")
         assert [m["text"] for m in bob.recv(wait=10)] == ["first message"]
         alice.line("/contacts")

@@ -40,7 +40,7 @@ EXPECTED = (ClientError, CryptoError, ProtocolError, ValueError)
 
 HELP = """\
 commands:
-  /to NAME          talk to NAME (plain lines are then sent to them)
+  /to NAME [TEXT]   talk to NAME (plain lines are then sent to them); with TEXT, send it too
   /contacts         your contacts and whether they are verified
   /history NAME     the conversation with NAME
   /safety NAME      the safety number to compare with NAME (in person or on a call)
@@ -183,7 +183,9 @@ class Chat:
         elif cmd in ("/to", "/history", "/safety", "/verify") and not arg:
             print(f"usage: {cmd} NAME (try /help)")
         elif cmd == "/to":
-            self.switch_to(arg)
+            name, _, text = arg.partition(" ")
+            if self.switch_to(name) and text.strip() and self.peer:
+                await self.send(self.peer, text.strip())
         elif cmd == "/contacts":
             self.list_contacts()
         elif cmd == "/history":
@@ -199,15 +201,16 @@ class Chat:
             print(f"unknown command: {cmd} (try /help)")
         return True
 
-    def switch_to(self, arg: str) -> None:
+    def switch_to(self, arg: str) -> bool:
         name = normalize_username(arg)
         if name == self.client.username:
             print("that is you: /to someone else")
-            return
+            return False
         self.peer = name
         known = self.client.db.get_contact(name) is not None
         print(f"-- talking to {name}" + ("" if known else " (new contact: their keys are fetched "
                                                          "when you send the first message)"))
+        return True
 
     def list_contacts(self) -> None:
         contacts = self.client.contacts()
@@ -470,6 +473,8 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
                     print("-- cancelled")
                 except EXPECTED as exc:
                     print(f"!! {printable(str(exc))}")
+                except Exception as exc:   # a bug should not end the conversation; say what it was
+                    print(f"!! unexpected error ({type(exc).__name__}): {printable(str(exc))}")
         finally:
             keeper.cancel()
             with contextlib.suppress(BaseException):
