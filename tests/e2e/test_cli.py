@@ -145,3 +145,19 @@ def test_send_while_relay_down_is_kept_in_outbox(make_user, relay: RelayProcess)
     alice.ok("recv")                      # any connection flushes the outbox
     assert [m["text"] for m in bob.recv()] == ["written while the relay was down"]
     assert "(queued)" not in alice.ok("history", "bob")
+
+
+def test_demo_explains_and_shows_the_relay_cannot_read(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "cipherpost", "demo", "--explain"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "What the relay stores for Bob" in out
+    assert "the text appears in it: no" in out
+    assert "PQXDH" in out and "verified every signature" in out
+    assert "bob reads: alice: 'Hi Bob! Only you can read this.'" in out
+    assert "Messages left on the relay after the acks: 0" in out
+    assert "bob sees the same: yes" in out
+    assert "Traceback" not in result.stderr
