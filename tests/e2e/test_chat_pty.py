@@ -281,3 +281,64 @@ def test_pasted_fingerprint_that_differs_creates_nothing(relay: RelayProcess, tm
         assert not (home / "profiles" / "mallory").exists()
     finally:
         term.kill()
+
+
+def test_relay_restart_during_chat_queues_and_delivers(make_user, relay: RelayProcess) -> None:
+    alice_cli, bob = make_user("alice"), make_user("bob")
+    alice = Terminal(alice_cli.home, passphrase=PASSPHRASE)
+    try:
+        alice.wait_for(r"Username \[alice\]")
+        alice.line("")
+        alice.wait_for(r"-- connected\n> ?")
+        alice.line("/to bob before the restart")
+        alice.wait_for(r"you -> bob: before the restart\n")
+        relay.stop()
+        alice.wait_for(r"-- disconnected")
+        alice.wait_for(r"cannot connect .*; retrying in the background")
+        alice.line("while the relay is down")
+        alice.wait_for(r"you -> bob: while the relay is down  \(queued: not connected")
+        relay.start(port=relay.port)
+        alice.wait_for(r"-- connected again; queued messages sent")
+        assert [m["text"] for m in bob.recv(wait=10)] == ["before the restart", "while the relay is down"]
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+        assert "Unhandled exception" not in alice.screen and "Traceback" not in alice.screen
+        assert alice.screen.count("cannot connect") == 1          # retries are reported once
+    finally:
+        alice.kill()
+
+
+def test_reconnecting_leaves_no_orphaned_connection_tasks(relay: RelayProcess, tmp_path: Path) -> None:
+    """The chat's reconnect loop must close a dead connection: an orphaned pending task is reported
+    when garbage-collected, and prompt_toolkit then stops the chat with "Press ENTER to continue"."""
+    import asyncio
+
+    from cipherpost.client.client import Client
+    from cipherpost.client.connection import parse_fingerprint
+
+    def push_workers() -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Connection._push_loop")
+
+    async def scenario() -> list[str]:
+        loop_errors: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: loop_errors.append(str(context.get("message"))))
+        client = await Client.create(tmp_path / "home", "alice", relay.url, PASSPHRASE,
+                                     server_fingerprint=parse_fingerprint(relay.fingerprint))
+        statuses: list[str] = []
+        keeper = asyncio.create_task(client.stay_connected(statuses.append))
+        try:
+            while statuses.count("connected") < 1:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(relay.stop)   # the loop keeps running: the client sees the close
+            await asyncio.to_thread(relay.start, relay.port)
+            while statuses.count("connected") < 2:
+                await asyncio.sleep(0.05)
+            assert push_workers() == 1, statuses
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            await client.close()
+        return loop_errors
+
+    assert asyncio.run(asyncio.wait_for(scenario(), TIMEOUT)) == []

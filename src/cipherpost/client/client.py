@@ -257,6 +257,7 @@ class Client:
                 assert self._conn is not None
                 await self._conn.closed.wait()
                 reason = self._conn.close_reason
+                await self._conn.close()   # cancels its push worker: a dropped pending task is an error
                 self._conn = None
                 if on_status:
                     on_status(f"disconnected ({reason}); reconnecting")
