@@ -133,6 +133,8 @@ def test_two_interactive_clients_chat_live_both_ways(relay: RelayProcess, tmp_pa
         alice.wait_for(r"visible", timeout=5)
         alice.line("")
         bob.wait_for(r"alice: visible\n")
+        alice.line("//slash is text")                            # "//" escapes a leading slash
+        bob.wait_for(r"\] alice: /slash is text\n")
         # Password verification from both chats, then the conversation goes on.
         alice.wait_for(r"bob> ?")
         alice.line("/verify bob password")

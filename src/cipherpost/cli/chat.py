@@ -46,6 +46,7 @@ commands:
   /safety NAME      the safety number to compare with NAME (in person or on a call)
   /verify NAME      compare the safety number now and mark NAME verified
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
+  //TEXT            send a line that starts with "/"
   /help             this text
   /quit             leave (Ctrl-D works too)"""
 
@@ -167,7 +168,9 @@ class Chat:
         line = line.strip()
         if not line:
             return True
-        if not line.startswith("/"):
+        if not line.startswith("/") or line.startswith("//"):
+            if line.startswith("//"):   # a message that itself starts with "/"
+                line = line[1:]
             if self.peer is None:
                 print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {printable(line)}")
                 return True
