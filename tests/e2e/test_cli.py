@@ -161,3 +161,15 @@ def test_demo_explains_and_shows_the_relay_cannot_read(tmp_path: Path) -> None:
     assert "Messages left on the relay after the acks: 0" in out
     assert "bob sees the same: yes" in out
     assert "Traceback" not in result.stderr
+
+
+def test_terminal_control_sequences_from_a_sender_are_neutralised(make_user) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.ok("send", "bob", "hi\x1b[2J\x1b]52;c;ZXZpbA==\x07 \u202eevil")
+    out = bob.ok("recv")
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out and "\\u202e" in out
+    assert "\x1b" not in bob.ok("history", "alice")
+    # --json keeps the exact text (JSON escapes it), for programs that want it
+    alice.ok("send", "bob", "tab\there \x1b[1m")
+    assert [m["text"] for m in bob.recv()] == ["tab\there \x1b[1m"]

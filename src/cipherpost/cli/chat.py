@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import time
-import unicodedata
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from .common import PASSPHRASE_ENV, group_digits
+from .common import PASSPHRASE_ENV, group_digits, printable
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 MIN_PASSPHRASE = 8          # as `cipherpost init` asks
@@ -68,22 +67,6 @@ def clock(ms: int | None) -> str:
     if when.date() == datetime.now().astimezone().date():
         return when.strftime("%H:%M:%S")
     return when.strftime("%Y-%m-%d %H:%M")
-
-
-def printable(text: str) -> str:
-    """Text from others made harmless for the terminal: control and format characters (escape
-    sequences could clear the screen, fake lines or set the clipboard; bidi overrides could reorder
-    what is shown) become visible escapes, and each extra line is indented so it cannot pass for
-    a new message."""
-    out = []
-    for ch in text:
-        if ch == "\n":
-            out.append("\n    ")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def question_session() -> PromptSession[str]:

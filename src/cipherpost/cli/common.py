@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+import unicodedata
 from datetime import UTC, datetime
 
 PASSPHRASE_ENV = "CIPHERPOST_PASSPHRASE"  # noqa: S105 (a variable name)
@@ -40,3 +41,19 @@ def group_digits(digits: str, per_line: int = 6) -> str:
     groups = [digits[i : i + 5] for i in range(0, len(digits), 5)]
     lines = [" ".join(groups[i : i + per_line]) for i in range(0, len(groups), per_line)]
     return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """Text from others made harmless for the terminal: control and format characters (escape
+    sequences could clear the screen, fake lines or set the clipboard; bidi overrides could reorder
+    what is shown) become visible escapes, and each extra line is indented so it cannot pass for
+    a new message."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("\n    ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)

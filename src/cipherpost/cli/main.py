@@ -21,7 +21,7 @@ from ..client.errors import ClientError, ConnectionFailed
 from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
-from .common import UsageError, fmt_time, group_digits, read_passphrase
+from .common import UsageError, fmt_time, group_digits, printable, read_passphrase
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -148,11 +148,11 @@ def _message_json(m: IncomingMessage) -> dict[str, Any]:
 
 def print_message(m: IncomingMessage) -> None:
     if m.warning == "undecryptable":
-        print(f"[{fmt_time(m.received_at)}] !! {m.text}")
+        print(f"[{fmt_time(m.received_at)}] !! {printable(m.text)}")
         return
     if m.warning:
-        print(f"!! WARNING: {m.warning}")
-    print(f"[{fmt_time(m.sent_at)}] {m.sender}: {m.text}")
+        print(f"!! WARNING: {printable(m.warning)}")
+    print(f"[{fmt_time(m.sent_at)}] {m.sender}: {printable(m.text)}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -295,7 +295,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
             who = client.username if m.direction == "out" else args.name
             mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
             prefix = "!! " if m.direction == "event" else ""
-            print(f"[{fmt_time(m.sent_at or m.received_at)}] {prefix}{who}: {m.text}{mark}")
+            print(f"[{fmt_time(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")
         return 0
     return _run(args, body)
 

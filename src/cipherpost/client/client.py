@@ -263,7 +263,7 @@ class Client:
                     on_status(f"disconnected ({reason}); reconnecting")
             except (ConnectionFailed, OSError) as exc:
                 if on_status:
-                    on_status(f"cannot connect ({exc}); retrying in {delay:.0f}s")
+                    on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
