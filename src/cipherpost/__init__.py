@@ -11,3 +11,14 @@ Layers (imports point downwards only)::
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Client", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # ``cipherpost.Client`` without making ``import cipherpost`` (e.g. by the relay) load the client.
+    if name == "Client":
+        from .client.client import Client
+
+        return Client
+    raise AttributeError(f"module 'cipherpost' has no attribute {name!r}")

@@ -173,3 +173,28 @@ def test_terminal_control_sequences_from_a_sender_are_neutralised(make_user) -> 
     # --json keeps the exact text (JSON escapes it), for programs that want it
     alice.ok("send", "bob", "tab\there \x1b[1m")
     assert [m["text"] for m in bob.recv()] == ["tab\there \x1b[1m"]
+
+
+def test_invite_only_registration(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    relay = RelayProcess(tmp_path / "invite-relay")
+    relay.start(extra=["--registration", "invite"])
+    try:
+        dave = User("dave", tmp_path / "home-dave")
+        result = dave.run("init", "dave", "--server", relay.url, "--server-fingerprint", relay.fingerprint)
+        assert result.returncode == 1 and "invite" in result.stderr
+        assert not (dave.home / "profiles" / "dave" / "keystore.bin").exists()
+        wrong = dave.run("init", "dave", "--server", relay.url, "--server-fingerprint", relay.fingerprint,
+                         "--invite", "not-a-real-token")
+        assert wrong.returncode == 1 and "bad_invite" in wrong.stderr
+        token = subprocess.run([sys.executable, "-m", "cipherpost", "invite", "--data", str(relay.data)],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.split()[-1]
+        dave.ok("init", "dave", "--server", relay.url, "--server-fingerprint", relay.fingerprint,
+                "--invite", token)
+        erin = User("erin", tmp_path / "home-erin")
+        reused = erin.run("init", "erin", "--server", relay.url, "--server-fingerprint", relay.fingerprint,
+                          "--invite", token)
+        assert reused.returncode == 1 and "bad_invite" in reused.stderr    # one-time tokens
+    finally:
+        relay.stop()
