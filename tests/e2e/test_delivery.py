@@ -124,3 +124,36 @@ def test_tampered_contact_record_is_detected(make_user) -> None:
     assert result.returncode == 1
     assert "tampered" in result.stderr and "Traceback" not in result.stderr
     assert carol.recv() == []
+
+
+INIT_CRASH_SCRIPT = textwrap.dedent("""
+    import asyncio, os, sys
+    from pathlib import Path
+    from cipherpost.client.client import Client
+    from cipherpost.client.connection import parse_fingerprint
+
+    def observer(name, details):
+        if name == "prekeys":
+            os._exit(17)   # registered, key store written, prekeys generated but not yet uploaded
+
+    async def main():
+        await Client.create(Path(sys.argv[1]), sys.argv[2], sys.argv[3], os.environ["CIPHERPOST_PASSPHRASE"],
+                            server_fingerprint=parse_fingerprint(sys.argv[4]), observer=observer)
+
+    asyncio.run(main())
+""")
+
+
+def test_interrupted_first_prekey_upload_is_repaired_on_next_connect(make_user, relay: RelayProcess) -> None:
+    import os
+    bob = make_user("bob")
+    alice = User("alice", bob.home.parent / "home-alice")
+    env = {**os.environ, "CIPHERPOST_PASSPHRASE": alice.passphrase}
+    crashed = subprocess.run([sys.executable, "-c", INIT_CRASH_SCRIPT, str(alice.home), "alice", relay.url,
+                              relay.fingerprint], env=env, capture_output=True, text=True, timeout=60)
+    assert crashed.returncode == 17
+    result = bob.run("send", "alice", "anyone there?")
+    assert result.returncode == 1 and "no_prekeys" in result.stderr      # nothing was published
+    alice.ok("recv")                                                      # any connect publishes
+    bob.ok("send", "alice", "now you are reachable")
+    assert [m["text"] for m in alice.recv()] == ["now you are reachable"]

@@ -276,19 +276,26 @@ class Client:
         self.db.set_secret_meta("prekeys", store.serialize())
 
     async def _replenish_prekeys(self, counts: dict[str, Any]) -> None:
-        """Top up one-time pools and rotate the signed prekey when due (PQXDH section 3.2)."""
+        """Top up one-time pools, rotate the signed and last-resort prekeys when due, and
+        (re)publish whatever the relay has not confirmed yet (PQXDH section 3.2)."""
         conn = self._require_conn()
         async with self._state_lock:
             store = self.prekeys
             frame: dict[str, Any] = {"t": "upload_prekeys", "signed_prekey": None, "one_time": [],
                                      "kem_one_time": [], "kem_last_resort": None}
             current = store.current_signed_prekey
+            last_resort = self.db.get_meta("last_resort_prekey")   # public, as published
             if current is None or now_ms() - current.created_at > SIGNED_PREKEY_LIFETIME_MS:
-                spk, store = store.rotate_signed_prekey(self.identity, now_ms())
-                frame["signed_prekey"] = spk.encode()
-            if current is None:
-                last_resort, store = store.new_last_resort_kem_prekey(self.identity)
-                frame["kem_last_resort"] = last_resort.encode()
+                current, store = store.rotate_signed_prekey(self.identity, now_ms())
+                last_resort = None   # rotated together with the signed prekey
+            if last_resort is None:
+                new_last_resort, store = store.new_last_resort_kem_prekey(self.identity)
+                last_resort = new_last_resort.encode()
+            published = self.db.get_meta("published_prekeys") or {}
+            if published.get("signed") != current.key_id:
+                frame["signed_prekey"] = current.encode()
+            if published.get("last_resort") != last_resort:
+                frame["kem_last_resort"] = last_resort
             one_time_have = int(counts.get("one_time", 0) or 0)
             kem_have = int(counts.get("kem", 0) or 0)
             if one_time_have < ONE_TIME_POOL_LOW:
@@ -297,12 +304,15 @@ class Client:
             if kem_have < ONE_TIME_POOL_LOW:
                 kems, store = store.new_kem_prekeys(self.identity, ONE_TIME_POOL_TARGET - kem_have)
                 frame["kem_one_time"] = [k.encode() for k in kems]
-            if store is self.prekeys:
+            if not (frame["signed_prekey"] or frame["kem_last_resort"] or frame["one_time"]
+                    or frame["kem_one_time"]):
                 return
-            # Private halves are durable before their public halves are published.
-            with self.db.transaction():
-                self._save_prekeys(store)
-            self.prekeys = store
+            if store is not self.prekeys:
+                # Private halves are durable before their public halves are published.
+                with self.db.transaction():
+                    self._save_prekeys(store)
+                    self.db.set_meta("last_resort_prekey", last_resort)
+                self.prekeys = store
         self._emit("prekeys", signed=frame["signed_prekey"] is not None, one_time=len(frame["one_time"]),
                    kem=len(frame["kem_one_time"]), last_resort=frame["kem_last_resort"] is not None)
         one_time, kem = frame["one_time"], frame["kem_one_time"]
@@ -313,6 +323,11 @@ class Client:
                 chunk["signed_prekey"] = chunk["kem_last_resort"] = None
             one_time, kem = one_time[UPLOAD_CHUNK:], kem[UPLOAD_CHUNK:]
             await conn.request(chunk)
+            if first:
+                # Only now does the relay hold them; until then every connect publishes them again.
+                with self.db.transaction():
+                    self.db.set_meta("published_prekeys", {"signed": current.key_id,
+                                                           "last_resort": last_resort})
             first = False
 
     async def _on_push(self, frame: dict[str, Any]) -> None:
