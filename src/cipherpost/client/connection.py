@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgpack
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from ..crypto.encoding import pack
 from ..crypto.identity import IdentityKeyPair
+from ..protocol.errors import ProtocolError
+from ..protocol.frames import decode_frame, frame_to_map
 from .errors import ClientError, ConnectionFailed, ServerError, ServerPinMismatch
 
 PROTOCOL_VERSION = 1
@@ -228,15 +229,14 @@ class Connection:
 
 
 def _decode(raw: bytes | str) -> dict[str, Any]:
+    """Validate a server frame with the same strict decoder the relay uses for ours."""
     if isinstance(raw, str):
         raise ConnectionFailed("unexpected text frame from the server")
     try:
-        frame = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception:
-        raise ConnectionFailed("undecodable frame from the server") from None
-    if not isinstance(frame, dict):
-        raise ConnectionFailed("malformed frame from the server")
-    return frame
+        frame = decode_frame(raw, max_size=MAX_INCOMING_FRAME)
+    except ProtocolError as exc:
+        raise ConnectionFailed(f"malformed frame from the server ({exc.code})") from None
+    return frame_to_map(frame)
 
 
 async def probe_fingerprint(url: str) -> bytes:
