@@ -198,3 +198,13 @@ def test_invite_only_registration(tmp_path: Path) -> None:
         assert reused.returncode == 1 and "bad_invite" in reused.stderr    # one-time tokens
     finally:
         relay.stop()
+
+
+def test_oversized_message_is_refused_before_anything_changes(make_user) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.ok("send", "bob", "small one")
+    result = alice.run("send", "bob", "-", stdin="x" * 200_000)
+    assert result.returncode == 1 and "message too long" in result.stderr
+    alice.ok("send", "bob", "after the refusal")
+    assert [m["text"] for m in bob.recv()] == ["small one", "after the refusal"]
+    assert "x" * 100 not in alice.ok("history", "bob")

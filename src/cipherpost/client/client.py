@@ -32,6 +32,7 @@ from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
+from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
 from .connection import Connection, format_fingerprint
 from .errors import (
@@ -53,6 +54,7 @@ ONE_TIME_POOL_TARGET = 100
 ONE_TIME_POOL_LOW = 25
 UPLOAD_CHUNK = 50
 SIGNED_PREKEY_LIFETIME_MS = 7 * 24 * 3600 * 1000
+ENVELOPE_OVERHEAD = 2048   # initial message (ML-KEM ciphertext, identity, keys) + header + tag, rounded up
 PAD_BLOCK = 160   # plaintexts are padded to a multiple of this, as Signal does, to blur their length
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -389,6 +391,11 @@ class Client:
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
         payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms()]))
+        # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
+        limit = (self._conn.limits.get("max_body") if self._conn else None) or DEFAULT_MAX_BODY
+        if len(payload) + ENVELOPE_OVERHEAD > limit:
+            raise ClientError(f"message too long: {len(text.encode())} bytes; this relay accepts about "
+                              f"{max(limit - ENVELOPE_OVERHEAD, 0)} bytes per message")
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
