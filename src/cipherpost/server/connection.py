@@ -65,6 +65,7 @@ from ..store.base import (
     NoPrekeys,
     PoolCounts,
     PrekeyPoolFull,
+    StoreError,
     UnknownAccount,
     UsernameTaken,
 )
@@ -404,18 +405,15 @@ class Connection:
                                                 "try again later")
         message = NewMessage(sender=self.username, recipient=to, msg_id=frame.id, kind=frame.kind,
                              body=frame.body, ts=_now_ms())
-        future = asyncio.ensure_future(self.store.enqueue(message, self.config.max_queue))
         self._in_flight += 1
-        future.add_done_callback(partial(self._enqueued, frame.rid, message))
+        self.store.enqueue_then(message, self.config.max_queue, partial(self._enqueued, frame.rid, message))
 
-    def _enqueued(self, rid: int, message: NewMessage, future: asyncio.Future[EnqueueResult]) -> None:
+    def _enqueued(self, rid: int, message: NewMessage, result: EnqueueResult | None,
+                  exc: StoreError | None) -> None:
         """Runs after the commit: reply ``accepted`` and push the message to its recipient."""
         self._in_flight -= 1
         if self._in_flight < MAX_IN_FLIGHT_SENDS:
             self._send_slot.set()
-        if future.cancelled():
-            return
-        exc = future.exception()
         if exc is not None:
             if isinstance(exc, UnknownAccount):
                 self.send_error(rid, E.UNKNOWN_USER, f"no account named {message.recipient!r}")
@@ -426,7 +424,7 @@ class Connection:
                 log.error("event=enqueue_failed error=%s", type(exc).__name__)
                 self.send_error(rid, E.INTERNAL, "message could not be stored; retry")
             return
-        result = future.result()
+        assert result is not None
         self.server.valid_names.add(message.recipient)
         self._queue_frame(encode_accepted(rid, message.msg_id))
         if result.duplicate:
@@ -440,13 +438,7 @@ class Connection:
     async def _ack(self, frame: Ack) -> None:
         assert self.username is not None
         if frame.seqs:
-            future = asyncio.ensure_future(self.store.ack(self.username, frame.seqs))
-            future.add_done_callback(_log_failure)
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("event=store_failed error=%s", type(future.exception()).__name__)
+            self.store.ack_later(self.username, frame.seqs)
 
 
 def _counts(counts: PoolCounts) -> PrekeyCounts:

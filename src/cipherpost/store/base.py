@@ -17,7 +17,7 @@ Contract for every backend:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,11 +142,20 @@ class RelayStore(Protocol):
         instead of spawning a task per message; backends batch these into group commits.
         """
 
+    def enqueue_then(self, message: NewMessage, max_queue: int,
+                     callback: Callable[[EnqueueResult | None, StoreError | None], None]) -> None:
+        """Like :meth:`enqueue`, but call ``callback(result, None)`` or ``callback(None, error)`` on
+        the event loop after the commit. The server's per-message path: no future per message."""
+
     async def pending(self, recipient: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """The recipient's queued messages with ``seq > after_seq``, oldest first."""
 
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         """Delete those of ``seqs`` queued for ``recipient``; return how many were deleted."""
+
+    def ack_later(self, recipient: str, seqs: Sequence[int]) -> None:
+        """Like :meth:`ack` without waiting or a result (failures are logged): the ack frame needs no
+        reply, so the server does not pay for a future per ack."""
 
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         """Forget message ids older than the deduplication window and expired invites."""

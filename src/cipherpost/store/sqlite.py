@@ -20,6 +20,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,21 +100,40 @@ class _Op:
         self.error: BaseException | None = None
 
 
-class _EnqueueOp(_Op):
-    """A send; consecutive ones in a batch are checked and inserted together (executemany)."""
+EnqueueCallback = Callable[[EnqueueResult | None, StoreError | None], None]
 
-    __slots__ = ("max_queue", "message")
 
-    def __init__(self, message: NewMessage, max_queue: int, future: asyncio.Future[Any]) -> None:
-        super().__init__(_no_fn, future)
+class _EnqueueOp:
+    """A send; consecutive ones in a batch are checked and inserted together (executemany).
+
+    Completed by calling ``callback(result, error)`` on the event loop: no future per message.
+    """
+
+    __slots__ = ("callback", "error", "max_queue", "message", "result")
+
+    def __init__(self, message: NewMessage, max_queue: int, callback: EnqueueCallback) -> None:
         self.message = message
         self.max_queue = max_queue
+        self.callback = callback
+        self.result: EnqueueResult | None = None
+        self.error: StoreError | None = None
 
 
-def _no_fn(conn: sqlite3.Connection) -> None:
-    raise AssertionError("enqueue operations run through _enqueue_run")
+class _AckOp:
+    """An ack: its deletes run before the sends of its batch. Completed like _EnqueueOp, if at all."""
+
+    __slots__ = ("callback", "error", "recipient", "result", "seqs")
+
+    def __init__(self, recipient: str, seqs: Sequence[int],
+                 callback: Callable[[int | None, StoreError | None], None] | None) -> None:
+        self.recipient = recipient
+        self.seqs = seqs
+        self.callback = callback
+        self.result: int | None = None
+        self.error: StoreError | None = None
 
 
+_AnyOp = _Op | _EnqueueOp | _AckOp
 _STOP = object()
 _DEDUP_CHUNK = 300  # rows per lookup statement (3 parameters each, far below SQLite's limit)
 
@@ -195,7 +215,7 @@ class SqliteRelayStore:
         stopping = False
         while not stopping:
             item = self._queue.get()
-            batch: list[_Op] = []
+            batch: list[_AnyOp] = []
             if item is _STOP:
                 stopping = True
             else:
@@ -218,21 +238,31 @@ class SqliteRelayStore:
                     break
         conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_AnyOp]) -> None:
         self.batches += 1
         self.batched_ops += len(batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # Acks first, so that they do not split runs of sends (each run is one dedup query and
+            # one executemany). A client acks only seqs it was delivered, i.e. committed earlier,
+            # so running them before this batch's sends changes nothing it can observe.
+            others: list[_Op | _EnqueueOp] = []
+            for op in batch:
+                if type(op) is _AckOp:
+                    self._ack_run(conn, op)
+                else:
+                    others.append(op)  # type: ignore[arg-type]
             i = 0
-            while i < len(batch):
-                op = batch[i]
-                if isinstance(op, _EnqueueOp):
+            while i < len(others):
+                op = others[i]
+                if type(op) is _EnqueueOp:
                     j = i + 1
-                    while j < len(batch) and isinstance(batch[j], _EnqueueOp):
+                    while j < len(others) and type(others[j]) is _EnqueueOp:
                         j += 1
-                    self._enqueue_run(conn, batch[i:j])  # type: ignore[arg-type]
+                    self._enqueue_run(conn, others[i:j])  # type: ignore[arg-type]
                     i = j
                     continue
+                assert isinstance(op, _Op)
                 try:
                     op.result = op.fn(conn)
                 except StoreError as exc:  # refused before writing anything: the batch goes on
@@ -250,9 +280,12 @@ class SqliteRelayStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    if isinstance(op, _EnqueueOp):
+                    if type(op) is _EnqueueOp:
                         self._enqueue_run(conn, [op])
+                    elif type(op) is _AckOp:
+                        self._ack_run(conn, op)
                     else:
+                        assert isinstance(op, _Op)
                         op.result = op.fn(conn)
                 except StoreError as exc:
                     op.error = exc
@@ -386,8 +419,13 @@ class SqliteRelayStore:
         if self._loop is None or self._closed:
             raise StoreError("store is not open")
         future: asyncio.Future[EnqueueResult] = self._loop.create_future()
-        self._queue.put(_EnqueueOp(message, max_queue, future))
+        self._queue.put(_EnqueueOp(message, max_queue, partial(_resolve, future)))
         return future
+
+    def enqueue_then(self, message: NewMessage, max_queue: int, callback: EnqueueCallback) -> None:
+        if self._closed:
+            raise StoreError("store is not open")
+        self._queue.put(_EnqueueOp(message, max_queue, callback))
 
     def _enqueue_run(self, conn: sqlite3.Connection, ops: list[_EnqueueOp]) -> None:
         """Check and insert consecutive sends with a few statements instead of three per message."""
@@ -441,17 +479,27 @@ class SqliteRelayStore:
                                   body=bytes(r[4]), ts=r[5]) for r in rows]
         return await self._submit(op)
 
-    def ack_nowait(self, recipient: str, seqs: Sequence[int]) -> asyncio.Future[int]:
-        params = [(s, recipient) for s in seqs]
+    def _ack_run(self, conn: sqlite3.Connection, op: _AckOp) -> None:
+        recipient = op.recipient
+        before = conn.total_changes
+        conn.executemany("DELETE FROM messages WHERE seq=? AND recipient=?",
+                         [(seq, recipient) for seq in op.seqs])
+        deleted = conn.total_changes - before
+        if deleted and recipient in self._queue_len:
+            self._queue_len[recipient] -= deleted
+        op.result = deleted
 
-        def op(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany("DELETE FROM messages WHERE seq=? AND recipient=?", params)
-            deleted = conn.total_changes - before
-            if deleted and recipient in self._queue_len:
-                self._queue_len[recipient] -= deleted
-            return deleted
-        return self._submit(op)
+    def ack_later(self, recipient: str, seqs: Sequence[int]) -> None:
+        if self._closed:
+            raise StoreError("store is not open")
+        self._queue.put(_AckOp(recipient, seqs, None))
+
+    def ack_nowait(self, recipient: str, seqs: Sequence[int]) -> asyncio.Future[int]:
+        if self._loop is None or self._closed:
+            raise StoreError("store is not open")
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._queue.put(_AckOp(recipient, seqs, partial(_resolve, future)))
+        return future
 
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         return await self.ack_nowait(recipient, seqs)
@@ -482,12 +530,27 @@ def _fail_future(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def _complete(batch: list[_Op]) -> None:
-    """Runs on the event loop after the batch committed: complete every future of it at once."""
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _complete(batch: list[_AnyOp]) -> None:
+    """Runs on the event loop after the batch committed: complete every operation of it at once."""
     for op in batch:
-        if op.future.done():
+        if isinstance(op, _Op):
+            _resolve(op.future, op.result, op.error)
             continue
-        if op.error is not None:
-            op.future.set_exception(op.error)
-        else:
-            op.future.set_result(op.result)
+        callback: Callable[[Any, StoreError | None], None] | None = op.callback
+        if callback is None:
+            if op.error is not None:
+                log.error("event=store_failed error=%s", type(op.error).__name__)
+            continue
+        try:
+            callback(op.result, op.error)
+        except Exception as exc:  # one failing callback must not leave the others uncompleted
+            log.error("event=store_callback_failed error=%s", type(exc).__name__, exc_info=True)
