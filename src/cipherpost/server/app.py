@@ -57,6 +57,8 @@ class RelayServer:
         self._server: Server | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._dirty: list[Connection] = []  # connections with frames queued in this loop iteration
+        self._flush_scheduled = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -164,6 +166,20 @@ class RelayServer:
     def route(self, recipient: str, message: DeliveredMessage) -> None:
         for conn in self._routes.get(recipient, ()):
             conn.push(message)
+
+    def flush_soon(self, conn: Connection) -> None:
+        """Have ``conn.flush_now()`` run once, after every callback ready in this loop iteration
+        (e.g. all completions of a group commit) has queued its frames."""
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush_now()
 
     def notify(self, username: str, frame: bytes) -> None:
         for conn in self._routes.get(username, ()):

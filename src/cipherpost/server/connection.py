@@ -5,8 +5,9 @@ message to the store and goes on with the next frame; the commit callback queues
 and routes the message to connected recipients. That lets one connection keep many sends in a
 group commit.
 
-Sending: one writer task per connection drains a queue of encoded frames, and turns every message
-routed to this connection since its last wake-up into as few ``deliver`` frames as fit.
+Sending: frames and routed messages queue up during an event-loop iteration; then ``flush_now``
+writes them (messages as few ``deliver`` frames as fit) synchronously when the transport has no
+flow control in force, else it wakes the connection's writer task, which awaits the drain.
 
 Delivery order and exactly-once-per-connection: after ``auth`` the connection is *syncing*: it
 pages through its stored queue while live pushes are buffered; then it flushes the buffer,
@@ -106,6 +107,8 @@ class Connection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
         self._send_slot = asyncio.Event()
+        self._flush_queued = False  # registered with server.flush_soon for this loop iteration
+        self._writer_busy = False  # the writer task is inside send_frames (possibly draining)
         peer = ws.remote_address
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
@@ -158,7 +161,7 @@ class Connection:
         if self.closed:
             return
         self._frames.append(frame)
-        self._wake.set()
+        self._flush_soon()
         if len(self._frames) > MAX_OUTBOUND_FRAMES:
             self._abort_now("outbound queue full (peer not reading)")
 
@@ -183,34 +186,74 @@ class Connection:
         elif message.seq > self._last_seq and not self.closed:
             self._last_seq = message.seq
             self._messages.append(message)
-            self._wake.set()
+            self._flush_soon()
             if len(self._messages) > MAX_OUTBOUND_FRAMES:  # they stay stored; redelivered on reconnect
                 self._abort_now("delivery queue full (peer not reading)")
 
     def push_frame(self, frame: bytes) -> None:
         self._queue_frame(frame)
 
-    async def _writer(self) -> None:
+    def _flush_soon(self) -> None:
+        if not self._flush_queued:
+            self._flush_queued = True
+            self.server.flush_soon(self)
+
+    def flush_now(self) -> None:
+        """Write what is queued, synchronously if the transport allows, else via the writer task.
+
+        Called once per event-loop iteration for every connection that got frames in it (see
+        ``RelayServer.flush_soon``): all ``accepted`` and ``deliver`` frames of a group commit go
+        out without a task switch per connection.
+        """
+        self._flush_queued = False
+        if self.closed:
+            return
+        if self._writer_busy or not self.ws.can_send_now():
+            self._wake.set()  # the writer task handles flow control, closing and errors
+            return
+        out, delivered = self._take_outbound()
+        if not out:
+            return
+        try:
+            self.ws.send_frames_now(out)
+        except Exception as exc:  # the transport failed under us: end this connection only
+            log.warning("event=write_failed peer=%s error=%s", self.peer, type(exc).__name__)
+            self._abort_now("write failed")
+            return
+        self.metrics.messages_delivered += delivered
+        self._flushed.set()
+
+    def _take_outbound(self) -> tuple[list[bytes], int]:
+        """Every queued frame, plus the routed messages as few ``deliver`` frames as the frame size
+        limit allows; and how many messages those carry."""
         max_payload = self.config.max_frame - 256
+        out, self._frames = self._frames, []
+        delivered = 0
+        while self._messages:
+            pending = self._messages
+            n, size = 0, 0
+            while n < len(pending) and n < MAX_DELIVER_MESSAGES:
+                size += len(pending[n].body) + DELIVER_OVERHEAD
+                if n and size > max_payload:
+                    break
+                n += 1
+            out.append(encode_deliver(pending[:n]))
+            del pending[:n]
+            delivered += n
+        return out, delivered
+
+    async def _writer(self) -> None:
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                out, self._frames = self._frames, []
-                delivered = 0
-                while self._messages:  # as few deliver frames as the frame size limit allows
-                    pending = self._messages
-                    n, size = 0, 0
-                    while n < len(pending) and n < MAX_DELIVER_MESSAGES:
-                        size += len(pending[n].body) + DELIVER_OVERHEAD
-                        if n and size > max_payload:
-                            break
-                        n += 1
-                    out.append(encode_deliver(pending[:n]))
-                    del pending[:n]
-                    delivered += n
+                out, delivered = self._take_outbound()
                 if out:
-                    await self.ws.send_frames(out)
+                    self._writer_busy = True
+                    try:
+                        await self.ws.send_frames(out)
+                    finally:
+                        self._writer_busy = False
                     self.metrics.messages_delivered += delivered
                 if not self._frames and not self._messages:
                     self._flushed.set()

@@ -3,8 +3,10 @@
 ``websockets`` writes every frame with its own ``transport.write``; under TLS each becomes a
 record and usually a ``send`` syscall. The relay's writer task has many small frames ready at once
 (``accepted`` replies, ``deliver`` pushes), so it queues them all in the sans-I/O protocol and
-flushes them in one write. Uses the documented extension point ``serve(create_connection=...)``
-and the same ``send_context`` that ``ServerConnection.send`` uses (state checks, drain, errors).
+flushes them in one write; when the transport needs no flow control it does so synchronously
+(``send_frames_now``), which spares a task switch per connection per write. Uses the documented
+extension point ``serve(create_connection=...)``; the awaiting path uses the same ``send_context``
+that ``ServerConnection.send`` uses (state checks, drain, errors).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 from collections.abc import Sequence
 
 from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
 
 
 class BatchingServerConnection(ServerConnection):
@@ -21,6 +24,17 @@ class BatchingServerConnection(ServerConnection):
         async with self.send_context():
             for frame in frames:
                 self.protocol.send_binary(frame)
+
+    def can_send_now(self) -> bool:
+        """True when ``send_frames_now`` may write: open, and no flow control in force (the
+        transport is not paused, so ``send_frames`` would not wait either)."""
+        return self.protocol.state is State.OPEN and not self.paused and not self.transport.is_closing()
+
+    def send_frames_now(self, frames: Sequence[bytes]) -> None:
+        """``send_frames`` without awaiting, for when ``can_send_now()``: no task switch, no drain."""
+        for frame in frames:
+            self.protocol.send_binary(frame)
+        self.send_data()
 
     def send_data(self) -> None:
         chunks = self.protocol.data_to_send()
