@@ -282,7 +282,9 @@ class Connection:
                 raise ProtocolError(E.UNKNOWN_TYPE, f"{frame.t!r} is a server frame, not a request")
             if self.username is None and type(frame) not in _UNAUTHENTICATED:
                 raise ProtocolError(E.NOT_AUTHENTICATED, f"{frame.t}: authenticate first (auth or register)")
-            await handler(self, frame)
+            pending = handler(self, frame)
+            if pending is not None:  # send, ack and ping are handled synchronously: no coroutine each
+                await pending
         except ProtocolError as exc:
             self.send_error(rid, exc.code, exc.message)
         except Exception as exc:  # a bug must not kill the connection or leak a traceback to the peer
@@ -290,7 +292,7 @@ class Connection:
                       type(exc).__name__, exc_info=True)
             self.send_error(rid, E.INTERNAL, "internal server error")
 
-    async def _ping(self, frame: Ping) -> None:
+    def _ping(self, frame: Ping) -> None:
         self._queue_frame(encode_frame(Pong(rid=frame.rid)))
 
     def _check_proof(self, label: str, identity: PublicIdentity, username: str, sig: bytes) -> bool:
@@ -437,7 +439,7 @@ class Connection:
         if left.one_time < threshold or left.kem < threshold:
             self.server.notify(username, encode_frame(PrekeysLow(one_time=left.one_time, kem=left.kem)))
 
-    async def _send(self, frame: Send) -> None:
+    def _send(self, frame: Send) -> None:
         assert self.username is not None
         to = frame.to if frame.to in self.server.valid_names else require_normalized(frame.to)
         if len(frame.body) > self.config.max_body:
@@ -478,7 +480,7 @@ class Connection:
             seq=result.seq, sender=message.sender, id=message.msg_id, kind=message.kind, body=message.body,
             ts=message.ts))
 
-    async def _ack(self, frame: Ack) -> None:
+    def _ack(self, frame: Ack) -> None:
         assert self.username is not None
         if frame.seqs:
             self.store.ack_later(self.username, frame.seqs)
