@@ -266,7 +266,8 @@ class Chat:
         print(f"safety number with {name}:\n{group_digits(number.digits)}")
         answer = await ask(self.questions, f"Does {name} see exactly the same number? [y/N] ")
         if answer.strip().lower() in ("y", "yes"):
-            self.client.accept_identity(name, verified=True)
+            # exactly the key whose number was shown: refused if it changed while comparing
+            self.client.accept_identity(name, candidate, verified=True)
             print(f"-- {name} is verified.")
         else:
             print(f"-- {name} is not verified. If the numbers differ, someone may be between you.")

@@ -278,7 +278,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if answer not in ("y", "yes"):
             print(f"not verified. If the numbers differ, someone may be between you and {args.name}.")
             return 1
-        client.accept_identity(args.name, verified=True)
+        client.accept_identity(args.name, candidate, verified=True)   # exactly the key shown
         print(f"{args.name} is verified.")
         return 0
     return _run(args, body)

@@ -43,6 +43,7 @@ from .errors import (
     ProfileError,
     ServerError,
     UnknownContact,
+    VerificationError,
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .profile import Contact, ProfileDB, StoredMessage
@@ -55,6 +56,7 @@ ONE_TIME_POOL_LOW = 25
 UPLOAD_CHUNK = 50
 SIGNED_PREKEY_LIFETIME_MS = 7 * 24 * 3600 * 1000
 ENVELOPE_OVERHEAD = 2048   # initial message (ML-KEM ciphertext, identity, keys) + header + tag, rounded up
+MAX_TIMESTAMP_MS = 1 << 53
 PAD_BLOCK = 160   # plaintexts are padded to a multiple of this, as Signal does, to blur their length
 
 Observer = Callable[[str, dict[str, Any]], None]
@@ -367,21 +369,33 @@ class Client:
         new = self.safety_number(contact.name, new_identity).digits
         return IdentityChanged(contact.name, contact.verified, _grouped(old), _grouped(new))
 
-    def accept_identity(self, name: str, *, verified: bool) -> Contact:
-        """Pin the contact's pending (changed) identity, or mark the current one verified."""
+    def identity_to_verify(self, name: str) -> bytes:
+        """The key a verification of ``name`` is about: a pending (changed) one, else the pinned one."""
         contact = self.contact(name)
+        return contact.pending_identity or contact.identity
+
+    def accept_identity(self, name: str, identity: bytes, *, verified: bool) -> Contact:
+        """Pin exactly ``identity`` (the key whose safety number the user compared) for ``name``.
+
+        Refused if it is no longer the contact's pinned or pending key: otherwise a relay could
+        swap in another key while the user is still comparing numbers on the screen.
+        """
+        contact = self.contact(name)
+        if not (hmac.compare_digest(identity, contact.identity)
+                or (contact.pending_identity is not None
+                    and hmac.compare_digest(identity, contact.pending_identity))):
+            raise VerificationError(f"{name}'s key changed while you were comparing: nothing was "
+                                    "marked verified; compare the new safety number")
         with self.db.transaction():
-            self.db.replace_identity(name, contact.pending_identity or contact.identity,
-                                     verified=verified, now=now_ms())
+            self.db.replace_identity(name, identity, verified=verified, now=now_ms())
         return self.contact(name)
 
     def verify_safety_number(self, name: str, digits: str) -> bool:
         """Compare what the contact read out; on a match pin and mark verified."""
-        contact = self.contact(name)
-        shown = self.safety_number(name, contact.pending_identity or contact.identity)
-        if not shown.matches_digits(digits):
+        identity = self.identity_to_verify(name)
+        if not self.safety_number(name, identity).matches_digits(digits):
             return False
-        self.accept_identity(name, verified=True)
+        self.accept_identity(name, identity, verified=True)
         return True
 
     # ------------------------------------------------------------------ sending
@@ -390,7 +404,8 @@ class Client:
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
-        payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms()]))
+        # The names are inside the encryption, so the relay cannot relabel who wrote to whom.
+        payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms(), self.username, name]))
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
         limit = (self._conn.limits.get("max_body") if self._conn else None) or DEFAULT_MAX_BODY
         if len(payload) + ENVELOPE_OVERHEAD > limit:
@@ -514,10 +529,13 @@ class Client:
             return None   # a redelivery of something already stored: just ack it again
         try:
             return self._decrypt_and_store(sender, msg_id, body, m.get("ts"))
-        except (CryptoError, ClientError) as exc:
-            if isinstance(exc, DuplicateMessage):
-                return None
-            reason = f"could not decrypt a message from {sender}: {exc}"
+        except DuplicateMessage:
+            return None
+        except Exception as exc:  # one bad message must never stop the inbox
+            # Whatever went wrong with this message, it is reported and acked, not retried forever
+            # (a message the client cannot process would otherwise block every later one).
+            detail = str(exc) if isinstance(exc, CryptoError | ClientError) else type(exc).__name__
+            reason = f"could not decrypt a message from {sender}: {detail}"
             with self.db.transaction():
                 row = self.db.add_message(sender, "event", msg_id, reason, sent_at=None,
                                           received_at=now_ms(), status="new",
@@ -551,10 +569,15 @@ class Client:
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
         arr = expect_array(unpack(unpad(plaintext), what="message"), what="message",
-                           version=PLAINTEXT_VERSION, length=4)
-        if arr[1] != "text" or not isinstance(arr[2], str) or not isinstance(arr[3], int):
+                           version=PLAINTEXT_VERSION, length=6)
+        _, kind, text, sent_at, written_by, written_for = arr
+        if kind != "text" or not isinstance(text, str):
             raise ClientError("message of an unknown kind")
-        text, sent_at = arr[2], arr[3]
+        if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
+            raise ClientError("message carries an invalid time")
+        if written_by != sender or written_for != self.username:
+            raise ClientError(f"the relay delivered it as from {sender} to you, but it was written by "
+                              f"{written_by!r} for {written_for!r}; not shown")
         peer = session.peer.encode()
         contact = self.db.get_contact(sender)
         warning: str | None = None

@@ -25,7 +25,7 @@ from ..crypto.encoding import pack
 from ..crypto.identity import IdentityKeyPair
 from ..protocol.errors import ProtocolError
 from ..protocol.frames import decode_frame, frame_to_map
-from .errors import ClientError, ConnectionFailed, ServerError, ServerPinMismatch
+from .errors import ConnectionFailed, ServerError, ServerPinMismatch
 
 PROTOCOL_VERSION = 1
 MAX_INCOMING_FRAME = 4 << 20
@@ -212,10 +212,12 @@ class Connection:
             if self._push is not None:
                 try:
                     await self._push(frame)
-                except (ClientError, OSError) as exc:
-                    # Nothing was acked for a push that failed: the server redelivers it.
-                    self.close_reason = f"handling a server push failed: {exc}"
+                except Exception as exc:  # never leave a connection without a reader
+                    # Nothing was acked for a push that failed: the server redelivers it after the
+                    # reconnect this close causes.
+                    self.close_reason = f"handling a server push failed: {type(exc).__name__}"
                     await self._ws.close()
+                    return
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
