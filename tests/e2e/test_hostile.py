@@ -41,7 +41,8 @@ def _plaintext(text: str, written_by: str, written_for: str, sent_at: int | None
     return pad(pack([1, "text", text, now, written_by, written_for]))
 
 
-def test_a_message_that_cannot_be_stored_does_not_block_the_inbox(tmp_path: Path, relay: RelayProcess) -> None:
+def test_a_message_that_cannot_be_stored_does_not_block_the_inbox(tmp_path: Path,
+                                                                  relay: RelayProcess) -> None:
     async def scenario() -> None:
         alice, bob = await _clients(tmp_path, relay, "alice", "bob")
         try:
@@ -51,7 +52,7 @@ def test_a_message_that_cannot_be_stored_does_not_block_the_inbox(tmp_path: Path
                                                "kind": "msg", "body": envelope})
             await bob.send("alice", "a normal message after it")
             got = await alice.receive(wait=5)
-            assert [m.warning for m in got][0] == "undecryptable"
+            assert got[0].warning == "undecryptable"
             assert got[-1].text == "a normal message after it"
             await alice.disconnect()
             assert await alice.receive(wait=1) == []          # both were acked: nothing comes back
