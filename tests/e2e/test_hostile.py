@@ -122,3 +122,64 @@ def test_key_swapped_in_while_comparing_numbers_is_not_pinned(tmp_path: Path, re
             for c in (alice, mallory):
                 await c.close()
     asyncio.run(scenario())
+
+
+def test_injected_sessions_do_not_evict_the_genuine_one(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        alice, bob, mallory = await _clients(tmp_path, relay, "alice", "bob", "mallory")
+        try:
+            await bob.send("alice", "genuine first")
+            await alice.receive(wait=3)
+            await alice.send("bob", "reply")      # bob now uses the session alice answered on
+            await bob.receive(wait=3)
+            for i in range(8):                    # the relay floods "bob" sessions on Mallory's key
+                session, _ = await mallory._sending_session("alice")
+                envelope, _ = encrypt(session, _plaintext(f"fake {i}", "bob", "alice"))
+                await alice._on_deliver([_forged("bob", envelope)])
+            await bob.send("alice", "genuine second")
+            texts = [m.text for m in await alice.receive(wait=3)]
+            assert "genuine second" in texts
+        finally:
+            for c in (alice, bob, mallory):
+                await c.close()
+    asyncio.run(scenario())
+
+
+def test_plain_ws_is_refused_for_a_tls_pinned_profile_and_off_loopback(relay: RelayProcess) -> None:
+    from cipherpost.client.connection import Connection
+    from cipherpost.client.errors import ConnectionFailed, ServerPinMismatch
+
+    async def scenario() -> None:
+        pin = parse_fingerprint(relay.fingerprint)
+        try:
+            await Connection.open(f"ws://127.0.0.1:{relay.port}", pin)
+        except ServerPinMismatch as exc:
+            assert "refusing plain ws://" in str(exc)
+        else:
+            raise AssertionError("a TLS-pinned profile connected over plain ws://")
+        try:
+            await Connection.open("ws://192.0.2.1:8765", None)   # never contacted: refused first
+        except ConnectionFailed as exc:
+            assert "loopback" in str(exc)
+        else:
+            raise AssertionError("plain ws:// to a non-loopback address was allowed")
+    asyncio.run(scenario())
+
+
+def test_session_rows_moved_in_the_file_are_refused(make_user) -> None:
+    import sqlite3
+    alice, bob, mallory = make_user("alice"), make_user("bob"), make_user("mallory")
+    alice.ok("send", "bob", "to bob")
+    alice.ok("send", "mallory", "to mallory")
+    bob.recv()
+    mallory.recv()
+    db = sqlite3.connect(alice.home / "profiles" / "alice" / "profile.db")
+    with db:   # someone with write access re-labels Mallory's session as Bob's, with Bob's key column
+        bob_identity = db.execute("SELECT identity FROM sessions WHERE contact='bob'").fetchone()[0]
+        db.execute("DELETE FROM sessions WHERE contact='bob'")
+        db.execute("UPDATE sessions SET contact='bob', identity=?, updated_at=updated_at+1000000"
+                   " WHERE contact='mallory'", (bob_identity,))
+    db.close()
+    result = alice.run("send", "bob", "secret for bob")
+    assert result.returncode == 1 and "tampered" in result.stderr
+    assert mallory.recv() == []

@@ -47,7 +47,7 @@ def _repoint(user: User, relay: RelayProcess) -> None:
         client = Client.open(user.home, user.name, user.passphrase)
         try:
             with client.db.transaction():
-                client.db.set_meta("server_url", relay.url)
+                client.db.set_secret_meta("server_url", relay.url.encode())
                 client.db.set_secret_meta("server_fingerprint", parse_fingerprint(relay.fingerprint))
         finally:
             await client.close()

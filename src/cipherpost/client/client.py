@@ -133,7 +133,7 @@ class Client:
             db = ProfileDB(paths.database, RecordCipher(record_key))
             client = cls(paths, identity, db, lock, observer)
             with db.transaction():
-                db.set_meta("server_url", server_url)
+                db.set_secret_meta("server_url", server_url.encode())
                 db.set_meta("username", username)
             conn = await Connection.open(server_url, server_fingerprint)
             try:
@@ -203,7 +203,10 @@ class Client:
 
     @property
     def server_url(self) -> str:
-        return str(self.db.get_meta("server_url"))
+        url = self.db.get_secret_meta("server_url")
+        if url is None:
+            raise ProfileError("this profile has no server address; create it again with init")
+        return url.decode()
 
     @property
     def server_fingerprint(self) -> str:
@@ -437,7 +440,10 @@ class Client:
         if contact is not None:
             latest = self.db.latest_session(name, contact.identity, with_psk=psk is not None)
             if latest is not None:
-                return Session.deserialize(latest[1]), psk is not None
+                session = Session.deserialize(latest[1])
+                if not hmac.compare_digest(session.peer.encode(), contact.identity):
+                    raise ProfileError(f"a stored session with {name} is not with their pinned key")
+                return session, psk is not None
         conn = self._require_conn()
         reply = await conn.request({"t": "fetch_bundle", "username": name})
         try:
@@ -589,6 +595,9 @@ class Client:
                 warning = str(self._identity_changed(contact, peer))
             self.db.save_session(session.session_id, sender, peer, session.serialize(), now_ms(),
                                  with_psk=with_psk)
+            if contact is not None and peer != contact.identity:
+                # Only the pinned key and the newest pending one keep sessions.
+                self.db.drop_sessions_except(sender, [contact.identity, peer])
             if new_store is not None:
                 self._save_prekeys(new_store)
                 self.db.mark_session_accepted(session.session_id)
@@ -672,13 +681,13 @@ class Client:
             self.db.set_blocked(name, reason)
 
     def store_verification(self, name: str, identity: bytes, psk: bytes) -> None:
-        """Pin ``identity`` as verified and keep the PSK for the next session (one transaction)."""
+        """Pin ``identity`` as verified and keep the PSK for the next session (one record)."""
         with self.db.transaction():
-            self.db.replace_identity(name, identity, verified=True, now=now_ms())
-            self.db.set_secret_meta("psk:" + name, psk)
+            self.db.replace_identity(name, identity, verified=True, now=now_ms(), psk=psk)
 
     def _psk(self, name: str) -> bytes | None:
-        return self.db.get_secret_meta("psk:" + name)
+        contact = self.db.get_contact(name)
+        return None if contact is None else contact.psk
 
 
 def pad(data: bytes, block: int = PAD_BLOCK) -> bytes:

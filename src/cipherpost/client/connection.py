@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import ssl
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ PROTOCOL_VERSION = 1
 MAX_INCOMING_FRAME = 4 << 20
 REQUEST_TIMEOUT = 30.0
 PLAIN_CHANNEL = bytes(32)
+MAX_QUEUED_PUSHES = 256
 
 PushHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -52,6 +54,15 @@ def parse_fingerprint(text: str) -> bytes:
     if len(digest) != 32:
         raise ValueError("a server fingerprint looks like SHA256:<64 hex digits>")
     return digest
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_server_url(url: str) -> None:
@@ -79,7 +90,7 @@ class Connection:
         self._push: PushHandler | None = None
         # Pushes are handled by their own task, in order: a handler may itself wait for a reply,
         # which only the reader can deliver, so the reader must never wait for a handler.
-        self._pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pushes: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_QUEUED_PUSHES)
         self._reader: asyncio.Task[None] | None = None
         self._push_worker: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -90,6 +101,13 @@ class Connection:
         """Connect, check the certificate against ``pinned`` (if any), read the server hello."""
         check_server_url(url)
         parts = urlsplit(url)
+        if parts.scheme == "ws":
+            # Plain WebSocket only for a loopback development relay, and never for a profile that
+            # was pinned to a TLS certificate (that would silently drop TLS and the pin).
+            if not _is_loopback(parts.hostname or ""):
+                raise ConnectionFailed("plain ws:// is only allowed to a loopback address; use wss://")
+            if pinned is not None and pinned != PLAIN_CHANNEL:
+                raise ServerPinMismatch("this profile is pinned to a TLS certificate; refusing plain ws://")
         context: ssl.SSLContext | None = None
         if parts.scheme == "wss":
             # Self-signed relays are the default: trust comes from the pinned SHA-256 fingerprint
@@ -195,7 +213,14 @@ class Connection:
                 elif frame.get("t") == "error" and rid is None:
                     self.close_reason = f"{frame.get('code')}: {frame.get('message')}"
                 else:
-                    self._pushes.put_nowait(frame)
+                    try:
+                        self._pushes.put_nowait(frame)
+                    except asyncio.QueueFull:
+                        # A relay flooding pushes faster than we handle them: drop the connection
+                        # (nothing unhandled was acked; it is redelivered after the reconnect).
+                        self.close_reason = "the server sent more than we can handle"
+                        await self._ws.close()
+                        break
         except websockets.exceptions.WebSocketException as exc:
             self.close_reason = str(exc)
         finally:

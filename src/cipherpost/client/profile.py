@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,11 @@ class Contact:
     added_at: int
     verified_at: int | None
     blocked: str | None = None   # why sending is blocked (a failed verification), if it is
+    psk: bytes | None = field(default=None, repr=False)   # from a password verification
 
     def encode(self) -> bytes:
         return pack([1, self.identity, self.verified, self.pending_identity, self.added_at,
-                     self.verified_at, self.blocked])
+                     self.verified_at, self.blocked, self.psk])
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,9 @@ class ProfileDB:
     # -- contacts ---------------------------------------------------------------------------
     def _contact(self, name: str, blob: bytes) -> Contact:
         a = unpack(self._open(blob, aad=b"contact:" + name.encode()), what="contact")
-        if not isinstance(a, list) or len(a) != 7 or a[0] != 1:
+        if not isinstance(a, list) or len(a) != 8 or a[0] != 1:
             raise ProfileError(f"contact record for {name!r} is damaged")
-        return Contact(name, a[1], bool(a[2]), a[3], a[4], a[5], a[6])
+        return Contact(name, a[1], bool(a[2]), a[3], a[4], a[5], a[6], a[7])
 
     def _put_contact(self, contact: Contact) -> None:
         blob = self._cipher.encrypt(contact.encode(), aad=b"contact:" + contact.name.encode())
@@ -213,19 +214,34 @@ class ProfileDB:
     def set_blocked(self, name: str, reason: str | None) -> None:
         self._put_contact(replace(self._require(name), blocked=reason))
 
-    def replace_identity(self, name: str, identity: bytes, *, verified: bool, now: int) -> None:
-        """Pin ``identity`` for ``name``; clears a pending change and a block."""
-        self._put_contact(replace(self._require(name), identity=identity, pending_identity=None,
-                                  verified=verified, verified_at=now if verified else None, blocked=None))
+    def replace_identity(self, name: str, identity: bytes, *, verified: bool, now: int,
+                         psk: bytes | None = None) -> None:
+        """Pin ``identity`` for ``name``; clears a pending change and a block. A PSK is kept only
+        for the same key (it was verified for that key) or replaced by a new one."""
+        old = self._require(name)
+        keep_psk = psk if psk is not None else (old.psk if identity == old.identity else None)
+        self._put_contact(replace(old, identity=identity, pending_identity=None, verified=verified,
+                                  verified_at=now if verified else None, blocked=None, psk=keep_psk))
+        self.drop_sessions_except(name, [identity])
 
     # -- sessions ---------------------------------------------------------------------------
-    def get_session(self, session_id: bytes) -> tuple[str, bytes, bytes] | None:
-        """``(contact, peer identity, decrypted state)`` of a stored session."""
+    @staticmethod
+    def _session_aad(session_id: bytes, contact: str, identity: bytes, with_psk: bool) -> bytes:
+        # The clear columns are bound into the record's tag: editing the file cannot move a
+        # session to another contact or key, or pretend it mixed in a verification PSK.
+        return b"session:" + pack([session_id, contact, identity, with_psk])
+
+    def _session_row(self, row: tuple[Any, ...]) -> tuple[str, bytes, bytes, bool]:
+        session_id, contact, identity, blob, with_psk = row
+        state = self._open(blob, aad=self._session_aad(session_id, contact, identity, bool(with_psk)))
+        return contact, identity, state, bool(with_psk)
+
+    def get_session(self, session_id: bytes) -> tuple[str, bytes, bytes, bool] | None:
+        """``(contact, peer identity, decrypted state, with_psk)`` of a stored session."""
         row = self._db.execute(
-            "SELECT contact, identity, state FROM sessions WHERE session_id=?", (session_id,)).fetchone()
-        if row is None:
-            return None
-        return row[0], row[1], self._open(row[2], aad=b"session:" + session_id)
+            "SELECT session_id, contact, identity, state, with_psk FROM sessions WHERE session_id=?",
+            (session_id,)).fetchone()
+        return None if row is None else self._session_row(row)
 
     def latest_session(self, contact: str, identity: bytes, *, with_psk: bool = False
                        ) -> tuple[bytes, bytes] | None:
@@ -235,25 +251,38 @@ class ProfileDB:
         verification key (used once a contact is verified by password).
         """
         row = self._db.execute(
-            "SELECT session_id, state FROM sessions WHERE contact=? AND identity=? AND with_psk>=?"
+            "SELECT session_id, contact, identity, state, with_psk FROM sessions"
+            " WHERE contact=? AND identity=? AND with_psk>=?"
             " ORDER BY updated_at DESC, rowid DESC LIMIT 1", (contact, identity, int(with_psk))).fetchone()
-        if row is None:
-            return None
-        return row[0], self._open(row[1], aad=b"session:" + row[0])
+        return None if row is None else (row[0], self._session_row(row)[2])
 
     def save_session(self, session_id: bytes, contact: str, identity: bytes, state: bytes,
                      now: int, *, with_psk: bool = False) -> None:
-        blob = self._cipher.encrypt(state, aad=b"session:" + session_id)
+        existing = self._db.execute("SELECT contact, identity, with_psk FROM sessions WHERE session_id=?",
+                                    (session_id,)).fetchone()
+        if existing is not None:
+            if existing[0] != contact or existing[1] != identity:
+                raise ProfileError("a session record does not belong to this contact; refusing it")
+            with_psk = bool(existing[2])   # fixed when the session was created
+        blob = self._cipher.encrypt(state, aad=self._session_aad(session_id, contact, identity, with_psk))
         self._db.execute(
             "INSERT INTO sessions(session_id, contact, identity, state, with_psk, updated_at)"
             " VALUES(?,?,?,?,?,?) ON CONFLICT(session_id) DO UPDATE SET state=excluded.state,"
             " updated_at=excluded.updated_at",
             (session_id, contact, identity, blob, int(with_psk), now))
-        # Keep a few older sessions: a peer may still be sending on one (simultaneous initiation).
+        # Keep a few older sessions per key: a peer may still be sending on one (simultaneous
+        # initiation). Counted per identity, so sessions injected under other keys cannot evict
+        # the genuine ones.
         self._db.execute(
-            "DELETE FROM sessions WHERE contact=? AND session_id NOT IN (SELECT session_id FROM sessions"
-            " WHERE contact=? ORDER BY updated_at DESC, rowid DESC LIMIT ?)",
-            (contact, contact, SESSIONS_KEPT_PER_CONTACT))
+            "DELETE FROM sessions WHERE contact=? AND identity=? AND session_id NOT IN (SELECT session_id"
+            " FROM sessions WHERE contact=? AND identity=? ORDER BY updated_at DESC, rowid DESC LIMIT ?)",
+            (contact, identity, contact, identity, SESSIONS_KEPT_PER_CONTACT))
+
+    def drop_sessions_except(self, contact: str, identities: list[bytes]) -> None:
+        """Forget sessions with keys that are neither pinned nor pending for ``contact``."""
+        marks = ",".join("?" * len(identities))
+        self._db.execute(f"DELETE FROM sessions WHERE contact=? AND identity NOT IN ({marks})",  # noqa: S608
+                         (contact, *identities))
 
     def session_was_accepted(self, session_id: bytes) -> bool:
         """Whether an initial message with this session id was ever accepted (kept after the
