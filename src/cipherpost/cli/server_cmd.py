@@ -44,6 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest message body in bytes")
     p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
     p.add_argument("--rate-burst", type=int, default=1000)
+    p.add_argument("--auth-timeout", type=float, default=10.0,
+                   help="seconds a connection may stay unauthenticated (default 10)")
+    p.add_argument("--max-connections-per-ip", type=int, default=64,
+                   help="open connections per source address (default 64)")
+    p.add_argument("--max-connections-per-account", type=int, default=16,
+                   help="authenticated connections per account (default 16)")
+    p.add_argument("--max-outbound-bytes", type=int, default=4 * 1024 * 1024,
+                   help="bytes queued for one connection before its deliveries wait in the store "
+                        "(default 4 MiB)")
+    p.add_argument("--bundle-fetches-per-hour", type=int, default=200,
+                   help="prekey bundle fetches per requesting account per hour (default 200)")
+    p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=100,
+                   help="prekey bundle fetches per (requester, target) per hour (default 100)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_server)
 
@@ -59,6 +72,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key, insecure_plaintext_dev=args.insecure_plaintext_dev,
         registration=args.registration, max_connections=args.max_connections, max_queue=args.max_queue,
         max_body=args.max_body, rate_per_second=args.rate, rate_burst=args.rate_burst,
+        auth_timeout_s=args.auth_timeout, max_connections_per_ip=args.max_connections_per_ip,
+        max_connections_per_account=args.max_connections_per_account,
+        max_outbound_bytes=args.max_outbound_bytes, bundle_fetches_per_hour=args.bundle_fetches_per_hour,
+        bundle_fetches_per_target_per_hour=args.bundle_fetches_per_target_per_hour,
     )
 
 

@@ -47,6 +47,10 @@ class RelayServer:
                                                            synchronous=config.sqlite_synchronous)
         self.metrics = Metrics()
         self.pake_limiter = WindowLimiter(config.pake_per_hour, 3600.0)
+        # fetch_bundle spends the target's one-time prekeys: limited per requester and per pair
+        self.fetch_limiter = WindowLimiter(config.bundle_fetches_per_hour, 3600.0)
+        self.fetch_pair_limiter = WindowLimiter(config.bundle_fetches_per_target_per_hour, 3600.0)
+        self._per_ip: dict[str, int] = {}  # open connections per source address
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
         self.cert_fingerprint: str | None = None  # "SHA256:<hex>"; None in plaintext dev mode
@@ -113,7 +117,9 @@ class RelayServer:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             with contextlib.suppress(Exception):
                 await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
-                self.pake_limiter.prune(time.monotonic())
+                now = time.monotonic()
+                for limiter in (self.pake_limiter, self.fetch_limiter, self.fetch_pair_limiter):
+                    limiter.prune(now)
 
     # --- HTTP side: health and metrics --------------------------------------------------------
 
@@ -135,6 +141,11 @@ class RelayServer:
         if self.metrics.connections_open >= self.config.max_connections:
             self.metrics.connections_refused += 1
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        per_ip = self.config.max_connections_per_ip
+        if self._per_ip.get(_source_ip(connection), 0) >= per_ip:
+            self.metrics.connections_refused += 1
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS,
+                                      f"too many connections from this address (limit {per_ip})\n")
         return None
 
     # --- connections and routing --------------------------------------------------------------
@@ -143,12 +154,19 @@ class RelayServer:
         assert isinstance(ws, BatchingServerConnection)
         self.metrics.connections_total += 1
         self.metrics.connections_open += 1
+        ip = _source_ip(ws)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         conn = Connection(self, ws)
         log.debug("event=connected peer=%s", conn.peer)
         try:
             await conn.run()
         finally:
             self.metrics.connections_open -= 1
+            left = self._per_ip[ip] - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                del self._per_ip[ip]
             log.debug("event=disconnected peer=%s user=%s", conn.peer, conn.username or "-")
 
     def route_to(self, username: str, conn: Connection) -> None:
@@ -209,6 +227,11 @@ class RelayServer:
             return None
         self.remember_identity(username, identity)
         return identity
+
+
+def _source_ip(connection: ServerConnection) -> str:
+    peer = connection.remote_address
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
 def _now_ms() -> int:

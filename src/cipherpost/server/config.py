@@ -51,6 +51,12 @@ class ServerConfig:
     rate_burst: int = 1000
     pake_per_hour: int = 10  # "pake" sends per (sender, recipient)
     max_auth_failures: int = 10  # per connection, then it is closed
+    auth_timeout_s: float = 10.0  # a connection that has not authenticated by then is closed
+    max_connections_per_ip: int = 64  # open WebSocket connections per source address
+    max_connections_per_account: int = 16  # authenticated connections per account
+    max_outbound_bytes: int = 4 * 1024 * 1024  # queued for one connection; beyond it deliveries wait
+    bundle_fetches_per_hour: int = 200  # fetch_bundle per requesting account
+    bundle_fetches_per_target_per_hour: int = 100  # fetch_bundle per (requester, target)
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
     server_name: str = "cipherpost-relay/0.1"
@@ -73,9 +79,14 @@ class ServerConfig:
         if self.max_body >= self.max_frame:
             raise ValueError("max_body must be smaller than max_frame")
         for name in ("max_connections", "max_frame", "max_body", "max_queue", "max_prekey_pool",
-                     "rate_burst"):
+                     "rate_burst", "max_connections_per_ip", "max_connections_per_account",
+                     "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_outbound_bytes < 2 * self.max_frame:
+            raise ValueError(f"max_outbound_bytes must be at least twice max_frame ({2 * self.max_frame})")
+        if self.auth_timeout_s <= 0:
+            raise ValueError("auth_timeout_s must be positive")
         if self.rate_per_second <= 0:
             raise ValueError("rate_per_second must be positive")
 

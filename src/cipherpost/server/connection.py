@@ -12,6 +12,13 @@ flow control in force, else it wakes the connection's writer task, which awaits 
 Delivery order and exactly-once-per-connection: after ``auth`` the connection is *syncing*: it
 pages through its stored queue while live pushes are buffered; then it flushes the buffer,
 skipping sequence numbers already sent (seqs only grow, and commits happen in seq order).
+
+Memory per connection is bounded by bytes (``max_outbound_bytes``), not only by count: a live
+push that would take the bytes waiting for a peer over the budget is not kept in memory; the
+connection goes back to syncing, which pages the message from the store (where every accepted
+message already is) once the peer has read what is queued. Sync pages and the sync buffer obey
+the same budget. Only control frames (replies, errors) cannot be deferred: a peer that lets more
+than the budget of them pile up is disconnected.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ log = logging.getLogger("cipherpost.server")
 SYNC_PAGE = 256
 MAX_IN_FLIGHT_SENDS = 1024  # per connection; beyond it the connection's frames wait (backpressure)
 MAX_OUTBOUND_FRAMES = 10_000  # a peer that stops reading is disconnected; its mail stays stored
+AUTH_TIMEOUT_FLUSH_S = 2.0  # how long the closing error frame may take to go out
 DELIVER_OVERHEAD = 64  # msgpack framing bytes per message in a deliver frame, generous
 
 
@@ -98,11 +106,15 @@ class Connection:
         self._abort_reason: str | None = None
         self.bucket = TokenBucket(self.config.rate_per_second, self.config.rate_burst, time.monotonic())
         self._frames: list[bytes] = []
+        self._frame_bytes = 0  # sum of len(self._frames)
         self._messages: list[DeliveredMessage] = []
+        self._message_bytes = 0  # sum of _message_size over self._messages
         self._wake = asyncio.Event()
         self._flushed = asyncio.Event()
         self._syncing = False
         self._sync_buffer: list[DeliveredMessage] = []
+        self._sync_buffer_bytes = 0
+        self._sync_overflow = False  # a push was dropped while syncing: page again before finishing
         self._last_seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._in_flight = 0
@@ -116,6 +128,7 @@ class Connection:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
+        self._spawn(self._auth_deadline())
         try:
             cfg = self.config
             self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
@@ -157,13 +170,31 @@ class Connection:
 
     # --- outbound ---------------------------------------------------------------------------
 
+    async def _auth_deadline(self) -> None:
+        """Close a connection that has not authenticated in ``auth_timeout_s``: an idle socket must
+        not hold a connection slot (docs/server.md, limits)."""
+        timeout = self.config.auth_timeout_s
+        await asyncio.sleep(timeout)
+        if self.username is not None or self.closed:
+            return
+        self.send_error(None, E.NOT_AUTHENTICATED, f"no auth or register within {timeout:g} s; closing")
+        log.warning("event=connection_aborted peer=%s reason=auth_timeout", self.peer)
+        self._flushed.clear()
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flushed.wait(), AUTH_TIMEOUT_FLUSH_S)
+        self.closed = True
+        await self.ws.close(1008, f"authentication timeout ({timeout:g} s)")
+
     def _queue_frame(self, frame: bytes) -> None:
         if self.closed:
             return
         self._frames.append(frame)
+        self._frame_bytes += len(frame)
         self._flush_soon()
-        if len(self._frames) > MAX_OUTBOUND_FRAMES:
-            self._abort_now("outbound queue full (peer not reading)")
+        if len(self._frames) > MAX_OUTBOUND_FRAMES or self._frame_bytes > self.config.max_outbound_bytes:
+            self._abort_now(f"outbound queue over {self.config.max_outbound_bytes} bytes or "
+                            f"{MAX_OUTBOUND_FRAMES} frames (peer not reading)")
 
     def send_error(self, rid: int | None, code: str, message: str) -> None:
         self.metrics.errors[code] += 1
@@ -180,15 +211,48 @@ class Connection:
         self._spawn(self.ws.close(1008, reason[:120]))
 
     def push(self, message: DeliveredMessage) -> None:
-        """Route one committed message to this (authenticated) connection."""
+        """Route one committed message to this (authenticated) connection.
+
+        The message is already stored, so when keeping it in memory would exceed the byte budget it
+        is dropped here and paged from the store later (``_sync``): nothing accepted is lost."""
+        if self.closed:
+            return
+        size = _message_size(message)
+        budget = self.config.max_outbound_bytes
         if self._syncing:
+            if self._sync_overflow:
+                return
+            if (self._sync_buffer_bytes + self._message_bytes + self._transport_backlog() + size > budget
+                    or len(self._sync_buffer) >= MAX_OUTBOUND_FRAMES):
+                self._sync_buffer.clear()  # all stored: the next sync page has them
+                self._sync_buffer_bytes = 0
+                self._sync_overflow = True
+                self.metrics.deliveries_deferred += 1
+                return
             self._sync_buffer.append(message)
-        elif message.seq > self._last_seq and not self.closed:
+            self._sync_buffer_bytes += size
+        elif message.seq > self._last_seq:
+            if (self._message_bytes + self._transport_backlog() + size > budget
+                    or len(self._messages) >= MAX_OUTBOUND_FRAMES):
+                # The peer is not keeping up: stop holding its messages in memory; resume from the
+                # store once what is queued has been written.
+                self.metrics.deliveries_deferred += 1
+                log.info("event=delivery_deferred user=%s peer=%s", self.username, self.peer)
+                self._syncing = True
+                self._sync_overflow = True
+                self._spawn(self._sync(self._last_seq))
+                return
             self._last_seq = message.seq
             self._messages.append(message)
+            self._message_bytes += size
             self._flush_soon()
-            if len(self._messages) > MAX_OUTBOUND_FRAMES:  # they stay stored; redelivered on reconnect
-                self._abort_now("delivery queue full (peer not reading)")
+
+    def _transport_backlog(self) -> int:
+        """Bytes written to the transport and not yet sent to the peer (TLS and socket buffers)."""
+        try:
+            return int(self.ws.transport.get_write_buffer_size())
+        except (AttributeError, RuntimeError):  # transport already gone
+            return 0
 
     def push_frame(self, frame: bytes) -> None:
         self._queue_frame(frame)
@@ -228,6 +292,8 @@ class Connection:
         limit allows; and how many messages those carry."""
         max_payload = self.config.max_frame - 256
         out, self._frames = self._frames, []
+        self._frame_bytes = 0
+        self._message_bytes = 0
         delivered = 0
         while self._messages:
             pending = self._messages
@@ -355,6 +421,12 @@ class Connection:
             raise self._auth_failed("signature does not verify for this account, nonce and server "
                                     "certificate")
         counts = await self.store.prekey_counts(username)
+        # checked after the last await, so that concurrent logins cannot both pass it
+        per_account = self.config.max_connections_per_account
+        if sum(1 for c in self.server.connections_of(username) if not c.closed) >= per_account:
+            self._abort(f"too many connections for account {username!r}")
+            raise ProtocolError(E.RATE_LIMITED, f"account {username!r} already has {per_account} open "
+                                                "connections (the limit); close one and retry")
         self.metrics.auth_success += 1
         log.info("event=authenticated user=%s peer=%s", username, self.peer)
         self._queue_frame(encode_frame(Ok(rid=frame.rid, username=username, prekeys=_counts(counts))))
@@ -367,23 +439,47 @@ class Connection:
         self.username = username
         self._syncing = True
         self.server.route_to(username, self)
-        self._spawn(self._sync())  # pushes of queued messages begin right after auth
+        self._spawn(self._sync(0))  # pushes of queued messages begin right after auth
 
-    async def _sync(self) -> None:
+    async def _sync(self, after: int) -> None:
+        """Page the stored queue after seq ``after`` to the peer, one page (at most
+        ``max_outbound_bytes``) in memory at a time, then hand over to live pushes."""
         assert self.username is not None
-        after = 0
+        budget = self.config.max_outbound_bytes
         while not self.closed:
-            page = await self.store.pending(self.username, after, SYNC_PAGE)
-            if not page:
-                break
-            self._messages.extend(DeliveredMessage(seq=m.seq, sender=m.sender, id=m.msg_id, kind=m.kind,
-                                                   body=m.body, ts=m.ts) for m in page)
-            after = self._last_seq = page[-1].seq
+            # backpressure: the previous page (or the live pushes queued before a deferral) is
+            # written and the transport has drained before the next page is read
             self._flushed.clear()
             self._wake.set()
-            await self._flushed.wait()  # backpressure: one page in memory at a time
+            await self._flushed.wait()
+            try:
+                await self.ws.drain()
+            except ConnectionClosed:
+                return
+            # Everything committed so far is visible to this query, so what was pushed (or dropped)
+            # before it need not be kept: the buffer only bridges the time after the last query.
+            self._sync_buffer.clear()
+            self._sync_buffer_bytes = 0
+            self._sync_overflow = False
+            page = await self.store.pending(self.username, after, SYNC_PAGE)
+            if not page:
+                if self._sync_overflow:
+                    continue
+                break
+            room = budget - self._sync_buffer_bytes - self._message_bytes - self._transport_backlog()
+            size = 0
+            for n, m in enumerate(page):
+                size += len(m.body) + DELIVER_OVERHEAD
+                if n and size > room:  # at least one message per page, so the sync always advances
+                    page = page[:n]
+                    break
+            self._messages.extend(DeliveredMessage(seq=m.seq, sender=m.sender, id=m.msg_id, kind=m.kind,
+                                                   body=m.body, ts=m.ts) for m in page)
+            self._message_bytes += sum(len(m.body) + DELIVER_OVERHEAD for m in page)
+            after = self._last_seq = page[-1].seq
         self._syncing = False
         buffered, self._sync_buffer = self._sync_buffer, []
+        self._sync_buffer_bytes = 0
         for message in buffered:
             self.push(message)
 
@@ -423,7 +519,19 @@ class Connection:
         self._queue_frame(encode_frame(Ok(rid=frame.rid, prekeys=_counts(counts))))
 
     async def _fetch_bundle(self, frame: FetchBundle) -> None:
+        assert self.username is not None
         username = require_normalized(frame.username)
+        # Each fetch spends one of the target's one-time prekeys: limit who may spend how many.
+        now = time.monotonic()
+        cfg = self.config
+        pair = (self.username, username)
+        if not self.server.fetch_pair_limiter.would_allow(pair, now):
+            raise ProtocolError(E.RATE_LIMITED, f"too many prekey bundle fetches for {username!r} "
+                                f"({cfg.bundle_fetches_per_target_per_hour} per hour); try again later")
+        if not self.server.fetch_limiter.allow((self.username, ""), now):
+            raise ProtocolError(E.RATE_LIMITED, "too many prekey bundle fetches from this account "
+                                f"({cfg.bundle_fetches_per_hour} per hour); try again later")
+        self.server.fetch_pair_limiter.allow(pair, now)
         try:
             parts = await self.store.take_bundle(username)
         except UnknownAccount:
@@ -484,6 +592,10 @@ class Connection:
         assert self.username is not None
         if frame.seqs:
             self.store.ack_later(self.username, frame.seqs)
+
+
+def _message_size(message: DeliveredMessage) -> int:
+    return len(message.body) + DELIVER_OVERHEAD
 
 
 def _counts(counts: PoolCounts) -> PrekeyCounts:

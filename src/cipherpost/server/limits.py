@@ -1,4 +1,4 @@
-"""Rate limits: a token bucket per connection and a sliding window per (sender, recipient) for PAKE."""
+"""Rate limits: a token bucket per connection, sliding windows per key (PAKE sends, bundle fetches)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,20 @@ class WindowLimiter:
         self._events: dict[tuple[str, str], deque[float]] = {}
 
     def allow(self, key: tuple[str, str], now: float) -> bool:
-        events = self._events.setdefault(key, deque())
+        if not self.would_allow(key, now):
+            return False
+        self._events.setdefault(key, deque()).append(now)
+        return True
+
+    def would_allow(self, key: tuple[str, str], now: float) -> bool:
+        """Whether ``allow`` would succeed now, without counting an event (to check several limits
+        before spending any)."""
+        events = self._events.get(key)
+        if events is None:
+            return True
         while events and events[0] <= now - self.window:
             events.popleft()
-        if len(events) >= self.limit:
-            return False
-        events.append(now)
-        return True
+        return len(events) < self.limit
 
     def prune(self, now: float) -> None:
         for key in [k for k, ev in self._events.items() if not ev or ev[-1] <= now - self.window]:

@@ -19,6 +19,7 @@ class Metrics:
     auth_failure: int = 0
     registrations: int = 0
     bundles_served: int = 0
+    deliveries_deferred: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
     def render(self, *, queued: int, accounts: int, store_batches: int | None = None,
@@ -50,6 +51,9 @@ class Metrics:
         metric("cipherpost_auth_failure_total", "counter", "Failed authentications.", self.auth_failure)
         metric("cipherpost_registrations_total", "counter", "Accounts registered.", self.registrations)
         metric("cipherpost_bundles_served_total", "counter", "Prekey bundles served.", self.bundles_served)
+        metric("cipherpost_deliveries_deferred_total", "counter",
+               "Live deliveries left in the store because the peer was behind (paged later).",
+               self.deliveries_deferred)
         if store_batches is not None and store_ops is not None:
             metric("cipherpost_store_commits_total", "counter", "Store transactions (group commits).",
                    store_batches)
