@@ -29,7 +29,7 @@ from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from .common import PASSPHRASE_ENV, group_digits, printable
+from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 MIN_PASSPHRASE = 8          # as `cipherpost init` asks
@@ -105,12 +105,11 @@ class Chat:
         return f"{self.peer}> " if self.peer else "> "
 
     def show(self, message: IncomingMessage) -> None:
+        print("\n".join(message_lines(message, clock)))
         if message.warning == "undecryptable":
-            print(f"!! [{clock(message.received_at)}] {printable(message.text)}")
             return
         if message.warning:
-            print(f"!! WARNING: {printable(message.warning)}\n!! (in this chat: /verify {message.sender})")
-        print(f"[{clock(message.sent_at)}] {message.sender}: {printable(message.text)}")
+            print(f"!! (in this chat: /verify {message.sender})")
         if self.peer is None:
             self.peer = message.sender
             print(f"-- now talking to {message.sender}: type to reply (/to NAME to switch)")

@@ -6,7 +6,12 @@ import getpass
 import os
 import sys
 import unicodedata
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..client.client import IncomingMessage
 
 PASSPHRASE_ENV = "CIPHERPOST_PASSPHRASE"  # noqa: S105 (a variable name)
 
@@ -57,3 +62,11 @@ def printable(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def message_lines(m: IncomingMessage, when: Callable[[int | None], str]) -> list[str]:
+    """How a received message (or a failure notice) is shown, with ``when`` formatting times."""
+    if m.warning == "undecryptable":
+        return [f"!! [{when(m.received_at)}] {printable(m.text)}"]
+    lines = [f"!! WARNING: {printable(m.warning)}"] if m.warning else []
+    return [*lines, f"[{when(m.sent_at)}] {m.sender}: {printable(m.text)}"]

@@ -21,7 +21,7 @@ from ..client.errors import ClientError, ConnectionFailed
 from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
-from .common import UsageError, fmt_time, group_digits, printable, read_passphrase
+from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -147,12 +147,7 @@ def _message_json(m: IncomingMessage) -> dict[str, Any]:
 
 
 def print_message(m: IncomingMessage) -> None:
-    if m.warning == "undecryptable":
-        print(f"[{fmt_time(m.received_at)}] !! {printable(m.text)}")
-        return
-    if m.warning:
-        print(f"!! WARNING: {printable(m.warning)}")
-    print(f"[{fmt_time(m.sent_at)}] {m.sender}: {printable(m.text)}")
+    print("\n".join(message_lines(m, fmt_time)))
 
 
 # --------------------------------------------------------------------------- commands
