@@ -108,6 +108,8 @@ def test_identity_change_blocks_sending_until_accepted(make_user, relay: RelayPr
     mallory.ok("send", "alice", "it is me, bob, new phone")
     [msg] = alice.recv()
     assert msg["from"] == "bob" and msg["warning"] and "CHANGED" in msg["warning"]
+    # bob was verified: the text under the new key is held back, only a notice is shown.
+    assert "held back" in msg["text"] and "new phone" not in msg["text"]
     result = alice.run("send", "bob", "are you sure?")
     assert result.returncode == 1
     assert "CHANGED" in result.stderr and "VERIFIED contact" in result.stderr
@@ -126,6 +128,8 @@ def test_identity_change_blocks_sending_until_accepted(make_user, relay: RelayPr
         finally:
             await client.close()
     alice.ok("verify", "bob", "--safety-number", asyncio.run(new_number()))
+    # Accepting the new key releases what was held under it.
+    assert [m["text"] for m in alice.recv()] == ["it is me, bob, new phone"]
     alice.ok("send", "bob", "ok, welcome back")
     assert [m["text"] for m in mallory.recv()] == ["ok, welcome back"]
 

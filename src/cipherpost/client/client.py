@@ -390,7 +390,10 @@ class Client:
             raise VerificationError(f"{name}'s key changed while you were comparing: nothing was "
                                     "marked verified; compare the new safety number")
         with self.db.transaction():
+            accepting_new_key = not hmac.compare_digest(identity, contact.identity)
             self.db.replace_identity(name, identity, verified=verified, now=now_ms())
+            if accepting_new_key:
+                self.db.release_held(name, identity)   # held messages under that key are shown now
         return self.contact(name)
 
     def verify_safety_number(self, name: str, digits: str) -> bool:
@@ -587,12 +590,16 @@ class Client:
         peer = session.peer.encode()
         contact = self.db.get_contact(sender)
         warning: str | None = None
+        held = False
         with self.db.transaction():
             if contact is None:
                 self.db.add_contact(sender, peer, now_ms())   # trust on first use
             elif peer != contact.identity:
                 self.db.set_pending_identity(sender, peer)
                 warning = str(self._identity_changed(contact, peer))
+                # From a VERIFIED contact, text under an unverified new key is held back until the
+                # user accepts that key: it may be someone else writing in their name.
+                held = contact.verified
             self.db.save_session(session.session_id, sender, peer, session.serialize(), now_ms(),
                                  with_psk=with_psk)
             if contact is not None and peer != contact.identity:
@@ -603,11 +610,19 @@ class Client:
                 self.db.mark_session_accepted(session.session_id)
             received = now_ms()
             self.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
-                                status="new", extra={"warning": warning} if warning else None)
+                                status="held" if held else "new",
+                                extra={"warning": warning, "key": peer} if warning else None)
+            if held:
+                notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
+                          f"was verified. It is shown once you accept the new key (verify {sender}).")
+                self.db.add_message(sender, "event", msg_id, notice, sent_at=None, received_at=received,
+                                    status="new", extra={"warning": warning})
         if new_store is not None:
             self.prekeys = new_store
         self._emit("decrypt", sender=sender, msg_id=msg_id.hex(), session=session.session_id.hex()[:8],
                    server_ts=ts)
+        if held:
+            return IncomingMessage(msg_id.hex(), sender, notice, None, received, warning)
         return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning)
 
     def take_new_messages(self) -> list[IncomingMessage]:

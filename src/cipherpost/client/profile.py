@@ -316,6 +316,13 @@ class ProfileDB:
     def set_status(self, rows: list[int], status: str) -> None:
         self._db.executemany("UPDATE messages SET status=? WHERE id=?", [(status, r) for r in rows])
 
+    def release_held(self, contact: str, identity: bytes) -> None:
+        """Show the messages held back from ``contact`` that came under ``identity``."""
+        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM messages WHERE contact=? AND status='held'",  # noqa: S608
+                                (contact,)).fetchall()
+        held = [self._message(r) for r in rows]
+        self.set_status([m.row for m in held if m.extra.get("key") == identity], "new")
+
     def set_status_by_id(self, msg_id: bytes, direction: str, status: str) -> None:
         self._db.execute("UPDATE messages SET status=? WHERE msg_id=? AND direction=?",
                          (status, msg_id, direction))
