@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from e2e_support import PASSPHRASE, RelayProcess
+from e2e_support import PASSPHRASE, RelayProcess, User
 
 import cipherpost.client.client as client_module
 from cipherpost.client.client import Client, IncomingMessage
@@ -20,8 +20,13 @@ async def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[n
         await asyncio.sleep(0.05)
 
 
-def test_one_time_prekeys_are_replenished_when_the_relay_says_low(make_user) -> None:
-    alice, bob = make_user("alice"), make_user("bob")
+def test_one_time_prekeys_are_replenished_when_the_relay_says_low(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Draining a pool needs more fetches of one person than the relay's default quota allows.
+    relay = RelayProcess(tmp_path / "generous-relay")
+    relay.start(extra=["--bundle-fetches-per-target-per-hour", "1000"])
+    alice, bob = User("alice", tmp_path / "home-alice"), User("bob", tmp_path / "home-bob")
+    for user in (alice, bob):
+        user.ok("init", user.name, "--server", relay.url, "--server-fingerprint", relay.fingerprint)
 
     async def scenario() -> None:
         async with Client.open(alice.home, "alice", PASSPHRASE) as a, \
@@ -41,7 +46,10 @@ def test_one_time_prekeys_are_replenished_when_the_relay_says_low(make_user) -> 
             await _wait_for(lambda: a.prekeys.one_time_count > start)
             reply = await b._require_conn().request({"t": "fetch_bundle", "username": "alice"})
             assert reply.get("one_time_prekey") is not None
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        relay.stop()
 
 
 def test_signed_prekey_rotates_when_due(make_user, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,8 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         "(default 4 MiB)")
     p.add_argument("--bundle-fetches-per-hour", type=int, default=200,
                    help="prekey bundle fetches per requesting account per hour (default 200)")
-    p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=100,
-                   help="prekey bundle fetches per (requester, target) per hour (default 100)")
+    p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=20,
+                   help="prekey bundle fetches per (requester, target) per hour (default 20)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_server)
 

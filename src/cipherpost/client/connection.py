@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from ..crypto.encoding import pack
 from ..crypto.identity import IdentityKeyPair
+from ..protocol.addresses import is_loopback
 from ..protocol.errors import ProtocolError
 from ..protocol.frames import decode_frame, frame_to_map
 from .errors import ConnectionFailed, ServerError, ServerPinMismatch
@@ -54,15 +54,6 @@ def parse_fingerprint(text: str) -> bytes:
     if len(digest) != 32:
         raise ValueError("a server fingerprint looks like SHA256:<64 hex digits>")
     return digest
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_server_url(url: str) -> None:
@@ -104,7 +95,7 @@ class Connection:
         if parts.scheme == "ws":
             # Plain WebSocket only for a loopback development relay, and never for a profile that
             # was pinned to a TLS certificate (that would silently drop TLS and the pin).
-            if not _is_loopback(parts.hostname or ""):
+            if not is_loopback(parts.hostname or ""):
                 raise ConnectionFailed("plain ws:// is only allowed to a loopback address; use wss://")
             if pinned is not None and pinned != PLAIN_CHANNEL:
                 raise ServerPinMismatch("this profile is pinned to a TLS certificate; refusing plain ws://")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..protocol.addresses import is_loopback
 from ..protocol.frames import DEFAULT_MAX_BODY, DEFAULT_MAX_FRAME
 
 REGISTRATION_MODES = ("open", "closed", "invite")
@@ -21,15 +21,6 @@ def default_data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("cipherpost", appauthor=False)) / "server"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +47,7 @@ class ServerConfig:
     max_connections_per_account: int = 16  # authenticated connections per account
     max_outbound_bytes: int = 4 * 1024 * 1024  # queued for one connection; beyond it deliveries wait
     bundle_fetches_per_hour: int = 200  # fetch_bundle per requesting account
-    bundle_fetches_per_target_per_hour: int = 100  # fetch_bundle per (requester, target)
+    bundle_fetches_per_target_per_hour: int = 20  # fetch_bundle per (requester, target)
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
     server_name: str = "cipherpost-relay/0.1"
