@@ -23,10 +23,13 @@ class RelayProcess:
     fingerprint: str = ""
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)   # kept, so a restart keeps its configuration
 
     def start(self, port: int | None = None, extra: list[str] | None = None) -> None:
+        if extra is not None:
+            self.extra = extra
         cmd = [sys.executable, "-m", "cipherpost", "server", "--host", "127.0.0.1",
-               "--port", str(self.port if port is None else port), "--data", str(self.data), *(extra or [])]
+               "--port", str(self.port if port is None else port), "--data", str(self.data), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 20

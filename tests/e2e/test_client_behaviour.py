@@ -131,3 +131,41 @@ def test_fingerprint_and_safety_number_output(make_user) -> None:
     digits_b = "".join(ch for ch in b_view if ch.isdigit())[:60]
     assert len(digits_a) == 60 and digits_a == digits_b
     assert "█" in a_view or "▀" in a_view or "▄" in a_view     # the QR code was drawn
+
+
+def test_a_refused_outbox_entry_does_not_stop_reconnecting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    relay = RelayProcess(tmp_path / "small-queue-relay")
+    relay.start(extra=["--max-queue", "1"])
+    alice, bob = User("alice", tmp_path / "home-alice"), User("bob", tmp_path / "home-bob")
+    for user in (alice, bob):
+        user.ok("init", user.name, "--server", relay.url, "--server-fingerprint", relay.fingerprint)
+    statuses: list[str] = []
+
+    async def scenario() -> None:
+        async with Client.open(alice.home, "alice", PASSPHRASE) as a:
+            keeper = asyncio.create_task(a.stay_connected(statuses.append))
+            await _wait_for(lambda: a.connected)
+            await a.send("bob", "fills bob's mailbox")
+            try:
+                await a.send("bob", "refused: mailbox full")
+            except Exception as exc:
+                assert "mailbox_full" in str(exc)
+            else:
+                raise AssertionError("the relay accepted a message beyond its queue limit")
+            assert a.pending_outbox() == 1
+            await asyncio.to_thread(relay.stop)       # the reconnect flushes the outbox: refused again
+            await asyncio.to_thread(relay.start, relay.port)
+            await _wait_for(lambda: statuses.count("connected") >= 2, timeout=20)
+            await asyncio.sleep(0.5)
+            assert not keeper.done(), keeper.exception() if keeper.done() else None
+            assert a.pending_outbox() == 1            # still queued, not lost
+            await asyncio.to_thread(bob.recv)         # bob drains his mailbox...
+            await asyncio.to_thread(relay.stop)       # ...and the next reconnect delivers the rest
+            await asyncio.to_thread(relay.start, relay.port)
+            await _wait_for(lambda: a.pending_outbox() == 0, timeout=20)
+            keeper.cancel()
+    try:
+        asyncio.run(scenario())
+        assert [m["text"] for m in bob.recv()] == ["refused: mailbox full"]
+    finally:
+        relay.stop()

@@ -240,7 +240,11 @@ class Client:
         self._conn = conn
         counts = reply.get("prekeys")
         await self._replenish_prekeys(counts if isinstance(counts, dict) else {})
-        await self.flush_outbox()
+        # A refused outbox entry (a full mailbox, a rate limit) does not make the connection bad:
+        # it stays queued (or is marked failed when retrying cannot help); `send` reports such
+        # refusals to whoever is sending.
+        with contextlib.suppress(ServerError):
+            await self.flush_outbox()
 
     async def disconnect(self) -> None:
         if self._conn is not None:
@@ -268,7 +272,7 @@ class Client:
                 self._conn = None
                 if on_status:
                     on_status(f"disconnected ({reason}); reconnecting")
-            except (ConnectionFailed, OSError) as exc:
+            except (ClientError, OSError) as exc:   # never let the reconnect loop die
                 if on_status:
                     on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
