@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from pathlib import Path
 
@@ -126,11 +125,12 @@ def test_usage_errors_exit_non_zero(make_user, tmp_path: Path) -> None:
     result = nobody.run("recv")
     assert result.returncode == 1 and "no profile" in result.stderr
     result = nobody.run("init", "x", "--server", "wss://127.0.0.1:1")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    env_less = nobody.run("send")
-    assert env_less.returncode == 2
-    assert os.path.exists(tmp_path)
+    assert result.returncode == 1 and "username" in result.stderr and "Traceback" not in result.stderr
+    result = nobody.run("init", "nobody", "--server", "wss://127.0.0.1:1")   # nothing listens there
+    assert result.returncode == 1 and "cannot reach" in result.stderr and "Traceback" not in result.stderr
+    assert not (nobody.home / "profiles" / "nobody").exists()             # nothing half-created
+    usage = nobody.run("send")
+    assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
 def test_send_while_relay_down_is_kept_in_outbox(make_user, relay: RelayProcess) -> None:
