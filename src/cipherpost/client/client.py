@@ -134,7 +134,6 @@ class Client:
             client = cls(paths, identity, db, lock, observer)
             with db.transaction():
                 db.set_secret_meta("server_url", server_url.encode())
-                db.set_meta("username", username)
             conn = await Connection.open(server_url, server_fingerprint)
             try:
                 reply = await conn.register(identity, username, invite)
@@ -179,6 +178,8 @@ class Client:
                 raise ProfileError(f"key store {paths.keystore} is damaged: {exc}") from None
             arr = expect_array(unpack(plain, what="key store"), what="key store",
                                version=KEYSTORE_VERSION, length=5)
+            if arr[1] != username:
+                raise ProfileError(f"the key store in {paths.dir} belongs to {arr[1]!r}, not {username!r}")
             identity = IdentityKeyPair.from_private_bytes(arr[2], arr[3])
             db = ProfileDB(paths.database, RecordCipher(arr[4]))
             return cls(paths, identity, db, lock, observer)
