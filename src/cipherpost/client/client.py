@@ -444,7 +444,7 @@ class Client:
             raise self._identity_changed(contact, contact.pending_identity)
         if contact is not None and contact.blocked:
             raise ContactBlocked(f"messages to {name} are blocked: {contact.blocked}")
-        psk = self._psk(name)
+        psk = contact.psk if contact is not None else None
         if contact is not None:
             latest = self.db.latest_session(name, contact.identity, with_psk=psk is not None)
             if latest is not None:
