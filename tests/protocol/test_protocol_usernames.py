@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cipherpost.protocol.errors import ProtocolError
-from cipherpost.protocol.usernames import normalize_username, require_normalized
+from cipherpost.protocol.usernames import normalize_username, require_normalized, skeleton
 
 
 @pytest.mark.parametrize(("raw", "normal"), [
@@ -31,3 +31,22 @@ def test_require_normalized() -> None:
         with pytest.raises(ProtocolError) as info:
             require_normalized(not_normal)
         assert info.value.code == "invalid_username" and "normal form" in info.value.message
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("bob", "b0b"), ("alice", "a1ice"), ("alice", "aIice"), ("mallory", "rnallory"), ("bob", "bob_"),
+    ("bob", "bob."), ("bob", "BOB"), ("will", "wi11"), ("admin", "adrnin"), ("lily", "1i1y"),
+])
+def test_confusable_names_share_a_skeleton(a: str, b: str) -> None:
+    assert skeleton(a) == skeleton(b)
+
+
+@pytest.mark.parametrize(("a", "b"), [("bob", "rob"), ("bob.smith", "bobsmith"), ("alice", "alicia"),
+                                      ("bob", "bob2")])
+def test_distinct_names_have_distinct_skeletons(a: str, b: str) -> None:
+    assert skeleton(a) != skeleton(b)
+
+
+def test_skeleton_refuses_invalid_names() -> None:
+    with pytest.raises(ProtocolError):
+        skeleton("b\u043eb")  # Cyrillic o: never a valid name, so never compared

@@ -42,3 +42,25 @@ def require_normalized(name: str) -> str:
             INVALID_USERNAME, f"username is not in normal form (send {normal!r}, normalised by the client)"
         )
     return name
+
+
+# Look-alike folds (Unicode TR39 "skeleton", restricted to what a valid name can hold). Valid names
+# are ASCII after NFKC (`_PATTERN`), so the non-ASCII confusables of TR39's confusables.txt cannot
+# occur; what is left are its ASCII entries (0 -> o, 1/I/l -> l, rn -> m, vv -> w; upper case is gone after NFKC + lower) plus separators
+# that read as nothing at the end of a name. Order matters: "rn" folds before "1" could make "l".
+_SKELETON_FOLDS = (("rn", "m"), ("vv", "w"), ("0", "o"), ("1", "l"), ("i", "l"))
+
+
+def skeleton(name: str) -> str:
+    """The look-alike form of a valid username: two names with equal skeletons are easily confused.
+
+    Used by the relay's registration (refuse a name confusable with an existing or reserved one) and
+    by the client's new-contact warning. ``name`` must be valid (``normalize_username``).
+    """
+    folded = normalize_username(name)
+    for old, new in _SKELETON_FOLDS:
+        folded = folded.replace(old, new)
+    stripped = folded.rstrip("._-")
+    # Separators inside a name are kept: "bob.smith" and "bobsmith" are different people, but a
+    # trailing "_" is easy to miss on screen.
+    return stripped or folded
