@@ -45,9 +45,9 @@ def require_normalized(name: str) -> str:
 
 
 # Look-alike folds (Unicode TR39 "skeleton", restricted to what a valid name can hold). Valid names
-# are ASCII after NFKC (`_PATTERN`), so the non-ASCII confusables of TR39's confusables.txt cannot
-# occur; what is left are its ASCII entries (0 -> o, 1/I/l -> l, rn -> m, vv -> w; upper case is gone after NFKC + lower) plus separators
-# that read as nothing at the end of a name. Order matters: "rn" folds before "1" could make "l".
+# are ASCII after NFKC and lower-casing (`_PATTERN`), so the non-ASCII confusables of TR39's
+# confusables.txt cannot occur; what is left are its ASCII entries (0 -> o, 1/i/l -> l, rn -> m,
+# vv -> w) plus separators that read as nothing at the end of a name. "rn" folds first.
 _SKELETON_FOLDS = (("rn", "m"), ("vv", "w"), ("0", "o"), ("1", "l"), ("i", "l"))
 
 
