@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -41,29 +40,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..protocol.errors import ProtocolError
-from ..protocol.usernames import skeleton
+from . import sqlite_accounts as accounts
 from .base import (
-    EPOCH_BYTES,
-    MAX_BLOCKS,
     MAX_FANOUT,
-    AccountDeleted,
     AccountInfo,
     AccountState,
     AccountSuspended,
-    BlockListFull,
     BundleParts,
     Delivery,
     EnqueueCallback,
     EnqueueManyCallback,
     EnqueueResult,
     InvalidDelivery,
-    InvalidInvite,
-    InvalidName,
     MailboxFull,
     MailboxPolicy,
-    NameConfusable,
-    NameReserved,
     NewMessage,
     NoPrekeys,
     PoolCounts,
@@ -77,7 +67,6 @@ from .base import (
     StoreStats,
     UnknownAccount,
     UsageRow,
-    UsernameTaken,
 )
 from .migrations import migrate_sqlite
 
@@ -96,8 +85,6 @@ _KEM = 1
 _MAX_BATCH = 1024
 _DEDUP_CHUNK = 400  # (sender, msg_id) pairs per lookup statement, far below SQLite's parameter limit
 _ACK_CHUNK = 500
-_ACTIVE = AccountState.ACTIVE.value
-_DELETED = AccountState.DELETED.value
 
 _ACCEPTED = RecipientStatus.ACCEPTED
 _DUPLICATE = RecipientStatus.DUPLICATE
@@ -183,17 +170,6 @@ def _queue_only(max_queue: int) -> MailboxPolicy:
 
 def _policy(policy: MailboxPolicy | int) -> MailboxPolicy:
     return policy if isinstance(policy, MailboxPolicy) else _queue_only(policy)
-
-
-def _skeleton(name: str) -> str:
-    try:
-        return skeleton(name)
-    except ProtocolError:
-        raise InvalidName(f"{name!r} is not a valid username") from None
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class SqliteRelayStore:
@@ -451,178 +427,74 @@ class SqliteRelayStore:
         self._queue.put(_Op(fn, future))
         return future
 
-    # --- accounts ---------------------------------------------------------------------------
+    # --- accounts, names, blocks (store/sqlite_accounts.py) ------------------------------------
 
     async def create_account(self, username: str, identity: bytes, now_ms: int,
                              invite_hash: bytes | None = None, recovery_public: bytes | None = None) -> None:
-        skel = _skeleton(username)
-
-        def op(conn: sqlite3.Connection) -> None:
-            if invite_hash is not None:
-                row = conn.execute("SELECT expires_ms FROM invites WHERE token_hash=?",
-                                   (invite_hash,)).fetchone()
-                if row is None or row[0] < now_ms:
-                    raise InvalidInvite("invite token is unknown, used or expired")
-            self._check_name_free(conn, username, skel)
-            if invite_hash is not None:
-                conn.execute("DELETE FROM invites WHERE token_hash=?", (invite_hash,))
-            conn.execute("INSERT INTO accounts(username, identity, created_ms, skeleton, recovery_public) "
-                         "VALUES (?, ?, ?, ?, ?)", (username, identity, now_ms, skel, recovery_public))
-            self._event(conn, username, "create", "user", "")
-        await self._submit(op)
-
-    @staticmethod
-    def _check_name_free(conn: sqlite3.Connection, username: str, skel: str) -> None:
-        row = conn.execute("SELECT state FROM accounts WHERE username=?", (username,)).fetchone()
-        if row is not None:
-            if row[0] == _DELETED:
-                raise NameReserved(f"{username!r} is reserved (a deleted account's name)")
-            raise UsernameTaken(username)
-        if conn.execute("SELECT 1 FROM reserved_names WHERE name=?", (username,)).fetchone():
-            raise NameReserved(f"{username!r} is reserved")
-        row = conn.execute("SELECT name FROM reserved_names WHERE skeleton=? ORDER BY name LIMIT 1",
-                           (skel,)).fetchone()
-        if row is not None:
-            raise NameReserved(f"{username!r} looks like the reserved name {row[0]!r}")
-        row = conn.execute("SELECT username, state FROM accounts WHERE skeleton=?", (skel,)).fetchone()
-        if row is not None:
-            if row[1] == _DELETED:
-                raise NameReserved(f"{username!r} looks like {row[0]!r}, a deleted account's reserved name")
-            raise NameConfusable(username, row[0])
-
-    @staticmethod
-    def _event(conn: sqlite3.Connection, username: str, action: str, actor: str, reason: str) -> None:
-        conn.execute("INSERT INTO account_events(ts, username, action, actor, reason) VALUES (?, ?, ?, ?, ?)",
-                     (_now_ms(), username, action, actor, reason))
-
-    @staticmethod
-    def _state_of(conn: sqlite3.Connection, username: str) -> str:
-        """The account's state; UnknownAccount when there is none, AccountDeleted when deleted."""
-        row = conn.execute("SELECT state FROM accounts WHERE username=?", (username,)).fetchone()
-        if row is None:
-            raise UnknownAccount(username)
-        if row[0] == _DELETED:
-            raise AccountDeleted(username)
-        return str(row[0])
+        skel = accounts.skeleton_of(username)
+        await self._submit(partial(accounts.create_account, username=username, skel=skel, identity=identity,
+                                   now=now_ms, invite_hash=invite_hash, recovery_public=recovery_public))
 
     async def get_identity(self, username: str) -> bytes | None:
-        def op(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute("SELECT identity FROM accounts WHERE username=? AND state=?",
-                               (username, _ACTIVE)).fetchone()
-            return None if row is None else bytes(row[0])
-        return await self._submit(op)
-
-    _ACCOUNT_COLUMNS = ("username, identity, state, created_ms, recovery_public, login_counter, "
-                        "state_changed_ms, state_by, state_reason")
-
-    @staticmethod
-    def _info(row: Sequence[Any]) -> AccountInfo:
-        return AccountInfo(username=row[0], identity=bytes(row[1]), state=AccountState(row[2]),
-                           created_ms=row[3], recovery_public=None if row[4] is None else bytes(row[4]),
-                           login_counter=row[5], state_changed_ms=row[6], state_by=row[7],
-                           state_reason=row[8])
+        return await self._submit(partial(accounts.active_identity, username=username))
 
     async def get_account(self, username: str) -> AccountInfo | None:
-        def op(conn: sqlite3.Connection) -> AccountInfo | None:
-            row = conn.execute(f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE username=?",  # noqa: S608
-                               (username,)).fetchone()
-            return None if row is None else self._info(row)
-        return await self._submit(op)
+        return await self._submit(partial(accounts.get_account, username=username))
 
     async def list_accounts(self) -> list[AccountInfo]:
-        def op(conn: sqlite3.Connection) -> list[AccountInfo]:
-            rows = conn.execute(f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts ORDER BY username"  # noqa: S608
-                                ).fetchall()
-            return [self._info(row) for row in rows]
-        return await self._submit(op)
+        return await self._submit(accounts.list_accounts)
 
     async def set_state(self, username: str, state: AccountState, by: str, reason: str) -> None:
         if state not in (AccountState.ACTIVE, AccountState.SUSPENDED):
             raise ValueError("set_state takes ACTIVE or SUSPENDED; use delete_account to delete")
 
         def op(conn: sqlite3.Connection) -> None:
-            if self._state_of(conn, username) == state.value:
-                return
-            conn.execute("UPDATE accounts SET state=?, state_changed_ms=?, state_by=?, state_reason=? "
-                         "WHERE username=?", (state.value, _now_ms(), by, reason, username))
-            self._event(conn, username, state.value, by, reason)
+            accounts.set_state(conn, username, state, by, reason)
             self._boxes.pop(username, None)
         await self._submit(op)
 
     async def delete_account(self, username: str, by: str, reason: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            try:
-                self._state_of(conn, username)
-            except AccountDeleted:
-                return
-            body_ids = {r[0] for r in conn.execute("DELETE FROM messages WHERE recipient=? RETURNING body_id",
-                                                   (username,)).fetchall() if r[0] is not None}
-            for body_id in body_ids:
-                self._drop_body(conn, body_id)
-            conn.execute("DELETE FROM one_time_prekeys WHERE username=?", (username,))
-            conn.execute("DELETE FROM blocks WHERE owner=? OR blocked=?", (username, username))
-            conn.execute("UPDATE accounts SET state=?, identity=x'', signed_prekey=NULL, "
-                         "kem_last_resort=NULL, recovery_public=NULL, login_counter=0, state_changed_ms=?, "
-                         "state_by=?, state_reason=? WHERE username=?",
-                         (_DELETED, _now_ms(), by, reason, username))
-            self._event(conn, username, _DELETED, by, reason)
-            self._boxes.clear()  # block lists of others may have named it
-            self._recent.clear()
-            self._total_bytes = None
+            if accounts.delete_account(conn, username, by, reason):
+                self._boxes.clear()  # block lists of others may have named it
+                self._recent.clear()
+                self._total_bytes = None
         await self._submit(op)
 
     async def rebind_identity(self, username: str, identity: bytes, recovery_public: bytes | None) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            self._state_of(conn, username)
-            conn.execute("UPDATE accounts SET identity=?, recovery_public=?, signed_prekey=NULL, "
-                         "kem_last_resort=NULL, login_counter=0 WHERE username=?",
-                         (identity, recovery_public, username))
-            conn.execute("DELETE FROM one_time_prekeys WHERE username=?", (username,))
-            self._event(conn, username, "rebind", "user", "")
-        await self._submit(op)
+        await self._submit(partial(accounts.rebind_identity, username=username, identity=identity,
+                                   recovery_public=recovery_public))
 
     async def set_recovery_public(self, username: str, recovery_public: bytes) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            self._state_of(conn, username)
-            conn.execute("UPDATE accounts SET recovery_public=? WHERE username=?",
-                         (recovery_public, username))
-            self._event(conn, username, "set_recovery", "user", "")
-        await self._submit(op)
+        await self._submit(partial(accounts.set_recovery_public, username=username,
+                                   recovery_public=recovery_public))
 
     async def bump_login(self, username: str, counter: int) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT login_counter, state FROM accounts WHERE username=?",
-                               (username,)).fetchone()
-            if row is None or row[1] == _DELETED:
-                raise UnknownAccount(username)
-            if counter < row[0]:
-                return False
-            if counter > row[0]:
-                conn.execute("UPDATE accounts SET login_counter=? WHERE username=?", (counter, username))
-            return True
-        return await self._submit(op)
+        return await self._submit(partial(accounts.bump_login, username=username, counter=counter))
 
     async def reserve(self, names: Sequence[str]) -> None:
-        rows = [(name, _skeleton(name)) for name in names]
-
-        def op(conn: sqlite3.Connection) -> None:
-            now = _now_ms()
-            conn.executemany("INSERT OR IGNORE INTO reserved_names(name, skeleton, created_ms) "
-                             "VALUES (?, ?, ?)",
-                             [(name, skel, now) for name, skel in rows])
-        await self._submit(op)
+        await self._submit(partial(accounts.reserve, names=[(n, accounts.skeleton_of(n)) for n in names]))
 
     async def unreserve(self, names: Sequence[str]) -> None:
-        names = list(names)
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.executemany("DELETE FROM reserved_names WHERE name=?", [(name,) for name in names])
-        await self._submit(op)
+        await self._submit(partial(accounts.unreserve, names=list(names)))
 
     async def reserved(self) -> list[str]:
-        def op(conn: sqlite3.Connection) -> list[str]:
-            return [r[0] for r in conn.execute("SELECT name FROM reserved_names ORDER BY name")]
-        return await self._submit(op)
+        return await self._submit(accounts.reserved)
+
+    async def set_block(self, owner: str, blocked: str, blocked_on: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            accounts.set_block(conn, owner, blocked, blocked_on)
+            self._boxes.pop(owner, None)
+        await self._submit(op)
+
+    async def blocked(self, owner: str) -> list[str]:
+        return await self._submit(partial(accounts.blocked, owner=owner))
+
+    async def epoch(self) -> bytes:
+        return await self._submit(accounts.epoch)
+
+    async def renew_epoch(self) -> bytes:
+        return await self._submit(accounts.renew_epoch)
 
     async def add_invite(self, token_hash: bytes, now_ms: int, expires_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -641,7 +513,7 @@ class SqliteRelayStore:
     @staticmethod
     def _require_account(conn: sqlite3.Connection, username: str) -> tuple[Any, ...]:
         row = conn.execute("SELECT identity, signed_prekey, kem_last_resort FROM accounts "
-                           "WHERE username=? AND state=?", (username, _ACTIVE)).fetchone()
+                           "WHERE username=? AND state=?", (username, accounts.ACTIVE)).fetchone()
         if row is None:
             raise UnknownAccount(username)
         return tuple(row)
@@ -704,7 +576,7 @@ class SqliteRelayStore:
         row = conn.execute("SELECT state FROM accounts WHERE username=?", (name,)).fetchone()
         if row is None:
             return None  # not cached: made-up names must not grow the cache
-        box = _Box(row[0] == _ACTIVE)
+        box = _Box(row[0] == accounts.ACTIVE)
         if box.active:
             for sender, n, nbytes in conn.execute("SELECT sender, count(*), sum(size) FROM messages "
                                                   "WHERE recipient=? GROUP BY sender", (name,)):
@@ -1016,31 +888,6 @@ class SqliteRelayStore:
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         return await self.ack_nowait(recipient, seqs)
 
-    # --- blocks -----------------------------------------------------------------------------
-
-    async def set_block(self, owner: str, blocked: str, blocked_on: bool) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            self._state_of(conn, owner)
-            if conn.execute("SELECT 1 FROM accounts WHERE username=?", (blocked,)).fetchone() is None:
-                raise UnknownAccount(blocked)
-            if not blocked_on:
-                conn.execute("DELETE FROM blocks WHERE owner=? AND blocked=?", (owner, blocked))
-            elif conn.execute("SELECT 1 FROM blocks WHERE owner=? AND blocked=?",
-                              (owner, blocked)).fetchone() is None:
-                if conn.execute("SELECT count(*) FROM blocks WHERE owner=?",
-                                (owner,)).fetchone()[0] >= MAX_BLOCKS:
-                    raise BlockListFull(f"an account blocks at most {MAX_BLOCKS} senders")
-                conn.execute("INSERT INTO blocks(owner, blocked, created_ms) VALUES (?, ?, ?)",
-                             (owner, blocked, _now_ms()))
-            self._boxes.pop(owner, None)
-        await self._submit(op)
-
-    async def blocked(self, owner: str) -> list[str]:
-        def op(conn: sqlite3.Connection) -> list[str]:
-            return [r[0] for r in conn.execute("SELECT blocked FROM blocks WHERE owner=? ORDER BY blocked",
-                                               (owner,))]
-        return await self._submit(op)
-
     # --- operators and upkeep ---------------------------------------------------------------
 
     def _flush_usage(self, conn: sqlite3.Connection) -> None:
@@ -1067,19 +914,6 @@ class SqliteRelayStore:
             return rows
         return await self._submit(op)
 
-    async def epoch(self) -> bytes:
-        def op(conn: sqlite3.Connection) -> bytes:
-            return bytes(conn.execute("SELECT value FROM epoch WHERE id=1").fetchone()[0])
-        return await self._submit(op)
-
-    async def renew_epoch(self) -> bytes:
-        value = os.urandom(EPOCH_BYTES)
-
-        def op(conn: sqlite3.Connection) -> bytes:
-            conn.execute("UPDATE epoch SET value=?, created_ms=? WHERE id=1", (value, _now_ms()))
-            return value
-        return await self._submit(op)
-
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO meta(key, value) VALUES('next_seq', ?) "
@@ -1092,10 +926,10 @@ class SqliteRelayStore:
 
     async def stats(self) -> StoreStats:
         def op(conn: sqlite3.Connection) -> StoreStats:
-            accounts = conn.execute("SELECT count(*) FROM accounts WHERE state != ?",
-                                    (_DELETED,)).fetchone()[0]
+            live = conn.execute("SELECT count(*) FROM accounts WHERE state != ?",
+                                (accounts.DELETED,)).fetchone()[0]
             queued = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-            return StoreStats(accounts=accounts, queued_messages=queued)
+            return StoreStats(accounts=live, queued_messages=queued)
         return await self._submit(op)
 
 
