@@ -16,7 +16,6 @@ from relay_harness import harness, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Accepted, Error, Ok
-
 from cipherpost.store.base import (
     MailboxPolicy,
     NameConfusable,
