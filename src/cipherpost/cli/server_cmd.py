@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 
 from ..server import logfmt
+from ..server.backends import BUS_ENV, STORE_ENV
 from ..server.config import DATA_ENV, REGISTRATION_MODES, ServerConfig, default_data_dir
+from ..store.base import StoreError
 from ..store.sqlite import SqliteRelayStore
 
 log = logging.getLogger("cipherpost.server")
@@ -57,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="prekey bundle fetches per requesting account per hour (default 200)")
     p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=20,
                    help="prekey bundle fetches per (requester, target) per hour (default 20)")
+    p.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help=f"where state lives: sqlite:PATH or postgresql://USER@HOST/DB?schema=NAME "
+                        f"(default ${STORE_ENV}, else relay.db in the data directory)")
+    p.add_argument("--bus", default=os.environ.get(BUS_ENV) or None, metavar="URL",
+                   help=f"wake-ups across instances: redis://HOST:PORT/DB?prefix=NAME (default ${BUS_ENV}, "
+                        "else in-process); needs a postgresql:// --store")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_server)
 
@@ -76,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections_per_account=args.max_connections_per_account,
         max_outbound_bytes=args.max_outbound_bytes, bundle_fetches_per_hour=args.bundle_fetches_per_hour,
         bundle_fetches_per_target_per_hour=args.bundle_fetches_per_target_per_hour,
+        store_url=args.store, bus_url=args.bus,
     )
 
 
@@ -93,6 +103,9 @@ def run_server(args: argparse.Namespace) -> int:
         pass
     except OSError as exc:  # address in use, unreadable certificate ...
         print(f"cipherpost server: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # database unreachable, schema newer than this code ...
+        print(f"cipherpost server: store: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -26,6 +26,8 @@ from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls
+from .backends import describe, make_bus, make_store
+from .bus import Bus
 from .config import ServerConfig
 from .connection import Connection
 from .limits import WindowLimiter
@@ -40,11 +42,16 @@ PLAINTEXT_CHANNEL = bytes(32)  # docs/wire.md: channel binding in loopback-only 
 
 
 class RelayServer:
-    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None,
+                 bus: Bus | None = None) -> None:
         config.validate()
         self.config = config
-        self.store: RelayStore = store or SqliteRelayStore(config.db_path,
-                                                           synchronous=config.sqlite_synchronous)
+        self.store: RelayStore = store or make_store(config)
+        # Scale-out (server/bus.py): wake-ups for users connected to other instances. Only the SQLite
+        # store completes commits in seq order on one writer thread; with any other store a pushed
+        # seq that is not the next one makes the connection page from the store instead.
+        self.bus: Bus = bus or make_bus(config)
+        self.gap_checked = not isinstance(self.store, SqliteRelayStore)
         self.metrics = Metrics()
         self.pake_limiter = WindowLimiter(config.pake_per_hour, 3600.0)
         # fetch_bundle spends the target's one-time prekeys: limited per requester and per pair
@@ -81,6 +88,7 @@ class RelayServer:
             ssl_context = tls.server_context(cert_path, key_path)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
+        await self.bus.start(self.wake, self._routes.keys)
         self._server = await serve(
             self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
             # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
@@ -94,8 +102,9 @@ class RelayServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{scheme}://{host}:{self.port}"
         self._prune_task = asyncio.create_task(self._prune_loop())
-        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s", self.url, cfg.data_dir,
-                 cfg.registration, self.cert_fingerprint or "none")
+        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s store=%s bus=%s", self.url,
+                 cfg.data_dir, cfg.registration, self.cert_fingerprint or "none", describe(cfg.store_url),
+                 describe(cfg.bus_url))
 
     async def stop(self) -> None:
         if self._server is None:
@@ -105,6 +114,7 @@ class RelayServer:
             self._prune_task.cancel()
         server.close(close_connections=True)
         await server.wait_closed()
+        await self.bus.stop()
         await self.store.close()  # commits everything already submitted
         self._stopped.set()
         log.info("event=stopped")
@@ -180,10 +190,17 @@ class RelayServer:
             conns.discard(conn)
             if not conns:
                 del self._routes[conn.username]
+                self.bus.unwatch(conn.username)
 
     def route(self, recipient: str, message: DeliveredMessage) -> None:
         for conn in self._routes.get(recipient, ()):
             conn.push(message)
+        self.bus.publish(recipient, message.seq)  # recipients connected to other instances
+
+    def wake(self, username: str, seq: int | None) -> None:
+        """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance."""
+        for conn in self._routes.get(username, ()):
+            conn.wake(seq)
 
     def flush_soon(self, conn: Connection) -> None:
         """Have ``conn.flush_now()`` run once, after every callback ready in this loop iteration

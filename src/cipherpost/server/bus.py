@@ -1,0 +1,295 @@
+"""Wake-ups across relay instances: "mail is waiting for user X" (docs/server.md, scale-out).
+
+A relay instance pushes a committed message to the recipient's connections on *this* instance
+itself (``RelayServer.route``). When several instances share one PostgreSQL store, the recipient
+may be connected to another one: the :class:`Bus` carries a wake-up ``(user, seq)`` there, and
+that instance pages the mail from the store (``Connection.wake``). A wake-up carries no message:
+the store stays the only source of mail, so a lost or reordered wake-up costs a delay, never a
+message or its order.
+
+- :class:`LocalBus` (default, one process): nothing to carry; ``route`` already pushed.
+- :class:`RedisBus` (``--bus redis://...``, redis-py asyncio pub/sub): one channel per user,
+  ``<prefix>:wake:<user>``. An instance subscribes to a user's channel when the user's first
+  connection authenticates, and ``watch`` returns only once Redis confirmed the subscription, so
+  the connection's first sync query cannot miss a wake-up published between the two. Publishes of
+  one event-loop iteration go out in one pipeline. When Redis is lost the instance keeps serving:
+  it logs ``event=bus_down``, wakes every local user every ``POLL_INTERVAL_S`` (a store query per
+  connection) and reconnects with backoff; when Redis is back it re-subscribes, logs
+  ``event=bus_up`` and wakes every local user once, which covers the wake-ups lost meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+log = logging.getLogger("cipherpost.server")
+
+POLL_INTERVAL_S = 2.0  # while Redis is unreachable: how often every local user is woken
+RECONNECT_MAX_S = 2.0  # backoff cap between reconnection attempts
+SUBSCRIBE_TIMEOUT_S = 2.0  # watch() stops waiting for Redis's confirmation (the poll covers it)
+READ_TIMEOUT_S = 1.0  # get_message's wait; bounds how late stop() is noticed
+
+WakeHandler = Callable[[str, "int | None"], None]  # (user, seq or None = "page whatever is new")
+
+
+class Bus(Protocol):
+    """Carries wake-ups between relay instances that share one store."""
+
+    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]]) -> None:
+        """Begin delivering wake-ups to ``on_wake``; ``local_users()`` lists the users connected
+        here (woken all at once after an outage). Never raises for an unreachable broker."""
+
+    async def stop(self) -> None: ...
+
+    async def watch(self, user: str) -> None:
+        """Receive ``user``'s wake-ups from now on; returns when they are certain to arrive (or the
+        bus is down, in which case the poll delivers)."""
+
+    def unwatch(self, user: str) -> None:
+        """The last local connection of ``user`` is gone."""
+
+    def publish(self, user: str, seq: int) -> None:
+        """Mail with ``seq`` was committed for ``user`` (after the commit; never blocks)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+class LocalBus:
+    """One relay process: ``RelayServer.route`` pushes to local connections; nothing else to do."""
+
+    healthy = True
+
+    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]]) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def watch(self, user: str) -> None:
+        return None
+
+    def unwatch(self, user: str) -> None:
+        return None
+
+    def publish(self, user: str, seq: int) -> None:
+        return None
+
+
+def parse_bus_url(url: str) -> tuple[str, str]:
+    """``redis://host:port/db?prefix=NAME`` -> (URL for redis-py without ``prefix``, prefix)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"--bus must be a redis:// or rediss:// URL, not {parts.scheme or url!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in query if k == "prefix"), "cipherpost")
+    if not prefix or any(c in prefix for c in ": \n"):
+        raise ValueError("--bus prefix must be non-empty, without ':' or spaces")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
+
+
+class RedisBus:
+    """Wake-ups over Redis pub/sub; see the module docstring for the failure behaviour."""
+
+    def __init__(self, url: str) -> None:
+        self._url, self.prefix = parse_bus_url(url)
+        self.instance = secrets.token_hex(6)  # our own publishes are not echoed back to us
+        self._on_wake: WakeHandler | None = None
+        self._local_users: Callable[[], Iterable[str]] = tuple
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._up = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> subscription confirmed
+        self._outbox: list[tuple[str, int]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self.wakeups_received = 0
+        self.wakeups_published = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._up
+
+    def _channel(self, user: str) -> str:
+        return f"{self.prefix}:wake:{user}"
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]]) -> None:
+        import redis.asyncio as redis  # optional dependency: the [scale] extra
+
+        self._on_wake = on_wake
+        self._local_users = local_users
+        self._client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=None,
+                                            health_check_interval=0)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in (self._task, self._flush_task, self._poll_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        await self._close_pubsub()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    # --- subscriptions ----------------------------------------------------------------------
+
+    async def watch(self, user: str) -> None:
+        channel = self._channel(user)
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            if self._up and self._pubsub is not None:
+                try:
+                    await self._pubsub.subscribe(channel)
+                except Exception as exc:  # the reader notices the outage too and reconnects
+                    self._went_down(exc)
+        if confirmed.done() or not self._up:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("event=bus_subscribe_slow user=%s", user)
+
+    def unwatch(self, user: str) -> None:
+        channel = self._channel(user)
+        if self._confirmed.pop(channel, None) is None or self._pubsub is None or not self._up:
+            return
+        asyncio.get_running_loop().create_task(self._unsubscribe(channel))
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self._confirmed:  # watched again meanwhile
+            return
+        with contextlib.suppress(Exception):
+            await self._pubsub.unsubscribe(channel)
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def publish(self, user: str, seq: int) -> None:
+        if not self._up:
+            return  # the recipient's instance polls while Redis is away
+        self._outbox.append((user, seq))
+        if self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                pipe = self._client.pipeline(transaction=False)
+                for user, seq in batch:
+                    pipe.publish(self._channel(user), f"{self.instance}:{seq}")
+                try:
+                    await pipe.execute()
+                    self.wakeups_published += len(batch)
+                except Exception as exc:
+                    self._went_down(exc)
+                    return
+        finally:
+            self._flush_task = None
+
+    # --- the reader: wake-ups in, reconnection, poll while down --------------------------------
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._up = False
+        if self._poll_task is None and not self._stopping:
+            log.warning("event=bus_down error=%s poll_interval_s=%g", type(exc).__name__, POLL_INTERVAL_S)
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            self._wake_everyone()
+
+    async def _connect(self) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        self._pubsub = pubsub
+        await self._client.ping()
+        loop = asyncio.get_running_loop()
+        for channel, confirmed in list(self._confirmed.items()):  # confirmations come again
+            if confirmed.done():
+                self._confirmed[channel] = loop.create_future()
+        # a pub/sub connection needs a subscription before it may read: the control channel
+        await pubsub.subscribe(f"{self.prefix}:control", *self._confirmed)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await self._connect()
+            except Exception as exc:
+                self._went_down(exc)
+                await self._close_pubsub()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay = 0.1
+            self._up = True
+            recovered = self._poll_task is not None
+            if self._poll_task is not None:
+                self._poll_task.cancel()
+                self._poll_task = None
+            log.info("event=bus_up prefix=%s instance=%s", self.prefix, self.instance)
+            if recovered:
+                self._wake_everyone()  # once: wake-ups published while we were away are lost
+            try:
+                await self._read()
+            except Exception as exc:
+                self._went_down(exc)
+            await self._close_pubsub()
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        while not self._stopping:
+            message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
+            if message is None:
+                continue
+            kind = message["type"]
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            if kind == "subscribe":
+                confirmed = self._confirmed.get(channel)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+            elif kind == "message":
+                self._deliver(channel, message["data"])
+
+    def _deliver(self, channel: str, data: bytes) -> None:
+        user = channel[len(self.prefix) + len(":wake:"):]
+        try:
+            origin, seq_text = data.decode().split(":", 1)
+            seq = int(seq_text)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("event=bus_bad_wakeup")
+            return
+        if origin == self.instance:
+            return
+        self.wakeups_received += 1
+        assert self._on_wake is not None
+        self._on_wake(user, seq)
+
+    def _wake_everyone(self) -> None:
+        if self._on_wake is None:
+            return
+        for user in list(self._local_users()):
+            self._on_wake(user, None)
+
