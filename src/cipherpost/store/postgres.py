@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -41,32 +43,59 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # optional dependency (the [scale] extra): this module is imported only for postgresql://
 
+from ..protocol.errors import ProtocolError
+from ..protocol.usernames import require_normalized, skeleton
 from .base import (
+    EPOCH_BYTES,
+    MAX_BLOCKS,
+    MAX_FANOUT,
+    AccountDeleted,
+    AccountInfo,
+    AccountState,
+    AccountSuspended,
+    BlockListFull,
     BundleParts,
+    Delivery,
+    EnqueueCallback,
+    EnqueueManyCallback,
     EnqueueResult,
+    InvalidDelivery,
     InvalidInvite,
+    InvalidName,
     MailboxFull,
+    MailboxPolicy,
+    NameConfusable,
+    NameReserved,
     NewMessage,
     NoPrekeys,
     PoolCounts,
     PrekeyPoolFull,
+    QuotaExceeded,
+    RecipientResult,
+    RecipientStatus,
+    SchemaTooNew,
+    SenderCapReached,
     StoredMessage,
     StoreError,
     StoreStats,
     UnknownAccount,
+    UsageRow,
     UsernameTaken,
 )
+from .postgres_schema import POSTGRES_V2
 
 T = TypeVar("T")
 log = logging.getLogger("cipherpost.store")
 
-MAX_BATCH = 512  # sends per cp_enqueue call
+MAX_BATCH = 512  # deliveries per cp_enqueue call
 WORKERS = 4  # concurrent cp_enqueue calls (each a group commit)
 EXTRA_CONNECTIONS = 8  # pool connections for everything else (sync pages, prekeys, accounts)
-MIGRATION_LOCK = 0x63707374  # pg_advisory_xact_lock(MIGRATION_LOCK, hashtext(schema)): "cpst"
+USAGE_KEEP_MS = 90 * 24 * 3600 * 1000  # usage rows older than this are pruned
 _X25519 = 0
 _KEM = 1
-_ENQ_ACCEPTED, _ENQ_DUPLICATE, _ENQ_UNKNOWN, _ENQ_FULL = 0, 1, 2, 3
+_STATUSES = (RecipientStatus.ACCEPTED, RecipientStatus.DUPLICATE, RecipientStatus.UNKNOWN_USER,
+             RecipientStatus.SUSPENDED, RecipientStatus.MAILBOX_FULL, RecipientStatus.SENDER_CAP,
+             RecipientStatus.QUOTA_EXCEEDED)  # cp_enqueue's status codes, by index
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # A broken or refused connection (pg_terminate_backend, restart, network): not the statement's fault.
 _CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -83,110 +112,6 @@ class OutcomeUnknown(StoreUnavailable):
     with the same message id is safe (deduplicated)."""
 
 
-# Versioned schema, applied in order under the advisory lock; the version is recorded in
-# schema_version. Each entry: (version, name, SQL).
-MIGRATIONS: tuple[tuple[int, str, str], ...] = (
-    (1, "relay tables", """
-CREATE TABLE accounts (
-    username TEXT PRIMARY KEY,
-    identity BYTEA NOT NULL,
-    created_ms BIGINT NOT NULL,
-    signed_prekey BYTEA,
-    kem_last_resort BYTEA
-);
-CREATE TABLE invites (
-    token_hash BYTEA PRIMARY KEY,
-    created_ms BIGINT NOT NULL,
-    expires_ms BIGINT NOT NULL
-);
-CREATE TABLE one_time_prekeys (
-    username TEXT NOT NULL,
-    kind SMALLINT NOT NULL,
-    key_id BIGINT NOT NULL,
-    data BYTEA NOT NULL,
-    PRIMARY KEY (username, kind, key_id)
-);
-CREATE TABLE mailbox_heads (
-    recipient TEXT PRIMARY KEY,
-    next_seq BIGINT NOT NULL DEFAULT 1,
-    queued INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE messages (
-    recipient TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    sender TEXT NOT NULL,
-    msg_id BYTEA NOT NULL,
-    kind TEXT NOT NULL,
-    body BYTEA NOT NULL,
-    ts BIGINT NOT NULL,
-    PRIMARY KEY (recipient, seq)
-);
-CREATE TABLE recent_ids (
-    sender TEXT NOT NULL,
-    msg_id BYTEA NOT NULL,
-    recipient TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    ts BIGINT NOT NULL,
-    PRIMARY KEY (sender, msg_id, recipient)
-);
-CREATE INDEX recent_ids_by_ts ON recent_ids (ts);
-
--- One round trip per batch of sends; see the module docstring for the locking order.
-CREATE FUNCTION cp_enqueue(p_senders TEXT[], p_recipients TEXT[], p_ids BYTEA[], p_kinds TEXT[],
-                           p_bodies BYTEA[], p_ts BIGINT[], p_max_queue INTEGER[])
-RETURNS TABLE (idx INTEGER, status SMALLINT, seq BIGINT) LANGUAGE plpgsql AS $$
-DECLARE
-    i INTEGER;
-    head RECORD;
-    found_seq BIGINT;
-BEGIN
-    FOR i IN SELECT t.ord FROM unnest(p_recipients) WITH ORDINALITY AS t(r, ord) ORDER BY t.r, t.ord
-    LOOP
-        idx := i;
-        SELECT h.next_seq, h.queued INTO head FROM mailbox_heads h
-            WHERE h.recipient = p_recipients[i] FOR UPDATE;
-        IF NOT FOUND THEN
-            status := 2; seq := NULL; RETURN NEXT; CONTINUE;
-        END IF;
-        SELECT r.seq INTO found_seq FROM recent_ids r
-            WHERE r.sender = p_senders[i] AND r.msg_id = p_ids[i] AND r.recipient = p_recipients[i];
-        IF FOUND THEN
-            status := 1; seq := found_seq; RETURN NEXT; CONTINUE;
-        END IF;
-        IF head.queued >= p_max_queue[i] THEN
-            status := 3; seq := NULL; RETURN NEXT; CONTINUE;
-        END IF;
-        UPDATE mailbox_heads SET next_seq = head.next_seq + 1, queued = head.queued + 1
-            WHERE recipient = p_recipients[i];
-        INSERT INTO messages (recipient, seq, sender, msg_id, kind, body, ts)
-            VALUES (p_recipients[i], head.next_seq, p_senders[i], p_ids[i], p_kinds[i], p_bodies[i], p_ts[i]);
-        INSERT INTO recent_ids (sender, msg_id, recipient, seq, ts)
-            VALUES (p_senders[i], p_ids[i], p_recipients[i], head.next_seq, p_ts[i]);
-        status := 0; seq := head.next_seq; RETURN NEXT;
-    END LOOP;
-END $$;
-
--- Acks: delete, then lower the queued counts (heads locked in sorted order, as in cp_enqueue).
-CREATE FUNCTION cp_ack(p_recipients TEXT[], p_seqs BIGINT[]) RETURNS INTEGER LANGUAGE plpgsql AS $$
-DECLARE
-    total INTEGER := 0;
-    d RECORD;
-BEGIN
-    FOR d IN
-        WITH gone AS (
-            DELETE FROM messages m USING unnest(p_recipients, p_seqs) AS a(r, s)
-            WHERE m.recipient = a.r AND m.seq = a.s RETURNING m.recipient)
-        SELECT recipient, count(*)::INTEGER AS n FROM gone GROUP BY recipient ORDER BY recipient
-    LOOP
-        UPDATE mailbox_heads SET queued = queued - d.n WHERE recipient = d.recipient;
-        total := total + d.n;
-    END LOOP;
-    RETURN total;
-END $$;
-"""),
-)
-
-
 def parse_store_url(url: str) -> tuple[str, str]:
     """``postgresql://...?schema=NAME`` -> (DSN for asyncpg without ``schema``, schema name)."""
     parts = urlsplit(url)
@@ -200,7 +125,39 @@ def parse_store_url(url: str) -> tuple[str, str]:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), schema
 
 
-EnqueueCallback = Callable[[EnqueueResult | None, StoreError | None], None]
+class _Send:
+    """One delivery waiting for a worker; ``single`` ones answer with EnqueueResult or an error."""
+
+    __slots__ = ("callback", "delivery", "policy", "single")
+
+    def __init__(self, delivery: Delivery, policy: MailboxPolicy, single: bool,
+                 callback: Callable[[Any, StoreError | None], None]) -> None:
+        self.delivery = delivery
+        self.policy = policy
+        self.single = single
+        self.callback = callback
+
+
+def _policy(policy: MailboxPolicy | int) -> MailboxPolicy:
+    return MailboxPolicy.queue_only(policy) if isinstance(policy, int) else policy
+
+
+def _single_result(recipient: str, status: RecipientStatus, seq: int | None) -> EnqueueResult:
+    """A single-recipient send's result, or the error its status stands for (raised)."""
+    if status is RecipientStatus.ACCEPTED:
+        return EnqueueResult(seq=seq or 0, duplicate=False, dropped=seq is None)
+    if status is RecipientStatus.DUPLICATE:
+        return EnqueueResult(seq=seq or 0, duplicate=True)
+    raise {RecipientStatus.UNKNOWN_USER: UnknownAccount, RecipientStatus.SUSPENDED: AccountSuspended,
+           RecipientStatus.MAILBOX_FULL: MailboxFull, RecipientStatus.SENDER_CAP: SenderCapReached,
+           RecipientStatus.QUOTA_EXCEEDED: QuotaExceeded}[status](recipient)
+
+
+def _check_name(name: str) -> str:
+    try:
+        return require_normalized(name)
+    except ProtocolError:
+        raise InvalidName(f"{name!r} is not a valid username") from None
 
 
 class PostgresRelayStore:
@@ -213,7 +170,7 @@ class PostgresRelayStore:
             raise ValueError(f"schema name {self.schema!r}: use lower-case letters, digits and '_'")
         self._workers = workers
         self._pool: Any = None
-        self._sends: list[tuple[NewMessage, int, EnqueueCallback]] = []
+        self._sends: list[_Send] = []
         self._acks: list[tuple[str, Sequence[int]]] = []
         self._ready: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -242,25 +199,13 @@ class PostgresRelayStore:
         conn = await asyncpg.connect(self._dsn)
         try:
             async with conn.transaction():
-                # Instances starting together queue here; each migration runs once.
-                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", MIGRATION_LOCK,
-                                   self.schema)
+                # the runner's lock, taken before CREATE SCHEMA too (which races); it is re-entrant
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
-                await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
-                                   "name TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
-                current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-                newest = MIGRATIONS[-1][0]
-                if current > newest:
-                    raise StoreError(f"store schema version {current} is newer than this relay's "
-                                     f"({newest}); upgrade cipherpost")
-                for version, name, sql in MIGRATIONS:
-                    if version > current:
-                        await conn.execute(sql)
-                        await conn.execute("INSERT INTO schema_version VALUES ($1, $2, "
-                                           "(extract(epoch FROM now()) * 1000)::BIGINT)", version, name)
-                        log.info("event=store_migrated schema=%s version=%d name=%s", self.schema,
-                                 version, name.replace(" ", "_"))
+                await migrate(conn, f"PostgreSQL schema {self.schema!r}")
+                await conn.execute("INSERT INTO epoch VALUES (1, $1, $2) ON CONFLICT DO NOTHING",
+                                   os.urandom(EPOCH_BYTES), _now_ms())
         finally:
             await conn.close()
 
@@ -298,16 +243,35 @@ class PostgresRelayStore:
 
     # --- sends and acks: batched by the workers ---------------------------------------------
 
-    def enqueue(self, message: NewMessage, max_queue: int) -> asyncio.Future[EnqueueResult]:
-        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
-        self.enqueue_then(message, max_queue, partial(_resolve, future))
-        return future
-
-    def enqueue_then(self, message: NewMessage, max_queue: int, callback: EnqueueCallback) -> None:
+    def _submit(self, op: _Send) -> None:
         if self._ready is None or self._closed:
             raise StoreError("store is not open")
-        self._sends.append((message, max_queue, callback))
+        self._sends.append(op)
         self._ready.set()
+
+    def enqueue_many_then(self, delivery: Delivery, policy: MailboxPolicy,
+                          callback: EnqueueManyCallback) -> None:
+        recipients = delivery.recipients
+        if not recipients or len(recipients) > MAX_FANOUT or len(set(recipients)) != len(recipients):
+            raise InvalidDelivery(f"a delivery needs 1 to {MAX_FANOUT} distinct recipients")
+        self._submit(_Send(delivery, policy, False, callback))
+
+    async def enqueue_many(self, delivery: Delivery, policy: MailboxPolicy) -> list[RecipientResult]:
+        future: asyncio.Future[list[RecipientResult]] = asyncio.get_running_loop().create_future()
+        self.enqueue_many_then(delivery, policy, partial(_resolve, future))
+        return await future
+
+    def enqueue(self, message: NewMessage, policy: MailboxPolicy | int) -> asyncio.Future[EnqueueResult]:
+        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self.enqueue_then(message, policy, partial(_resolve, future))
+        return future
+
+    def enqueue_then(self, message: NewMessage, policy: MailboxPolicy | int,
+                     callback: EnqueueCallback) -> None:
+        m = message
+        delivery = Delivery(sender=m.sender, msg_id=m.msg_id, kind=m.kind, body=m.body, ts=m.ts,
+                            recipients=(m.recipient,))
+        self._submit(_Send(delivery, _policy(policy), True, callback))
 
     def ack_later(self, recipient: str, seqs: Sequence[int]) -> None:
         if self._ready is None or self._closed:
@@ -317,8 +281,8 @@ class PostgresRelayStore:
 
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         seq_list = list(seqs)
-        return int(await self._call(lambda c: c.fetchval("SELECT cp_ack($1, $2)", [recipient] * len(seq_list),
-                                                         seq_list)))
+        return int(await self._call(lambda c: c.fetchval(
+            "SELECT cp_remove($1, $2, false)", [recipient] * len(seq_list), seq_list)))
 
     async def _worker(self) -> None:
         assert self._ready is not None and self._idle is not None
@@ -348,45 +312,52 @@ class PostgresRelayStore:
         recipients = [r for r, seqs in acks for _ in seqs]
         seqs = [s for _, ss in acks for s in ss]
         try:
-            await self._call(lambda c: c.fetchval("SELECT cp_ack($1, $2)", recipients, seqs))
+            await self._call(lambda c: c.fetchval("SELECT cp_remove($1, $2, false)", recipients, seqs))
         except StoreError as exc:  # the client acks again after its next sync
             log.error("event=store_ack_failed error=%s", type(exc).__name__)
 
-    async def _run_sends(self, sends: list[tuple[NewMessage, int, EnqueueCallback]]) -> None:
+    async def _run_sends(self, sends: list[_Send]) -> None:
         self.batches += 1
         self.batched_ops += len(sends)
         try:
-            rows = await self._call(partial(_enqueue_call, [m for m, _, _ in sends],
-                                            [q for _, q, _ in sends]))
+            rows = await self._call(partial(_enqueue_call, sends))
         except StoreError as exc:
-            for _, _, callback in sends:
-                _callback(callback, None, exc)
+            for op in sends:
+                _callback(op.callback, None, exc)
             return
         except Exception as exc:  # a database error (not the connection): isolate the bad send
             if len(sends) == 1:
                 log.error("event=store_enqueue_failed error=%s", type(exc).__name__)
-                _callback(sends[0][2], None, StoreError(f"database error ({type(exc).__name__})"))
+                _callback(sends[0].callback, None, StoreError(f"database error ({type(exc).__name__})"))
                 return
             log.error("event=store_batch_failed ops=%d error=%s; retrying one by one", len(sends),
                       type(exc).__name__)
             for one in sends:
                 await self._run_sends([one])
             return
-        for idx, status, seq in rows:
-            message, _, callback = sends[idx - 1]
-            if status == _ENQ_ACCEPTED:
-                _callback(callback, EnqueueResult(seq=seq, duplicate=False), None)
-            elif status == _ENQ_DUPLICATE:
-                _callback(callback, EnqueueResult(seq=seq, duplicate=True), None)
-            elif status == _ENQ_UNKNOWN:
-                _callback(callback, None, UnknownAccount(message.recipient))
+        results: list[list[RecipientResult]] = [[] for _ in sends]
+        for didx, _ridx, status, seq in rows:  # per delivery, in the order of its recipients
+            done = results[didx - 1]
+            recipient = sends[didx - 1].delivery.recipients[len(done)]
+            done.append(RecipientResult(recipient, _STATUSES[status], seq))
+        for op, result in zip(sends, results, strict=True):
+            if not op.single:
+                _callback(op.callback, result, None)
+                continue
+            try:
+                single = _single_result(result[0].recipient, result[0].status, result[0].seq)
+            except StoreError as exc:
+                _callback(op.callback, None, exc)
             else:
-                _callback(callback, None, MailboxFull(message.recipient))
+                _callback(op.callback, single, None)
 
     # --- accounts ---------------------------------------------------------------------------
 
     async def create_account(self, username: str, identity: bytes, now_ms: int,
-                             invite_hash: bytes | None = None) -> None:
+                             invite_hash: bytes | None = None, recovery_public: bytes | None = None) -> None:
+        name = _check_name(username)
+        skel = skeleton(name)
+
         async def op(conn: Any) -> None:
             async with conn.transaction():
                 if invite_hash is not None:
@@ -394,19 +365,153 @@ class PostgresRelayStore:
                                                "RETURNING 1", invite_hash, now_ms)
                     if used is None:
                         raise InvalidInvite("invite token is unknown, used or expired")
-                made = await conn.fetchval("INSERT INTO accounts(username, identity, created_ms) "
-                                           "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
-                                           username, identity, now_ms)
-                if made is None:
-                    raise UsernameTaken(username)  # the transaction rolls back: the invite stays
+                state = await conn.fetchval("SELECT state FROM accounts WHERE username=$1", name)
+                if state is not None:
+                    raise (NameReserved if state == AccountState.DELETED.value else UsernameTaken)(name)
+                if await conn.fetchval("SELECT 1 FROM reserved_names WHERE name=$1 OR skeleton=$2 LIMIT 1",
+                                       name, skel) is not None:
+                    raise NameReserved(name)
+                similar = await conn.fetchrow("SELECT username, state FROM accounts WHERE skeleton=$1", skel)
+                if similar is not None:
+                    if similar[1] == AccountState.DELETED.value:
+                        raise NameReserved(name)
+                    raise NameConfusable(name, similar[0])
+                try:
+                    async with conn.transaction():  # a savepoint: a racing registration wins cleanly
+                        await conn.execute(
+                            "INSERT INTO accounts(username, identity, created_ms, skeleton, recovery_public) "
+                            "VALUES ($1, $2, $3, $4, $5)", name, identity, now_ms, skel, recovery_public)
+                except asyncpg.UniqueViolationError:
+                    raise UsernameTaken(name) from None  # the transaction rolls back: the invite stays
                 await conn.execute("INSERT INTO mailbox_heads(recipient) VALUES ($1) ON CONFLICT DO NOTHING",
-                                   username)
+                                   name)
         await self._call(op)
 
     async def get_identity(self, username: str) -> bytes | None:
-        value = await self._call(lambda c: c.fetchval("SELECT identity FROM accounts WHERE username=$1",
-                                                      username))
+        value = await self._call(lambda c: c.fetchval(
+            "SELECT identity FROM accounts WHERE username=$1 AND state='active'", username))
         return None if value is None else bytes(value)
+
+    _ACCOUNT_COLUMNS = ("username, identity, state, created_ms, recovery_public, login_counter, "
+                        "state_changed_ms, state_by, state_reason")
+
+    @staticmethod
+    def _account(row: Any) -> AccountInfo:
+        return AccountInfo(username=row[0], identity=bytes(row[1]), state=AccountState(row[2]),
+                           created_ms=row[3], recovery_public=None if row[4] is None else bytes(row[4]),
+                           login_counter=row[5], state_changed_ms=row[6], state_by=row[7],
+                           state_reason=row[8])
+
+    async def get_account(self, username: str) -> AccountInfo | None:
+        row = await self._call(lambda c: c.fetchrow(
+            f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts WHERE username=$1", username))  # noqa: S608
+        return None if row is None else self._account(row)
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        rows = await self._call(lambda c: c.fetch(
+            f"SELECT {self._ACCOUNT_COLUMNS} FROM accounts ORDER BY username"))  # noqa: S608
+        return [self._account(r) for r in rows]
+
+    async def set_state(self, username: str, state: AccountState, by: str, reason: str) -> None:
+        if state is AccountState.DELETED:
+            raise ValueError("use delete_account to delete an account")
+        now = _now_ms()
+
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                current = await conn.fetchval("SELECT state FROM accounts WHERE username=$1 FOR UPDATE",
+                                              username)
+                if current is None:
+                    raise UnknownAccount(username)
+                if current == AccountState.DELETED.value:
+                    raise AccountDeleted(username)
+                await conn.execute("UPDATE accounts SET state=$2, state_changed_ms=$3, state_by=$4, "
+                                   "state_reason=$5 WHERE username=$1",
+                                   username, state.value, now, by, reason)
+                await conn.execute("INSERT INTO account_events(ts, username, action, actor, reason) "
+                                   "VALUES ($1, $2, $3, $4, $5)", now, username, state.value, by, reason)
+        await self._call(op)
+
+    async def delete_account(self, username: str, by: str, reason: str) -> None:
+        now = _now_ms()
+
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                # The head first (as every send and ack does), then the account row.
+                await conn.execute("SELECT 1 FROM mailbox_heads WHERE recipient=$1 FOR UPDATE", username)
+                current = await conn.fetchval("SELECT state FROM accounts WHERE username=$1 FOR UPDATE",
+                                              username)
+                if current is None:
+                    raise UnknownAccount(username)
+                if current == AccountState.DELETED.value:
+                    return
+                await conn.fetchval("SELECT cp_remove($1, NULL, true)", [username])
+                await conn.execute("DELETE FROM one_time_prekeys WHERE username=$1", username)
+                await conn.execute("DELETE FROM blocks WHERE owner=$1 OR blocked=$1", username)
+                await conn.execute(
+                    "UPDATE accounts SET state='deleted', identity='', signed_prekey=NULL, "
+                    "kem_last_resort=NULL, recovery_public=NULL, state_changed_ms=$2, state_by=$3, "
+                    "state_reason=$4 WHERE username=$1",
+                    username, now, by, reason)
+                await conn.execute("INSERT INTO account_events(ts, username, action, actor, reason) "
+                                   "VALUES ($1, $2, 'deleted', $3, $4)", now, username, by, reason)
+        await self._call(op)
+
+    async def _update_live_account(self, username: str, sql: str, *args: Any) -> None:
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                current = await conn.fetchval("SELECT state FROM accounts WHERE username=$1 FOR UPDATE",
+                                              username)
+                if current is None:
+                    raise UnknownAccount(username)
+                if current == AccountState.DELETED.value:
+                    raise AccountDeleted(username)
+                await conn.execute(sql, username, *args)
+        await self._call(op)
+
+    async def rebind_identity(self, username: str, identity: bytes, recovery_public: bytes | None) -> None:
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                current = await conn.fetchval("SELECT state FROM accounts WHERE username=$1 FOR UPDATE",
+                                              username)
+                if current is None:
+                    raise UnknownAccount(username)
+                if current == AccountState.DELETED.value:
+                    raise AccountDeleted(username)
+                await conn.execute("UPDATE accounts SET identity=$2, recovery_public=$3, login_counter=0, "
+                                   "signed_prekey=NULL, kem_last_resort=NULL WHERE username=$1",
+                                   username, identity, recovery_public)
+                await conn.execute("DELETE FROM one_time_prekeys WHERE username=$1", username)
+        await self._call(op)
+
+    async def set_recovery_public(self, username: str, recovery_public: bytes) -> None:
+        await self._update_live_account(username, "UPDATE accounts SET recovery_public=$2 WHERE username=$1",
+                                        recovery_public)
+
+    async def bump_login(self, username: str, counter: int) -> bool:
+        async def op(conn: Any) -> bool:
+            done = await conn.fetchval("UPDATE accounts SET login_counter=$2 WHERE username=$1 "
+                                       "AND login_counter <= $2 RETURNING 1", username, counter)
+            if done is not None:
+                return True
+            if await conn.fetchval("SELECT 1 FROM accounts WHERE username=$1", username) is None:
+                raise UnknownAccount(username)
+            return False
+        return await self._call(op)
+
+    async def reserve(self, names: Sequence[str]) -> None:
+        rows = [(n, skeleton(n), _now_ms()) for n in (_check_name(x) for x in names)]
+        await self._call(lambda c: c.executemany(
+            "INSERT INTO reserved_names(name, skeleton, created_ms) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING",
+            rows))
+
+    async def unreserve(self, names: Sequence[str]) -> None:
+        await self._call(lambda c: c.execute("DELETE FROM reserved_names WHERE name = ANY($1)", list(names)))
+
+    async def reserved(self) -> list[str]:
+        rows = await self._call(lambda c: c.fetch("SELECT name FROM reserved_names ORDER BY name"))
+        return [r[0] for r in rows]
 
     async def add_invite(self, token_hash: bytes, now_ms: int, expires_ms: int) -> None:
         await self._call(lambda c: c.execute("INSERT INTO invites(token_hash, created_ms, expires_ms) "
@@ -430,7 +535,8 @@ class PostgresRelayStore:
 
         async def op(conn: Any) -> PoolCounts:
             async with conn.transaction():
-                locked = await conn.fetchval("SELECT 1 FROM accounts WHERE username=$1 FOR UPDATE", username)
+                locked = await conn.fetchval("SELECT 1 FROM accounts WHERE username=$1 AND state='active' "
+                                             "FOR UPDATE", username)
                 if locked is None:
                     raise UnknownAccount(username)
                 have = await self._counts(conn, username)
@@ -462,7 +568,7 @@ class PostgresRelayStore:
             async with conn.transaction():
                 # The account row is the lock: concurrent fetches of this account take turns here.
                 row = await conn.fetchrow("SELECT identity, signed_prekey, kem_last_resort FROM accounts "
-                                          "WHERE username=$1 FOR UPDATE", username)
+                                          "WHERE username=$1 AND state='active' FOR UPDATE", username)
                 if row is None:
                     raise UnknownAccount(username)
                 identity, signed, last_resort = row
@@ -482,15 +588,66 @@ class PostgresRelayStore:
 
     async def pending(self, recipient: str, after_seq: int, limit: int) -> list[StoredMessage]:
         rows = await self._call(lambda c: c.fetch(
-            "SELECT seq, sender, msg_id, kind, body, ts FROM messages WHERE recipient=$1 AND seq>$2 "
-            "ORDER BY seq LIMIT $3", recipient, after_seq, limit))
+            "SELECT m.seq, m.sender, m.msg_id, m.kind, coalesce(m.body, b.body), m.ts FROM messages m "
+            "LEFT JOIN bodies b ON b.id = m.body_id WHERE m.recipient=$1 AND m.seq>$2 "
+            "ORDER BY m.seq LIMIT $3",
+            recipient, after_seq, limit))
         return [StoredMessage(seq=r[0], recipient=recipient, sender=r[1], msg_id=bytes(r[2]), kind=r[3],
                               body=bytes(r[4]), ts=r[5]) for r in rows]
 
+    async def set_block(self, owner: str, blocked: str, blocked_on: bool) -> None:
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                found = await conn.fetch("SELECT username FROM accounts WHERE username = ANY($1) "
+                                         "ORDER BY username FOR SHARE", [owner, blocked])
+                names = {r[0] for r in found}
+                for name in (owner, blocked):
+                    if name not in names:
+                        raise UnknownAccount(name)
+                if not blocked_on:
+                    await conn.execute("DELETE FROM blocks WHERE owner=$1 AND blocked=$2", owner, blocked)
+                    return
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('cp-block:' || $1))", owner)
+                if await conn.fetchval("SELECT 1 FROM blocks WHERE owner=$1 AND blocked=$2", owner, blocked):
+                    return
+                if await conn.fetchval("SELECT count(*) FROM blocks WHERE owner=$1", owner) >= MAX_BLOCKS:
+                    raise BlockListFull(owner)
+                await conn.execute("INSERT INTO blocks(owner, blocked, created_ms) VALUES ($1, $2, $3)",
+                                   owner, blocked, _now_ms())
+        await self._call(op)
+
+    async def blocked(self, owner: str) -> list[str]:
+        rows = await self._call(lambda c: c.fetch(
+            "SELECT blocked FROM blocks WHERE owner=$1 ORDER BY blocked", owner))
+        return [r[0] for r in rows]
+
+    # --- operators and upkeep ---------------------------------------------------------------
+
+    async def usage(self, since_ms: int) -> list[UsageRow]:
+        rows = await self._call(lambda c: c.fetch(
+            "WITH sent_rows AS (SELECT sender, sum(messages) AS m, sum(bytes) AS b FROM usage "
+            "WHERE hour >= $1 GROUP BY sender), "
+            "stored AS (SELECT sender, sum(bytes) AS s FROM mailbox_senders GROUP BY sender) "
+            "SELECT coalesce(x.sender, y.sender), coalesce(x.m, 0), coalesce(x.b, 0), coalesce(y.s, 0) "
+            "FROM sent_rows x FULL JOIN stored y ON x.sender = y.sender "
+            "ORDER BY 2 DESC, 1", since_ms // 3_600_000))
+        return [UsageRow(sender=r[0], messages=int(r[1]), bytes_sent=int(r[2]), bytes_stored=int(r[3]))
+                for r in rows]
+
+    async def epoch(self) -> bytes:
+        return bytes(await self._call(lambda c: c.fetchval("SELECT value FROM epoch WHERE id=1")))
+
+    async def renew_epoch(self) -> bytes:
+        value = os.urandom(EPOCH_BYTES)
+        await self._call(lambda c: c.execute("UPDATE epoch SET value=$1, created_ms=$2 WHERE id=1", value,
+                                             _now_ms()))
+        return value
+
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         async def op(conn: Any) -> None:
-            await conn.execute("DELETE FROM recent_ids WHERE ts < $1", now_ms - dedup_window_ms)
+            await conn.execute("DELETE FROM sent WHERE ts < $1", now_ms - dedup_window_ms)
             await conn.execute("DELETE FROM invites WHERE expires_ms < $1", now_ms)
+            await conn.execute("DELETE FROM usage WHERE hour < $1", (now_ms - USAGE_KEEP_MS) // 3_600_000)
         await self._call(op)
 
     async def stats(self) -> StoreStats:
@@ -501,15 +658,50 @@ class PostgresRelayStore:
         return await self._call(op)
 
 
-async def _enqueue_call(messages: list[NewMessage], max_queues: list[int], conn: Any) -> list[Any]:
+async def migrate(conn: Any, where: str) -> int:
+    """Bring the schema in ``search_path`` to the newest version, under the advisory lock; returns the
+    version it had. Replaced by ``store/migrations.py:migrate_postgres`` (one runner for both backends)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                       "name TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
+    current = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+    if current > LATEST:
+        raise SchemaTooNew(f"{where} has schema version {current}, but this cipherpost knows versions up to "
+                           f"{LATEST}: run a newer cipherpost (nothing was changed)")
+    for version, name, steps in ((1, "first slice (7e818ef)", ()), (2, "store v2", POSTGRES_V2)):
+        if version <= current:
+            continue
+        for statement in steps:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_version VALUES ($1, $2, $3)", version, name, _now_ms())
+    return current
+
+
+MIGRATION_LOCK = int.from_bytes(b"cipherpo", "big", signed=True)
+LATEST = 2
+
+
+async def _enqueue_call(sends: list[_Send], conn: Any) -> list[Any]:
+    first: list[int] = []
+    count: list[int] = []
+    recipients: list[str] = []
+    for op in sends:
+        first.append(len(recipients) + 1)
+        count.append(len(op.delivery.recipients))
+        recipients.extend(op.delivery.recipients)
+    ds = [op.delivery for op in sends]
+    ps = [op.policy for op in sends]
     rows: list[Any] = await conn.fetch(
-        "SELECT idx, status, seq FROM cp_enqueue($1, $2, $3, $4, $5, $6, $7)",
-        [m.sender for m in messages], [m.recipient for m in messages], [m.msg_id for m in messages],
-        [m.kind for m in messages], [m.body for m in messages], [m.ts for m in messages], max_queues)
+        "SELECT didx, ridx, status, seq FROM cp_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        [d.sender for d in ds], [d.msg_id for d in ds], [d.kind for d in ds], [d.body for d in ds],
+        [d.ts for d in ds], first, count, recipients, [p.max_queue for p in ps],
+        [p.max_queue_per_sender for p in ps], [p.max_stored_bytes for p in ps],
+        [p.disk_budget_bytes for p in ps])
     return rows
 
 
-def _callback(callback: EnqueueCallback, result: EnqueueResult | None, error: StoreError | None) -> None:
+def _callback(callback: Callable[[Any, StoreError | None], None], result: Any,
+              error: StoreError | None) -> None:
     try:
         callback(result, error)
     except Exception as exc:  # one failing callback must not leave the others uncompleted
@@ -523,3 +715,7 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
