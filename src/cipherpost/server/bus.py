@@ -195,15 +195,19 @@ class RedisBus:
         try:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                pipe = self._client.pipeline(transaction=False)
-                for user, seq in batch:
-                    pipe.publish(self._channel(user), f"{self.instance}:{seq}")
-                try:
-                    await pipe.execute()
+                for attempt in (1, 2):  # a second time on a fresh connection (Redis restarted)
+                    pipe = self._client.pipeline(transaction=False)
+                    for user, seq in batch:
+                        pipe.publish(self._channel(user), f"{self.instance}:{seq}")
+                    try:
+                        await pipe.execute()
+                    except Exception as exc:
+                        if attempt == 2:  # the recipients' instances lose Redis too: they poll
+                            log.warning("event=bus_publish_failed error=%s wakeups=%d", type(exc).__name__,
+                                        len(batch))
+                        continue
                     self.wakeups_published += len(batch)
-                except Exception as exc:
-                    self._went_down(exc)
-                    return
+                    break
         finally:
             self._flush_task = None
 

@@ -11,7 +11,8 @@ How each rule of the contract in ``store/base.py`` holds with several writers:
 - Durable before ``accepted``: a send is one call of the SQL function ``cp_enqueue`` (one round
   trip, its own transaction); its callback runs after that statement, i.e. the commit, returned.
   Sends that queue up while a worker is busy go into the next call together (a group commit: one
-  WAL flush for the batch), up to ``MAX_BATCH``.
+  WAL flush for the batch), up to ``MAX_BATCH``. Each sender's sends go to one worker (by hash),
+  so they commit in the order the sender made them, as on SQLite.
 - Per-recipient sequence order: ``mailbox_heads`` keeps one row per recipient with its next seq.
   ``cp_enqueue`` locks the heads of a batch *in sorted recipient order* (so overlapping batches
   cannot deadlock), takes the next seq, and holds the lock until its commit: a recipient's seqs
@@ -138,6 +139,19 @@ class _Send:
         self.callback = callback
 
 
+class _Lane:
+    """One worker's queue: the sends of the senders hashed to it, and acks."""
+
+    __slots__ = ("acks", "busy", "idle", "ready", "sends")
+
+    def __init__(self) -> None:
+        self.sends: list[_Send] = []
+        self.acks: list[tuple[str, Sequence[int]]] = []
+        self.ready = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.busy = False
+
+
 def _policy(policy: MailboxPolicy | int) -> MailboxPolicy:
     return MailboxPolicy.queue_only(policy) if isinstance(policy, int) else policy
 
@@ -170,12 +184,8 @@ class PostgresRelayStore:
             raise ValueError(f"schema name {self.schema!r}: use lower-case letters, digits and '_'")
         self._workers = workers
         self._pool: Any = None
-        self._sends: list[_Send] = []
-        self._acks: list[tuple[str, Sequence[int]]] = []
-        self._ready: asyncio.Event | None = None
+        self._lanes: list[_Lane] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._busy = 0
-        self._idle: asyncio.Event | None = None
         self._closed = False
         self.batches = 0
         self.batched_ops = 0
@@ -190,10 +200,8 @@ class PostgresRelayStore:
                 server_settings={"search_path": self.schema, "application_name": "cipherpost-relay"})
         except _CONNECTION_ERRORS as exc:
             raise StoreUnavailable(f"cannot reach PostgreSQL ({type(exc).__name__})") from None
-        self._ready = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
+        self._lanes = [_Lane() for _ in range(self._workers)]
+        self._tasks = [asyncio.create_task(self._worker(lane)) for lane in self._lanes]
 
     async def _migrate(self) -> None:
         conn = await asyncpg.connect(self._dsn)
@@ -213,11 +221,11 @@ class PostgresRelayStore:
         if self._pool is None or self._closed:
             return
         self._closed = True
-        assert self._idle is not None and self._ready is not None
-        while self._sends or self._acks or self._busy:  # finish what was already submitted
-            self._ready.set()
-            self._idle.clear()
-            await self._idle.wait()
+        for lane in self._lanes:  # finish what was already submitted
+            while lane.sends or lane.acks or lane.busy:
+                lane.ready.set()
+                lane.idle.clear()
+                await lane.idle.wait()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -244,10 +252,12 @@ class PostgresRelayStore:
     # --- sends and acks: batched by the workers ---------------------------------------------
 
     def _submit(self, op: _Send) -> None:
-        if self._ready is None or self._closed:
+        if not self._lanes or self._closed:
             raise StoreError("store is not open")
-        self._sends.append(op)
-        self._ready.set()
+        # One lane per sender: its sends commit in the order it made them (as on SQLite).
+        lane = self._lanes[hash(op.delivery.sender) % len(self._lanes)]
+        lane.sends.append(op)
+        lane.ready.set()
 
     def enqueue_many_then(self, delivery: Delivery, policy: MailboxPolicy,
                           callback: EnqueueManyCallback) -> None:
@@ -274,28 +284,27 @@ class PostgresRelayStore:
         self._submit(_Send(delivery, _policy(policy), True, callback))
 
     def ack_later(self, recipient: str, seqs: Sequence[int]) -> None:
-        if self._ready is None or self._closed:
+        if not self._lanes or self._closed:
             raise StoreError("store is not open")
-        self._acks.append((recipient, seqs))
-        self._ready.set()
+        lane = self._lanes[hash(recipient) % len(self._lanes)]
+        lane.acks.append((recipient, seqs))
+        lane.ready.set()
 
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         seq_list = list(seqs)
         return int(await self._call(lambda c: c.fetchval(
             "SELECT cp_remove($1, $2, false)", [recipient] * len(seq_list), seq_list)))
 
-    async def _worker(self) -> None:
-        assert self._ready is not None and self._idle is not None
+    async def _worker(self, lane: _Lane) -> None:
         while True:
-            if not self._sends and not self._acks:
-                self._ready.clear()
-                if not self._busy:
-                    self._idle.set()
-                await self._ready.wait()
+            if not lane.sends and not lane.acks:
+                lane.ready.clear()
+                lane.idle.set()
+                await lane.ready.wait()
                 continue
-            sends, self._sends = self._sends[:MAX_BATCH], self._sends[MAX_BATCH:]
-            acks, self._acks = self._acks, []
-            self._busy += 1
+            sends, lane.sends = lane.sends[:MAX_BATCH], lane.sends[MAX_BATCH:]
+            acks, lane.acks = lane.acks, []
+            lane.busy = True
             try:
                 if acks:
                     await self._run_acks(acks)
@@ -304,9 +313,7 @@ class PostgresRelayStore:
             except Exception as exc:  # a worker must survive anything; each op was completed
                 log.error("event=store_worker_failed error=%s", type(exc).__name__, exc_info=True)
             finally:
-                self._busy -= 1
-                if not self._busy and not self._sends and not self._acks:
-                    self._idle.set()
+                lane.busy = False
 
     async def _run_acks(self, acks: list[tuple[str, Sequence[int]]]) -> None:
         recipients = [r for r, seqs in acks for _ in seqs]
