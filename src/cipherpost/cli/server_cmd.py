@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 from ..server import logfmt
-from ..server.backends import BUS_ENV, STORE_ENV
+from ..server.backends import BUS_ENV, STORE_ENV, make_store
 from ..server.config import DATA_ENV, REGISTRATION_MODES, ServerConfig, default_data_dir
 from ..store.base import StoreError
-from ..store.sqlite import SqliteRelayStore
 
 log = logging.getLogger("cipherpost.server")
 
@@ -72,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     i = subparsers.add_parser("invite", help="print a one-time invite token (for --registration invite)")
     i.add_argument("--data", type=Path, default=None, help="the server's data directory")
     i.add_argument("--ttl-hours", type=float, default=INVITE_TTL_HOURS, help="validity (default 7 days)")
+    i.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help=f"the server's --store, if not the data directory's relay.db (default ${STORE_ENV})")
     i.set_defaults(func=run_invite)
 
 
@@ -137,7 +138,7 @@ def run_invite(args: argparse.Namespace) -> int:
     now = time.time_ns() // 1_000_000
 
     async def add() -> None:
-        store = SqliteRelayStore(data_dir / "relay.db")
+        store = make_store(ServerConfig(data_dir=data_dir, store_url=args.store))
         await store.open()
         try:
             await store.add_invite(hashlib.sha256(token.encode()).digest(), now,
