@@ -13,7 +13,8 @@ from pg_support import NEEDS_POSTGRES, PG_URL, SLOW_MARKER, CommitGate, pg_execu
 from relay_harness import run
 
 from cipherpost.store.base import NewMessage, SchemaTooNew
-from cipherpost.store.postgres import LATEST, OutcomeUnknown, PostgresRelayStore, StoreUnavailable
+from cipherpost.store.migrations import LATEST
+from cipherpost.store.postgres import OutcomeUnknown, PostgresRelayStore, StoreUnavailable
 
 pytestmark = NEEDS_POSTGRES
 __all__ = ["pg_schema"]  # the fixture, imported for pytest

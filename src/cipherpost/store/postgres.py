@@ -74,7 +74,6 @@ from .base import (
     QuotaExceeded,
     RecipientResult,
     RecipientStatus,
-    SchemaTooNew,
     SenderCapReached,
     StoredMessage,
     StoreError,
@@ -83,7 +82,7 @@ from .base import (
     UsageRow,
     UsernameTaken,
 )
-from .postgres_schema import POSTGRES_V2
+from .migrations import PG_ADVISORY_LOCK_KEY, migrate_postgres
 
 T = TypeVar("T")
 log = logging.getLogger("cipherpost.store")
@@ -208,10 +207,10 @@ class PostgresRelayStore:
         try:
             async with conn.transaction():
                 # the runner's lock, taken before CREATE SCHEMA too (which races); it is re-entrant
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_ADVISORY_LOCK_KEY)
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
-                await migrate(conn, f"PostgreSQL schema {self.schema!r}")
+                await migrate_postgres(conn.execute, conn.fetchval, f"PostgreSQL schema {self.schema!r}")
                 await conn.execute("INSERT INTO epoch VALUES (1, $1, $2) ON CONFLICT DO NOTHING",
                                    os.urandom(EPOCH_BYTES), _now_ms())
         finally:
@@ -637,7 +636,7 @@ class PostgresRelayStore:
             "stored AS (SELECT sender, sum(bytes) AS s FROM mailbox_senders GROUP BY sender) "
             "SELECT coalesce(x.sender, y.sender), coalesce(x.m, 0), coalesce(x.b, 0), coalesce(y.s, 0) "
             "FROM sent_rows x FULL JOIN stored y ON x.sender = y.sender "
-            "ORDER BY 2 DESC, 1", since_ms // 3_600_000))
+            "ORDER BY 2 DESC, 3 DESC, 4 DESC, 1", since_ms // 3_600_000))
         return [UsageRow(sender=r[0], messages=int(r[1]), bytes_sent=int(r[2]), bytes_stored=int(r[3]))
                 for r in rows]
 
@@ -659,33 +658,10 @@ class PostgresRelayStore:
 
     async def stats(self) -> StoreStats:
         async def op(conn: Any) -> StoreStats:
-            row = await conn.fetchrow("SELECT (SELECT count(*) FROM accounts), "
+            row = await conn.fetchrow("SELECT (SELECT count(*) FROM accounts WHERE state <> 'deleted'), "
                                       "(SELECT coalesce(sum(queued), 0) FROM mailbox_heads)")
             return StoreStats(accounts=int(row[0]), queued_messages=int(row[1]))
         return await self._call(op)
-
-
-async def migrate(conn: Any, where: str) -> int:
-    """Bring the schema in ``search_path`` to the newest version, under the advisory lock; returns the
-    version it had. Replaced by ``store/migrations.py:migrate_postgres`` (one runner for both backends)."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
-                       "name TEXT NOT NULL, applied_ms BIGINT NOT NULL)")
-    current = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
-    if current > LATEST:
-        raise SchemaTooNew(f"{where} has schema version {current}, but this cipherpost knows versions up to "
-                           f"{LATEST}: run a newer cipherpost (nothing was changed)")
-    for version, name, steps in ((1, "first slice (7e818ef)", ()), (2, "store v2", POSTGRES_V2)):
-        if version <= current:
-            continue
-        for statement in steps:
-            await conn.execute(statement)
-        await conn.execute("INSERT INTO schema_version VALUES ($1, $2, $3)", version, name, _now_ms())
-    return current
-
-
-MIGRATION_LOCK = int.from_bytes(b"cipherpo", "big", signed=True)
-LATEST = 2
 
 
 async def _enqueue_call(sends: list[_Send], conn: Any) -> list[Any]:

@@ -151,7 +151,7 @@ DECLARE
     v_new_disk BIGINT := 0;
     u_senders TEXT[] := '{}';
     u_bytes BIGINT[] := '{}';
-    v_hour BIGINT := floor(extract(epoch FROM clock_timestamp()) / 3600)::BIGINT;
+    u_hours BIGINT[] := '{}';
     v_shard SMALLINT := floor(random() * 16)::SMALLINT;
 BEGIN
     -- 1. dedup rows, sorted
@@ -186,6 +186,8 @@ BEGIN
             IF v_state <> 'active' THEN status := 3; RETURN NEXT; CONTINUE; END IF;
             IF EXISTS (SELECT 1 FROM blocks b WHERE b.owner = v_rcpt AND b.blocked = v_sender) THEN
                 v_prior_rcpts := v_prior_rcpts || v_rcpt; v_prior_seqs := v_prior_seqs || 0::BIGINT;
+                u_senders := u_senders || v_sender; u_bytes := u_bytes || v_size::BIGINT;
+                u_hours := u_hours || (p_ts[d] / 3600000);  -- counted as delivered: the sender cannot tell
                 status := 0; RETURN NEXT; CONTINUE;
             END IF;
             SELECT h.next_seq, h.queued, h.bytes INTO h_next, h_queued, h_bytes FROM mailbox_heads h
@@ -218,6 +220,7 @@ BEGIN
             v_stored := v_stored + 1;
             v_prior_rcpts := v_prior_rcpts || v_rcpt; v_prior_seqs := v_prior_seqs || h_next;
             u_senders := u_senders || v_sender; u_bytes := u_bytes || v_size::BIGINT;
+            u_hours := u_hours || (p_ts[d] / 3600000);
             status := 0; RETURN NEXT;
         END LOOP;
         IF v_body IS NOT NULL THEN
@@ -228,8 +231,8 @@ BEGIN
     END LOOP;
     -- 4. counters, sorted, last
     INSERT INTO usage AS u (sender, hour, messages, bytes)
-        SELECT t.s, v_hour, count(*), sum(t.b) FROM unnest(u_senders, u_bytes) AS t(s, b)
-        GROUP BY t.s ORDER BY t.s
+        SELECT t.s, t.h, count(*), sum(t.b) FROM unnest(u_senders, u_bytes, u_hours) AS t(s, b, h)
+        GROUP BY t.s, t.h ORDER BY t.s, t.h
         ON CONFLICT (sender, hour) DO UPDATE SET messages = u.messages + excluded.messages,
                                                  bytes = u.bytes + excluded.bytes;
     IF v_new_disk > 0 THEN
