@@ -358,3 +358,66 @@ def test_unreachable_store_fails_at_start_with_a_clear_error(tmp_path: Path) -> 
     assert proc.returncode == 1 and "cannot reach PostgreSQL" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+@NEEDS_REDIS
+def test_connection_cap_per_account_counts_every_instance(
+        tmp_path: Path, pg_schema: str, redis_prefix: str) -> None:
+    bus = with_query(REDIS_URL, "prefix", redis_prefix)
+    with cluster(tmp_path, pg_schema, bus, 2, ["--max-connections-per-account", "2"]) as c:
+        async def scenario() -> None:
+            first, alice = await _register(c, 0, "alice")
+            second = await _login(c, 0, "alice", alice)  # registering does not count; logins do
+            third = await _login(c, 1, "alice", alice)
+            fourth = await RelayClient.connect(c.url(1), c.cert)  # the third login, on the other instance
+            reply = await fourth.auth(alice, "alice")
+            assert reply.t == "error" and reply.code == "rate_limited"  # type: ignore[attr-defined]
+            await second.close()  # one fewer on instance A: a login on B is admitted again
+            for _ in range(100):
+                retry = await RelayClient.connect(c.url(1), c.cert)
+                if (await retry.auth(alice, "alice")).t == "ok":
+                    break
+                await retry.close()
+                await asyncio.sleep(0.05)  # the release reaches Redis after the close
+            else:
+                raise AssertionError("the closed connection still counts")
+            for client in (first, third, fourth, retry):
+                await client.close()
+        run(scenario(), timeout=60)
+
+
+@NEEDS_REDIS
+def test_changed_identity_is_forgotten_on_every_instance(
+        tmp_path: Path, pg_schema: str, redis_prefix: str) -> None:
+    """In-process relays on one store and bus: the instance that changes an identity tells the others,
+    whose caches would otherwise accept the old key until restart."""
+    from relay_harness import relay
+
+    bus = with_query(REDIS_URL, "prefix", redis_prefix)
+    store = with_query(PG_URL, "schema", pg_schema)
+    cert, key = ensure_self_signed(tmp_path / "tls", "127.0.0.1")
+
+    async def scenario() -> None:
+        async with relay(tmp_path / "a", store_url=store, bus_url=bus, tls_cert=cert, tls_key=key) as a, \
+                relay(tmp_path / "b", store_url=store, bus_url=bus, tls_cert=cert, tls_key=key) as b:
+            old = IdentityKeyPair.generate()
+            client = await RelayClient.connect(a.url, cert)
+            assert (await client.register(old, "alice")).t == "ok"
+            await client.close()
+            on_b = await RelayClient.connect(b.url, cert)
+            assert (await on_b.auth(old, "alice")).t == "ok"  # b now caches alice's identity
+            await on_b.close()
+            new = IdentityKeyPair.generate()
+            await a.store.rebind_identity("alice", new.public.encode(), None)  # account recovery
+            a.identity_changed("alice")
+            for _ in range(100):  # the control message reaches b
+                if "alice" not in b._identities:
+                    break
+                await asyncio.sleep(0.02)
+            stale = await RelayClient.connect(b.url, cert)
+            assert (await stale.auth(old, "alice")).t == "error"
+            fresh = await RelayClient.connect(b.url, cert)
+            assert (await fresh.auth(new, "alice")).t == "ok"
+            for cl in (stale, fresh):
+                await cl.close()
+    run(scenario(), timeout=60)

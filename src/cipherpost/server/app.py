@@ -88,7 +88,7 @@ class RelayServer:
             ssl_context = tls.server_context(cert_path, key_path)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
-        await self.bus.start(self.wake, self._routes.keys)
+        await self.bus.start(self.wake, self._routes.keys, self._on_control)
         self._server = await serve(
             self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
             # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
@@ -191,11 +191,34 @@ class RelayServer:
             if not conns:
                 del self._routes[conn.username]
                 self.bus.unwatch(conn.username)
+        self.bus.release(conn.username, conn)
 
     def route(self, recipient: str, message: DeliveredMessage) -> None:
         for conn in self._routes.get(recipient, ()):
             conn.push(message)
         self.bus.publish(recipient, message.seq)  # recipients connected to other instances
+
+    async def admit(self, username: str, conn: Connection) -> bool:
+        """Whether ``conn`` may be one more authenticated connection of ``username``: counted across
+        instances by the bus, then here (no await after this check: concurrent logins on this
+        instance cannot both pass it)."""
+        limit = self.config.max_connections_per_account
+        if not await self.bus.claim(username, conn, limit):
+            return False
+        if sum(1 for c in self._routes.get(username, ()) if not c.closed) >= limit:
+            self.bus.release(username, conn)
+            return False
+        return True
+
+    def identity_changed(self, username: str) -> None:
+        """``username``'s identity was changed or the account disabled: forget it here and on the
+        other instances (the next login reads the store)."""
+        self._identities.pop(username, None)
+        self.bus.identity_changed(username)
+
+    def _on_control(self, what: str, username: str) -> None:
+        if what == "identity":
+            self._identities.pop(username, None)
 
     def wake(self, username: str, seq: int | None) -> None:
         """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance."""

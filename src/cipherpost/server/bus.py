@@ -36,12 +36,31 @@ SUBSCRIBE_TIMEOUT_S = 2.0  # watch() stops waiting for Redis's confirmation (the
 READ_TIMEOUT_S = 1.0  # get_message's wait; bounds how late stop() is noticed
 
 WakeHandler = Callable[[str, "int | None"], None]  # (user, seq or None = "page whatever is new")
+ControlHandler = Callable[[str, str], None]  # (what, user): "identity" = drop the cached identity
+PRESENCE_TTL_MS = 30_000  # a claimed connection counts this long unless its instance refreshes it
+PRESENCE_REFRESH_S = 10.0  # how often an instance refreshes the claims of its live connections
+
+# Atomic check-and-claim on one sorted set per user: member = instance:connection, score = expiry
+# (Redis server time, so that instances' clocks do not matter). Expired members are dropped first:
+# a SIGKILLed instance's connections stop counting after PRESENCE_TTL_MS, no counter leaks.
+_CLAIM_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
 
 
 class Bus(Protocol):
     """Carries wake-ups between relay instances that share one store."""
 
-    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]]) -> None:
+    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]],
+                    on_control: ControlHandler | None = None) -> None:
         """Begin delivering wake-ups to ``on_wake``; ``local_users()`` lists the users connected
         here (woken all at once after an outage). Never raises for an unreachable broker."""
 
@@ -57,6 +76,17 @@ class Bus(Protocol):
     def publish(self, user: str, seq: int) -> None:
         """Mail with ``seq`` was committed for ``user`` (after the commit; never blocks)."""
 
+    async def claim(self, user: str, conn: object, limit: int) -> bool:
+        """Count one more authenticated connection of ``user`` across instances; False (nothing
+        counted) when ``limit`` are already open. Fails open while the bus is down (each instance
+        still applies the limit to its own connections)."""
+
+    def release(self, user: str, conn: object) -> None:
+        """The connection counted by :meth:`claim` is gone."""
+
+    def identity_changed(self, user: str) -> None:
+        """Tell the other instances to drop ``user``'s cached identity (``on_control``)."""
+
     @property
     def healthy(self) -> bool: ...
 
@@ -66,7 +96,8 @@ class LocalBus:
 
     healthy = True
 
-    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]]) -> None:
+    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]],
+                    on_control: ControlHandler | None = None) -> None:
         return None
 
     async def stop(self) -> None:
@@ -79,6 +110,15 @@ class LocalBus:
         return None
 
     def publish(self, user: str, seq: int) -> None:
+        return None
+
+    async def claim(self, user: str, conn: object, limit: int) -> bool:
+        return True  # one process: RelayServer counts its own connections
+
+    def release(self, user: str, conn: object) -> None:
+        return None
+
+    def identity_changed(self, user: str) -> None:
         return None
 
 
@@ -112,6 +152,10 @@ class RedisBus:
         self._outbox: list[tuple[str, int]] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+        self._on_control: ControlHandler | None = None
+        self._claim: Any = None
+        self._claims: dict[object, tuple[str, str]] = {}  # connection -> (presence key, member)
         self.wakeups_received = 0
         self.wakeups_published = 0
 
@@ -122,20 +166,28 @@ class RedisBus:
     def _channel(self, user: str) -> str:
         return f"{self.prefix}:wake:{user}"
 
+    @property
+    def _control_channel(self) -> str:
+        return f"{self.prefix}:control"
+
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]]) -> None:
+    async def start(self, on_wake: WakeHandler, local_users: Callable[[], Iterable[str]],
+                    on_control: ControlHandler | None = None) -> None:
         import redis.asyncio as redis  # optional dependency: the [scale] extra
 
         self._on_wake = on_wake
+        self._on_control = on_control
         self._local_users = local_users
-        self._client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=None,
+        self._client = redis.Redis.from_url(self._url, socket_connect_timeout=2.0, socket_timeout=5.0,
                                             health_check_interval=0)
+        self._claim = self._client.register_script(_CLAIM_LUA)
         self._task = asyncio.create_task(self._run())
+        self._presence_task = asyncio.create_task(self._refresh_claims())
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._task, self._flush_task, self._poll_task):
+        for task in (self._task, self._flush_task, self._poll_task, self._presence_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -233,7 +285,7 @@ class RedisBus:
             if confirmed.done():
                 self._confirmed[channel] = loop.create_future()
         # a pub/sub connection needs a subscription before it may read: the control channel
-        await pubsub.subscribe(f"{self.prefix}:control", *self._confirmed)
+        await pubsub.subscribe(self._control_channel, *self._confirmed)
 
     async def _run(self) -> None:
         delay = 0.1
@@ -275,7 +327,10 @@ class RedisBus:
                 if confirmed is not None and not confirmed.done():
                     confirmed.set_result(None)
             elif kind == "message":
-                self._deliver(channel, message["data"])
+                if channel == self._control_channel:
+                    self._control(message["data"])
+                else:
+                    self._deliver(channel, message["data"])
 
     def _deliver(self, channel: str, data: bytes) -> None:
         user = channel[len(self.prefix) + len(":wake:"):]
@@ -290,6 +345,63 @@ class RedisBus:
         self.wakeups_received += 1
         assert self._on_wake is not None
         self._on_wake(user, seq)
+
+    def _control(self, data: bytes) -> None:
+        try:
+            origin, what, user = data.decode().split(":", 2)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("event=bus_bad_control")
+            return
+        if origin != self.instance and self._on_control is not None:
+            self._on_control(what, user)
+
+    def identity_changed(self, user: str) -> None:
+        if self._up:
+            asyncio.get_running_loop().create_task(self._publish_control("identity", user))
+
+    async def _publish_control(self, what: str, user: str) -> None:
+        try:
+            await self._client.publish(self._control_channel, f"{self.instance}:{what}:{user}")
+        except Exception as exc:  # the other instances lose Redis too; their caches are per process
+            log.warning("event=bus_publish_failed error=%s what=%s", type(exc).__name__, what)
+
+    # --- presence: authenticated connections per account, across instances ---------------------
+
+    async def claim(self, user: str, conn: object, limit: int) -> bool:
+        key, member = f"{self.prefix}:conns:{user}", f"{self.instance}:{id(conn):x}"
+        if self._up:
+            try:
+                if not await self._claim(keys=[key], args=[member, limit, PRESENCE_TTL_MS]):
+                    return False
+            except Exception as exc:  # fail open: the instance's own cap still holds
+                log.warning("event=bus_claim_failed error=%s", type(exc).__name__)
+        self._claims[conn] = (key, member)
+        return True
+
+    def release(self, user: str, conn: object) -> None:
+        claim = self._claims.pop(conn, None)
+        if claim is not None and self._up:
+            asyncio.get_running_loop().create_task(self._release(*claim))
+
+    async def _release(self, key: str, member: str) -> None:
+        with contextlib.suppress(Exception):  # it expires anyway
+            await self._client.zrem(key, member)
+
+    async def _refresh_claims(self) -> None:
+        """Keep this instance's live connections counted; a dead instance's expire."""
+        while True:
+            await asyncio.sleep(PRESENCE_REFRESH_S)
+            if not self._claims or not self._up:
+                continue
+            try:
+                now_ms = int((await self._client.time())[0]) * 1000
+                pipe = self._client.pipeline(transaction=False)
+                for key, member in list(self._claims.values()):
+                    pipe.zadd(key, {member: now_ms + PRESENCE_TTL_MS})
+                    pipe.pexpire(key, PRESENCE_TTL_MS)
+                await pipe.execute()
+            except Exception as exc:
+                log.warning("event=bus_presence_refresh_failed error=%s", type(exc).__name__)
 
     def _wake_everyone(self) -> None:
         if self._on_wake is None:

@@ -435,9 +435,9 @@ class Connection:
             raise self._auth_failed("signature does not verify for this account, nonce and server "
                                     "certificate")
         counts = await self.store.prekey_counts(username)
-        # checked after the last await, so that concurrent logins cannot both pass it
+        # the last await: admit's local count follows its own last await (concurrent logins)
         per_account = self.config.max_connections_per_account
-        if sum(1 for c in self.server.connections_of(username) if not c.closed) >= per_account:
+        if not await self.server.admit(username, self):  # this instance and the others (server/bus.py)
             self._abort(f"too many connections for account {username!r}")
             raise ProtocolError(E.RATE_LIMITED, f"account {username!r} already has {per_account} open "
                                                 "connections (the limit); close one and retry")
