@@ -137,6 +137,8 @@ async def _serve(config: ServerConfig) -> None:
     else:
         print("TLS certificate fingerprint: none (insecure plaintext development mode)", flush=True)
     print(f"data directory: {config.data_dir}", flush=True)
+    if server.key_fingerprint is not None:  # stays the same when the certificate is renewed with its key
+        print(f"TLS public key fingerprint: {server.key_fingerprint}", flush=True)
     await stop.wait()
     log.info("event=shutdown_requested")
     await server.stop()

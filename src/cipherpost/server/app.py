@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from ..crypto.errors import CryptoError
 from ..crypto.identity import PublicIdentity
+from ..crypto.pins import spki_sha256
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
 from ..store.sqlite import SqliteRelayStore
@@ -61,6 +62,7 @@ class RelayServer:
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
         self.cert_fingerprint: str | None = None  # "SHA256:<hex>"; None in plaintext dev mode
+        self.key_fingerprint: str | None = None  # SHA-256 of the certificate's public key (SPKI)
         self.channel_binding: bytes = PLAINTEXT_CHANNEL
         self.url = ""
         self._routes: dict[str, set[Connection]] = {}
@@ -85,6 +87,7 @@ class RelayServer:
             der = tls.certificate_der(cert_path)
             self.channel_binding = hashlib.sha256(der).digest()
             self.cert_fingerprint = tls.fingerprint_text(der)
+            self.key_fingerprint = "SHA256:" + spki_sha256(der).hex()  # what clients pin (crypto/pins.py)
             ssl_context = tls.server_context(cert_path, key_path)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
