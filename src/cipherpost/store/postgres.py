@@ -196,7 +196,8 @@ class PostgresRelayStore:
             await self._migrate()
             self._pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._workers + EXTRA_CONNECTIONS,
-                server_settings={"search_path": self.schema, "application_name": "cipherpost-relay"})
+                server_settings={"search_path": self.schema,
+                                 "application_name": f"cipherpost-relay:{self.schema}"})
         except _CONNECTION_ERRORS as exc:
             raise StoreUnavailable(f"cannot reach PostgreSQL ({type(exc).__name__})") from None
         self._lanes = [_Lane() for _ in range(self._workers)]
