@@ -199,7 +199,7 @@ class RelayServer:
     def route(self, recipient: str, message: DeliveredMessage) -> None:
         for conn in self._routes.get(recipient, ()):
             conn.push(message)
-        self.bus.publish(recipient, message.seq)  # recipients connected to other instances
+        self.bus.publish(recipient, message)  # recipients connected to other instances
 
     async def admit(self, username: str, conn: Connection) -> bool:
         """Whether ``conn`` may be one more authenticated connection of ``username``: counted across
@@ -223,10 +223,14 @@ class RelayServer:
         if what == "identity":
             self._identities.pop(username, None)
 
-    def wake(self, username: str, seq: int | None) -> None:
-        """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance."""
+    def wake(self, username: str, seq: int | None, message: DeliveredMessage | None) -> None:
+        """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance;
+        pushed when it came along (``push`` pages from the store instead if it is not the next seq)."""
         for conn in self._routes.get(username, ()):
-            conn.wake(seq)
+            if message is not None:
+                conn.push(message)
+            else:
+                conn.wake(seq)
 
     def flush_soon(self, conn: Connection) -> None:
         """Have ``conn.flush_now()`` run once, after every callback ready in this loop iteration

@@ -2,10 +2,11 @@
 
 A relay instance pushes a committed message to the recipient's connections on *this* instance
 itself (``RelayServer.route``). When several instances share one PostgreSQL store, the recipient
-may be connected to another one: the :class:`Bus` carries a wake-up ``(user, seq)`` there, and
-that instance pages the mail from the store (``Connection.wake``). A wake-up carries no message:
-the store stays the only source of mail, so a lost or reordered wake-up costs a delay, never a
-message or its order.
+may be connected to another one: the :class:`Bus` carries a wake-up ``(user, seq)`` there, with
+the message itself when its body is at most ``INLINE_BODY_MAX``. That instance pushes it if its seq
+is the connection's next one, and otherwise pages the mail from the store (``Connection.push`` /
+``Connection.wake``, gap-checked). The store stays the source of truth: a lost, late or reordered
+wake-up costs a delay (a page query), never a message or its order.
 
 - :class:`LocalBus` (default, one process): nothing to carry; ``route`` already pushed.
 - :class:`RedisBus` (``--bus redis://...``, redis-py asyncio pub/sub): one channel per user,
@@ -28,14 +29,20 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ..crypto.encoding import pack, unpack
+from ..crypto.errors import CryptoError
+from ..protocol.frames import DeliveredMessage
+
 log = logging.getLogger("cipherpost.server")
 
+INLINE_BODY_MAX = 16 * 1024  # bodies up to this size travel in the wake-up (no page query needed)
 POLL_INTERVAL_S = 2.0  # while Redis is unreachable: how often every local user is woken
 RECONNECT_MAX_S = 2.0  # backoff cap between reconnection attempts
 SUBSCRIBE_TIMEOUT_S = 2.0  # watch() stops waiting for Redis's confirmation (the poll covers it)
 READ_TIMEOUT_S = 1.0  # get_message's wait; bounds how late stop() is noticed
 
-WakeHandler = Callable[[str, "int | None"], None]  # (user, seq or None = "page whatever is new")
+# (user, seq or None = "page whatever is new", the message itself when it was small enough to carry)
+WakeHandler = Callable[[str, "int | None", "DeliveredMessage | None"], None]
 ControlHandler = Callable[[str, str], None]  # (what, user): "identity" = drop the cached identity
 PRESENCE_TTL_MS = 30_000  # a claimed connection counts this long unless its instance refreshes it
 PRESENCE_REFRESH_S = 10.0  # how often an instance refreshes the claims of its live connections
@@ -73,8 +80,8 @@ class Bus(Protocol):
     def unwatch(self, user: str) -> None:
         """The last local connection of ``user`` is gone."""
 
-    def publish(self, user: str, seq: int) -> None:
-        """Mail with ``seq`` was committed for ``user`` (after the commit; never blocks)."""
+    def publish(self, user: str, message: DeliveredMessage) -> None:
+        """``message`` was committed for ``user`` (after the commit; never blocks)."""
 
     async def claim(self, user: str, conn: object, limit: int) -> bool:
         """Count one more authenticated connection of ``user`` across instances; False (nothing
@@ -109,7 +116,7 @@ class LocalBus:
     def unwatch(self, user: str) -> None:
         return None
 
-    def publish(self, user: str, seq: int) -> None:
+    def publish(self, user: str, message: DeliveredMessage) -> None:
         return None
 
     async def claim(self, user: str, conn: object, limit: int) -> bool:
@@ -149,7 +156,7 @@ class RedisBus:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> subscription confirmed
-        self._outbox: list[tuple[str, int]] = []
+        self._outbox: list[tuple[str, bytes]] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
@@ -236,10 +243,15 @@ class RedisBus:
 
     # --- publishing -------------------------------------------------------------------------
 
-    def publish(self, user: str, seq: int) -> None:
+    def publish(self, user: str, message: DeliveredMessage) -> None:
         if not self._up:
             return  # the recipient's instance polls while Redis is away
-        self._outbox.append((user, seq))
+        m = message
+        if len(m.body) <= INLINE_BODY_MAX:  # saves the receiving instance a page query
+            payload = pack([self.instance, m.seq, m.sender, m.id, m.kind, m.body, m.ts])
+        else:
+            payload = pack([self.instance, m.seq])
+        self._outbox.append((user, payload))
         if self._flush_task is None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush())
 
@@ -249,8 +261,8 @@ class RedisBus:
                 batch, self._outbox = self._outbox, []
                 for attempt in (1, 2):  # a second time on a fresh connection (Redis restarted)
                     pipe = self._client.pipeline(transaction=False)
-                    for user, seq in batch:
-                        pipe.publish(self._channel(user), f"{self.instance}:{seq}")
+                    for user, payload in batch:
+                        pipe.publish(self._channel(user), payload)
                     try:
                         await pipe.execute()
                     except Exception as exc:
@@ -335,16 +347,22 @@ class RedisBus:
     def _deliver(self, channel: str, data: bytes) -> None:
         user = channel[len(self.prefix) + len(":wake:"):]
         try:
-            origin, seq_text = data.decode().split(":", 1)
-            seq = int(seq_text)
-        except (UnicodeDecodeError, ValueError):
+            fields = unpack(data, what="wake-up")
+            origin, seq = fields[0], fields[1]
+            message = None
+            if len(fields) == 7:
+                message = DeliveredMessage(seq=seq, sender=fields[2], id=fields[3], kind=fields[4],
+                                           body=fields[5], ts=fields[6])
+            if not isinstance(origin, str) or not isinstance(seq, int):
+                raise ValueError("bad wake-up")
+        except (CryptoError, ValueError, TypeError, IndexError):
             log.warning("event=bus_bad_wakeup")
             return
         if origin == self.instance:
             return
         self.wakeups_received += 1
         assert self._on_wake is not None
-        self._on_wake(user, seq)
+        self._on_wake(user, seq, message)
 
     def _control(self, data: bytes) -> None:
         try:
@@ -407,5 +425,5 @@ class RedisBus:
         if self._on_wake is None:
             return
         for user in list(self._local_users()):
-            self._on_wake(user, None)
+            self._on_wake(user, None, None)
 
