@@ -107,7 +107,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
-                    reason="PostgreSQL server binaries (initdb, pg_ctl) are needed to stop and start a private one")
+                    reason="PostgreSQL server binaries (initdb, pg_ctl) are needed for a private server")
 def test_postgresql_down_sends_fail_with_an_error_and_the_relay_recovers_when_it_returns(
         tmp_path: Path) -> None:
     pg = PrivatePostgres(tmp_path)
