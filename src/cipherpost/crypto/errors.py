@@ -46,3 +46,16 @@ class WrongPassphrase(CryptoError):
 
 class VerificationFailed(CryptoError):
     """A contact verification (PAKE key confirmation or safety-number comparison) failed."""
+
+
+class StreamError(CryptoError):
+    """A file stream (crypto/stream.py) failed: a chunk is tampered with, reordered, of the wrong
+    size or from another stream, or the stream was used out of order. State is unchanged."""
+
+
+class StreamTruncated(StreamError):
+    """The stream ended without a valid final chunk (a truncated file). State is unchanged."""
+
+
+class StreamExtended(StreamError):
+    """Data follows the final chunk, or a chunk was offered after the stream finished."""
