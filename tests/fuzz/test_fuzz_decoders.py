@@ -1,0 +1,57 @@
+"""Every decoder of network or disk bytes, fuzzed: arbitrary bytes, byte-mutated valid inputs and
+structurally mutated valid inputs raise only the decoder's documented errors (never IndexError,
+KeyError, ValueError, TypeError, OverflowError, RecursionError...), and valid inputs decode.
+
+The targets are in ``tests/fuzz/targets.py`` (shared with ``scripts/fuzz.py``, the long
+coverage-guided campaigns). Quick here: ``CIPHERPOST_FUZZ_PROFILE=long`` runs many more examples.
+"""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import FUZZ, MAX_INPUT, byte_mutations, structural_mutations
+from targets import TARGETS
+
+NAMES = sorted(TARGETS)
+
+
+def test_every_decoder_has_a_target():
+    assert set(NAMES) >= {
+        "frame", "frame_send_fields", "envelope_inspect", "envelope_decrypt", "envelope_accept",
+        "initial_message", "ratchet_header", "session_blob", "session_body", "ratchet_body",
+        "prekey_store_blob", "prekey_store_body", "identity", "signed_prekey", "kem_prekey",
+        "one_time_prekey", "bundle", "keystore", "record", "sealed_x25519", "sealed_hybrid",
+        "pake_finish", "pake_confirm", "pake_mailbox", "stream",
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_valid_inputs_decode(name):
+    target = TARGETS[name]
+    seeds = target.seeds()
+    assert seeds
+    for seed in seeds:
+        target.run(seed)   # no exception at all
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FUZZ
+@given(data=st.binary(max_size=MAX_INPUT))
+def test_arbitrary_bytes_raise_only_documented_errors(name, data):
+    TARGETS[name].check(data)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FUZZ
+@given(data=st.data())
+def test_byte_mutations_raise_only_documented_errors(name, data):
+    target = TARGETS[name]
+    target.check(data.draw(byte_mutations(target.seeds())))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FUZZ
+@given(data=st.data())
+def test_structural_mutations_raise_only_documented_errors(name, data):
+    target = TARGETS[name]
+    target.check(data.draw(structural_mutations(target.seeds())))
