@@ -36,6 +36,11 @@ class TooManySkipped(DecryptionError):
     """Decrypting would skip more message keys than the bound allows. State is unchanged."""
 
 
+class UnknownSenderKey(DecryptionError):
+    """A group message names a sender-key chain we do not hold (a missed or not yet processed
+    distribution, or one rotated out): ask the sender to resend its key. State is unchanged."""
+
+
 class StateCorrupt(CryptoError):
     """A serialized state blob is truncated, corrupted, or of an unknown version."""
 
