@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cipherpost.client.verification import PakeMailbox
+from cipherpost.crypto import sender_keys as SK
 from cipherpost.crypto import session as S
 from cipherpost.crypto import stream
 from cipherpost.crypto.encoding import context, pack, unpack
@@ -301,6 +302,36 @@ def _stream_seeds() -> list[bytes]:
             for pt in (b"", b"x", bytes(range(256)) * 300)]
 
 
+# --- group sender keys (crypto/sender_keys.py) -------------------------------------------------------
+
+GROUP_AD = b"group id || alice"
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    sender: SK.SenderKeyRecord
+    member: SK.SenderKeyRecord           # holds the distribution, has decrypted messages[2] only
+    distribution: bytes
+    messages: list[bytes]
+
+
+@functools.cache
+def group() -> Group:
+    sender = SK.create_sender_key(b"\x66" * 16)
+    distribution = SK.distribution_message(sender)
+    member = SK.process_distribution(None, distribution)
+    messages = []
+    for i in range(4):
+        msg, sender = SK.group_encrypt(sender, b"group message %d" % i, GROUP_AD)
+        messages.append(msg)
+    _, member = SK.group_decrypt(member, messages[2], GROUP_AD)
+    return Group(sender, member, distribution.encode(), messages)
+
+
+def _group_decrypt(data: bytes) -> bytes:
+    return SK.group_decrypt(group().member, data, GROUP_AD)[0]
+
+
 # --- the table ----------------------------------------------------------------------------------------
 
 def _w(f: Callable[[World], list[bytes]]) -> Callable[[], list[bytes]]:
@@ -354,4 +385,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("pake_confirm", _pake_confirm, (VerificationFailed,), lambda: [PEER_MAC]),
     Target("pake_mailbox", _pake_mailbox, (), lambda: [pack([1, "spake2", b"t" * 16, b"x" * 33])]),
     Target("stream", _stream, (StreamError,), _stream_seeds),
+    Target("group_message", _group_decrypt, (EncodingError, InvalidSignature, DecryptionError),
+           lambda: [m for i, m in enumerate(group().messages) if i != 2]),
+    Target("sender_key_distribution", SK.SenderKeyDistribution.decode, (EncodingError,),
+           lambda: [group().distribution]),
+    Target("sender_key_record", SK.SenderKeyRecord.deserialize, (StateCorrupt,),
+           lambda: [group().sender.serialize(), group().member.serialize()]),
+    Target("sender_key_record_body",
+           lambda d: SK.SenderKeyRecord.deserialize(_with_checksum("state-checksum/sender-keys", 1, d)),
+           (StateCorrupt,), lambda: [_body_of(r.serialize()) for r in (group().sender, group().member)]),
 ]}

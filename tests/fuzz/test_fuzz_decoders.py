@@ -21,7 +21,8 @@ def test_every_decoder_has_a_target():
         "initial_message", "ratchet_header", "session_blob", "session_body", "ratchet_body",
         "prekey_store_blob", "prekey_store_body", "identity", "signed_prekey", "kem_prekey",
         "one_time_prekey", "bundle", "keystore", "record", "sealed_x25519", "sealed_hybrid",
-        "pake_finish", "pake_confirm", "pake_mailbox", "stream",
+        "pake_finish", "pake_confirm", "pake_mailbox", "stream", "group_message",
+        "sender_key_distribution", "sender_key_record", "sender_key_record_body",
     }
 
 
