@@ -176,15 +176,17 @@ def _frame(data: bytes) -> F.Frame:
     return frame
 
 
-def _send_fast(data: bytes) -> F.Frame:
-    """The relay's hottest decode: a send frame built around fuzzed field values."""
-    try:
-        m = unpack(data, what="send fields", max_size=F.DEFAULT_MAX_FRAME)
-    except EncodingError:
-        m = data
-    fields = m if isinstance(m, dict) else {"to": m}
-    frame = dict(fields, v=1, t="send")
-    return _frame(pack(frame))
+def _fields_of(t: str) -> Callable[[bytes], F.Frame]:
+    """A frame of type ``t`` built around fuzzed field values: reaches the fast paths of the relay's
+    two hottest decodes (``send``, ``ack``) and the per-field checks behind them."""
+    def run(data: bytes) -> F.Frame:
+        try:
+            m = unpack(data, what="fields", max_size=F.DEFAULT_MAX_FRAME)
+        except EncodingError:
+            m = data
+        fields = m if isinstance(m, dict) else {"seqs" if t == "ack" else "to": m}
+        return _frame(pack(dict(fields, v=1, t=t)))
+    return run
 
 
 def _bundle(data: bytes) -> PrekeyBundle | None:
@@ -341,8 +343,10 @@ def _w(f: Callable[[World], list[bytes]]) -> Callable[[], list[bytes]]:
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("frame", _frame, (ProtocolError,),
            lambda: [F.encode_frame(f) for f in frame_samples()]),
-    Target("frame_send_fields", _send_fast, (ProtocolError,),
+    Target("frame_send_fields", _fields_of("send"), (ProtocolError,),
            lambda: [pack({"rid": 1, "to": "bob", "id": b"\x01" * 16, "kind": "msg", "body": b"x"})]),
+    Target("frame_ack_fields", _fields_of("ack"), (ProtocolError,),
+           lambda: [pack({"seqs": [1, 2, (1 << 63) - 1]}), pack({"seqs": []})]),
     Target("envelope_inspect", S.inspect_envelope, (EncodingError,),
            _w(lambda w: w.initial_envelopes + w.envelopes_to_bob)),
     Target("envelope_decrypt", _envelope_decrypt, (EncodingError, DecryptionError),

@@ -17,7 +17,8 @@ NAMES = sorted(TARGETS)
 
 def test_every_decoder_has_a_target():
     assert set(NAMES) >= {
-        "frame", "frame_send_fields", "envelope_inspect", "envelope_decrypt", "envelope_accept",
+        "frame", "frame_send_fields", "frame_ack_fields", "envelope_inspect", "envelope_decrypt",
+        "envelope_accept",
         "initial_message", "ratchet_header", "session_blob", "session_body", "ratchet_body",
         "prekey_store_blob", "prekey_store_body", "identity", "signed_prekey", "kem_prekey",
         "one_time_prekey", "bundle", "keystore", "record", "sealed_x25519", "sealed_hybrid",
