@@ -11,13 +11,16 @@ saves each crashing input under ``OUT/crashes/TARGET/`` (``.bin`` plus the trace
 counts distinct crash sites, and goes on. libFuzzer itself catches hangs (``-timeout``, the input
 is saved as ``OUT/crashes/TARGET/timeout-*``) and memory blow-ups (``-rss_limit_mb``). At the end
 each target reports the inputs run, executions per second, the corpus that gained coverage, the
-crashes, and the slowest input (saved as ``OUT/slowest/TARGET.bin``); a table sums up all targets
-and ``OUT/summary.json`` keeps the figures. Reproduce a saved input with ``--replay FILE``.
+crashes, and the slowest input (the 8 slowest seen are re-run and the costliest kept, saved as
+``OUT/slowest/TARGET.bin``: one slow call among millions is often the machine, not the input); a
+table sums up all targets and ``OUT/summary.json`` keeps the figures. Reproduce a saved input
+with ``--replay FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_TAG = "FUZZ-SUMMARY "
 DEFAULT_MAX_LEN = 4096
 PROGRESS_EVERY_S = 15.0
+TOP_SLOWEST = 8
 
 
 def _import_targets(instrument: bool) -> dict[str, Any]:
@@ -60,8 +64,7 @@ class Campaign:
         self.inputs = 0
         self.crashing_inputs = 0
         self.sites: dict[str, int] = {}
-        self.slowest_s = 0.0
-        self.slowest_len = 0
+        self.slowest: list[tuple[float, bytes]] = []   # the TOP_SLOWEST slowest seen, re-timed at the end
 
     def __call__(self, data: bytes) -> None:
         self.inputs += 1
@@ -71,14 +74,16 @@ class Campaign:
         except Exception as exc:  # a finding: anything the decoder does not document
             self._record(data, exc)
         elapsed = time.perf_counter() - t0
-        if elapsed > self.slowest_s:
-            self.slowest_s, self.slowest_len = elapsed, len(data)
-            self.slowest_path.write_bytes(data)
+        if len(self.slowest) < TOP_SLOWEST or elapsed > self.slowest[0][0]:
+            self.slowest.append((elapsed, bytes(data)))
+            self.slowest.sort(key=lambda item: item[0])
+            del self.slowest[:-TOP_SLOWEST]
         now = time.monotonic()
         if now >= self.next_progress:
             self.next_progress = now + PROGRESS_EVERY_S
             print(f"[{self.name}] {self.inputs} inputs, {self.inputs / (now - self.started):.0f}/s, "
-                  f"{len(self.sites)} crash sites, slowest {self.slowest_s * 1e3:.1f} ms", flush=True)
+                  f"{len(self.sites)} crash sites, slowest seen {self.slowest[-1][0] * 1e3:.1f} ms",
+                  flush=True)
         if now >= self.deadline:
             self.finish()
 
@@ -95,13 +100,31 @@ class Campaign:
             print(f"[{self.name}] NEW CRASH SITE {site} ({len(data)} bytes) -> {digest}.bin", flush=True)
         self.sites[site] = self.sites.get(site, 0) + 1
 
+    def _retime(self) -> tuple[float, float, bytes]:
+        """The slowest input, judged by re-running each of the slowest seen (best of 3): one slow
+        call among millions is usually the machine (GC, another process), not the input."""
+        worst = (0.0, 0.0, b"")
+        for seen, data in self.slowest:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                with contextlib.suppress(Exception):  # already recorded as a finding
+                    self.target.check(data)
+                best = min(best, time.perf_counter() - t0)
+            if best > worst[0]:
+                worst = (best, seen, data)
+        return worst
+
     def finish(self) -> None:
         elapsed = time.monotonic() - self.started
+        best, seen, data = self._retime()
+        self.slowest_path.write_bytes(data)
         summary = {
             "target": self.name, "seconds": round(elapsed, 1), "inputs": self.inputs,
             "per_second": round(self.inputs / elapsed) if elapsed else 0,
             "crash_sites": self.sites, "crashing_inputs": self.crashing_inputs,
-            "slowest_ms": round(self.slowest_s * 1e3, 2), "slowest_len": self.slowest_len,
+            "slowest_ms": round(best * 1e3, 3), "slowest_seen_ms": round(seen * 1e3, 2),
+            "slowest_len": len(data),
             "slowest_file": str(self.slowest_path),
         }
         print(SUMMARY_TAG + json.dumps(summary), flush=True)
@@ -131,14 +154,26 @@ def run_one(name: str, seconds: float, out: Path, max_len: int | None) -> None:
 
 
 def replay(path: Path) -> int:
-    """Run one saved input through its target (the folder name) without atheris."""
+    """Run one saved input through its target (the folder name) without atheris: its outcome and
+    its best time of five runs. Exit status 1 if it is a finding (an undocumented exception)."""
     name = path.parent.name if path.parent.name != "slowest" else path.stem
     target = _import_targets(instrument=False)[name]
     data = path.read_bytes()
-    t0 = time.perf_counter()
-    result = target.run(data)
-    print(f"{name}: {len(data)} bytes decoded in {(time.perf_counter() - t0) * 1e3:.2f} ms: "
-          f"{type(result).__name__}")
+    target.check(data)  # warm-up: fixtures are built on first use
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        try:
+            result = target.run(data)
+            outcome = f"decoded: {type(result).__name__}"
+        except target.allowed as exc:
+            outcome = f"refused with {type(exc).__name__} (documented)"
+        except Exception as exc:  # the finding itself: show it
+            traceback.print_exception(exc)
+            print(f"{name}: FINDING {type(exc).__name__} on {len(data)} bytes")
+            return 1
+        times.append(time.perf_counter() - t0)
+    print(f"{name}: {len(data)} bytes {outcome}, best of 5 in {min(times) * 1e3:.3f} ms")
     return 0
 
 
@@ -193,7 +228,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
     print(f"\n{'target':20} {'s':>5} {'inputs':>10} {'/s':>7} {'crash sites':>11} {'slowest ms':>10}"
-          f" {'len':>6}  libFuzzer")
+          f" {'len':>6}  libFuzzer (slowest: best of 3 re-runs of the 8 slowest seen)")
     for r in results:
         print(f"{r['target']:20} {r.get('seconds', 0):5.0f} {r.get('inputs', 0):10}"
               f" {r.get('per_second', 0):7}"
