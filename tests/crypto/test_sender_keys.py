@@ -4,6 +4,7 @@ earlier), the last five chains kept, the known-answer vectors, and the guarantee
 message leaves the record untouched."""
 
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -11,9 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cipherpost.crypto import sender_keys
 from cipherpost.crypto.encoding import context, pack, unpack
 from cipherpost.crypto.errors import (
     CryptoError,
@@ -27,6 +30,7 @@ from cipherpost.crypto.errors import (
 )
 from cipherpost.crypto.sender_keys import (
     MAX_FORWARD_JUMP,
+    MAX_ITERATION,
     MAX_MESSAGE_KEYS,
     MAX_SENDER_KEY_STATES,
     GroupMessage,
@@ -115,6 +119,28 @@ def test_skipped_keys_are_bounded_oldest_dropped_first():
         assert_fails_untouched(member, oldest, DuplicateMessage)   # dropped first
     text, member = group_decrypt(member, msgs[3], AD)               # the next one is still there
     assert text == b"x"
+
+
+def test_chain_end_keeps_the_record_loadable():
+    """The last iteration a chain can send is MAX_ITERATION - 1; a message naming MAX_ITERATION
+    (hand-made and signed by the sender) would leave a record that no longer deserializes."""
+    sender = create_sender_key(GROUP)
+    own = sender.current
+    at_end = SenderKeyRecord(GROUP, (dataclasses.replace(own, iteration=MAX_ITERATION - 1),))
+    member = process_distribution(None, distribution_message(at_end))
+    msg, at_end = group_encrypt(at_end, b"last", AD)
+    text, member = group_decrypt(member, msg, AD)
+    assert text == b"last"
+    assert SenderKeyRecord.deserialize(member.serialize()).serialize() == member.serialize()
+    with pytest.raises(CryptoError):
+        group_encrypt(at_end, b"one too many", AD)
+    mk, _ = sender_keys._kdf_ck(member.current.chain_key)
+    header = GroupMessage(GROUP, own.chain_id, MAX_ITERATION, b"", b"").header()
+    ciphertext = sender_keys._encrypt(mk, b"past the end", AD + header)
+    unsigned = GroupMessage(GROUP, own.chain_id, MAX_ITERATION, ciphertext, b"")
+    signature = Ed25519PrivateKey.from_private_bytes(own.signing_private).sign(unsigned.signed_part())
+    forged = dataclasses.replace(unsigned, signature=signature).encode()
+    assert_fails_untouched(member, forged, EncodingError)
 
 
 def test_every_bit_flip_is_refused_and_leaves_the_record():

@@ -153,7 +153,9 @@ class GroupMessage:
         return cls(
             distribution_id=expect_bytes(a[1], what="distribution id", length=DISTRIBUTION_ID_LEN),
             chain_id=expect_int(a[2], what="chain id", hi=MAX_CHAIN_ID),
-            iteration=expect_int(a[3], what="iteration", hi=MAX_ITERATION),
+            # A sender's last message is MAX_ITERATION - 1 (group_encrypt stops there), so the
+            # receiving chain's next iteration stays within what a record can store.
+            iteration=expect_int(a[3], what="iteration", hi=MAX_ITERATION - 1),
             ciphertext=expect_bytes(a[4], what="group ciphertext", max_len=MAX_GROUP_MESSAGE),
             signature=expect_bytes(a[5], what="group signature", length=SIGNATURE_LEN),
         )
