@@ -279,6 +279,21 @@ def test_refused_chunk_leaves_state_usable():
     assert out + out2 == plaintext_of(CHUNK_SIZE + 3)
 
 
+def test_counter_end_is_refused_not_wrapped():
+    last = stream.MAX_CHUNKS - 1
+    state = open_stream(KEY, NONCE, chunk_index=last)
+    with pytest.raises(StreamError):
+        encrypt_chunk(state, bytes(CHUNK_SIZE), False)
+    final, _ = encrypt_chunk(state, b"end", True)
+    assert decrypt_chunk(state, final, at_end=True)[0] == b"end"
+    full = stream.ChaCha20Poly1305(stream.payload_key(KEY, NONCE)).encrypt(
+        last.to_bytes(11, "big") + b"\x00", bytes(CHUNK_SIZE), None)
+    with pytest.raises(StreamError):
+        decrypt_chunk(state, full)
+    with pytest.raises(ValueError):
+        open_stream(KEY, NONCE, chunk_index=stream.MAX_CHUNKS)
+
+
 def test_repr_hides_the_key():
     state = open_stream(KEY, NONCE)
     text = repr(state)

@@ -160,6 +160,8 @@ def decrypt_chunk(state: StreamState, ciphertext: bytes, *,
     if plaintext is None:
         raise StreamError(f"chunk {state.counter} failed authentication (tampered, reordered, "
                           "truncated or from another stream)")
+    if not last and state.counter >= MAX_CHUNKS - 1:
+        raise StreamError("chunk counter exhausted: the last possible chunk is not final")
     if at_end and not last:
         raise StreamTruncated(f"the stream ends after chunk {state.counter}, which is not its "
                               "final chunk (truncated)")
