@@ -12,9 +12,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 # Fast in the normal suite (the whole folder in a few seconds); CIPHERPOST_FUZZ_EXAMPLES=N for a
-# deeper local run (scripts/fuzz.py runs the coverage-guided campaigns).
-FUZZ = settings(max_examples=int(os.environ.get("CIPHERPOST_FUZZ_EXAMPLES", "40")), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# deeper local run (bench/fuzz.py runs the coverage-guided campaigns). Slow targets get a tenth.
+EXAMPLES = int(os.environ.get("CIPHERPOST_FUZZ_EXAMPLES", "25"))
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+FUZZ = settings(max_examples=EXAMPLES, **_COMMON)
+FUZZ_SLOW = settings(max_examples=max(3, EXAMPLES // 10), **_COMMON)
 
 MAX_INPUT = 4096   # arbitrary inputs stay small: the decoders' own size limits are tested elsewhere
 

@@ -9,10 +9,12 @@ coverage-guided campaigns). Quick here: ``CIPHERPOST_FUZZ_PROFILE=long`` runs ma
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import FUZZ, MAX_INPUT, byte_mutations, structural_mutations
+from strategies import FUZZ, FUZZ_SLOW, MAX_INPUT, byte_mutations, structural_mutations
 from targets import TARGETS
 
 NAMES = sorted(TARGETS)
+FAST = [n for n in NAMES if not TARGETS[n].slow]
+SLOW = [n for n in NAMES if TARGETS[n].slow]
 
 
 def test_every_decoder_has_a_target():
@@ -36,24 +38,45 @@ def test_valid_inputs_decode(name):
         target.run(seed)   # no exception at all
 
 
-@pytest.mark.parametrize("name", NAMES)
-@FUZZ
-@given(data=st.binary(max_size=MAX_INPUT))
-def test_arbitrary_bytes_raise_only_documented_errors(name, data):
+def arbitrary_bytes(name, data):
     TARGETS[name].check(data)
 
 
-@pytest.mark.parametrize("name", NAMES)
-@FUZZ
-@given(data=st.data())
-def test_byte_mutations_raise_only_documented_errors(name, data):
+def byte_mutated(name, data):
     target = TARGETS[name]
     target.check(data.draw(byte_mutations(target.seeds())))
 
 
-@pytest.mark.parametrize("name", NAMES)
+def structurally_mutated(name, data):
+    target = TARGETS[name]
+    target.check(data.draw(structural_mutations(target.seeds())))
+
+
+@pytest.mark.parametrize("name", FAST)
+@FUZZ
+@given(data=st.binary(max_size=MAX_INPUT))
+def test_arbitrary_bytes_raise_only_documented_errors(name, data):
+    arbitrary_bytes(name, data)
+
+
+@pytest.mark.parametrize("name", FAST)
+@FUZZ
+@given(data=st.data())
+def test_byte_mutations_raise_only_documented_errors(name, data):
+    byte_mutated(name, data)
+
+
+@pytest.mark.parametrize("name", FAST)
 @FUZZ
 @given(data=st.data())
 def test_structural_mutations_raise_only_documented_errors(name, data):
-    target = TARGETS[name]
-    target.check(data.draw(structural_mutations(target.seeds())))
+    structurally_mutated(name, data)
+
+
+@pytest.mark.parametrize("name", SLOW)
+@FUZZ_SLOW
+@given(data=st.data())
+def test_slow_targets_raise_only_documented_errors(name, data):
+    arbitrary_bytes(name, data.draw(st.binary(max_size=64)))
+    byte_mutated(name, data)
+    structurally_mutated(name, data)
