@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/fuzz.py --list
     PYTHONPATH=src python bench/fuzz.py --seconds 60 frame envelope_decrypt session_body
     PYTHONPATH=src python bench/fuzz.py --seconds 30 --all --out /tmp/cipherpost-fuzz
+    PYTHONPATH=src python bench/fuzz.py --structure --seconds 120 session_body envelope_accept
 
 Each target runs in its own process (libFuzzer runs once per process), with cipherpost and msgpack
 instrumented for coverage, starting from the target's valid inputs. A finding is any exception
@@ -133,7 +134,24 @@ class Campaign:
         os._exit(0)
 
 
-def run_one(name: str, seconds: float, out: Path, max_len: int | None) -> None:
+def _structure_mutator(atheris: Any) -> Any:
+    """libFuzzer's byte mutations half the time, a msgpack-aware one (tests/fuzz/strategies.py:
+    one node replaced, dropped or pushed to an edge value, also inside nested encodings) the other."""
+    import random
+
+    from strategies import mutate_structure
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        if rng.random() < 0.5:
+            out = mutate_structure(data, rng)
+            if out is not None and len(out) <= max_size:
+                return out
+        return atheris.Mutate(data, max_size)  # type: ignore[no-any-return]
+    return mutate
+
+
+def run_one(name: str, seconds: float, out: Path, max_len: int | None, structure: bool) -> None:
     """Child process: one atheris campaign."""
     import atheris
 
@@ -149,7 +167,8 @@ def run_one(name: str, seconds: float, out: Path, max_len: int | None) -> None:
     args = [sys.argv[0], str(corpus), f"-max_len={limit}", "-timeout=10", "-rss_limit_mb=2048",
             "-use_value_profile=1", "-print_final_stats=1",
             f"-artifact_prefix={out / 'crashes' / name}/"]
-    atheris.Setup(args, Campaign(name, target, seconds, out))
+    atheris.Setup(args, Campaign(name, target, seconds, out),
+                  custom_mutator=_structure_mutator(atheris) if structure else None)
     atheris.Fuzz()
 
 
@@ -188,11 +207,13 @@ def main() -> int:
                         default=Path(os.environ.get("TMPDIR", "/tmp")) / "cipherpost-fuzz")
     parser.add_argument("--max-len", type=int, default=None, help="libFuzzer -max_len (default: "
                         f"{DEFAULT_MAX_LEN} or the largest seed)")
+    parser.add_argument("--structure", action="store_true",
+                        help="also mutate msgpack structure (one node at a time), not only bytes")
     parser.add_argument("--replay", type=Path, help="run one saved input (OUT/crashes/TARGET/x.bin)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_one(args.child, args.seconds, args.out, args.max_len)
+        run_one(args.child, args.seconds, args.out, args.max_len, args.structure)
         return 0
     if args.replay:
         return replay(args.replay)
@@ -208,7 +229,8 @@ def main() -> int:
     results = []
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--seconds", str(args.seconds),
-               "--out", str(args.out)] + (["--max-len", str(args.max_len)] if args.max_len else [])
+               "--out", str(args.out)] + (["--max-len", str(args.max_len)] if args.max_len else []) \
+            + (["--structure"] if args.structure else [])
         print(f"=== {name}: {args.seconds:.0f} s", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                               timeout=args.seconds + 120)

@@ -5,6 +5,7 @@ fields that are themselves msgpack, such as a header inside an envelope inside a
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import msgpack
@@ -180,3 +181,57 @@ def structural_mutations(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
         return msgpack.packb(_replace(obj, path, new), use_bin_type=True)  # type: ignore[no-any-return]
     except (OverflowError, ValueError, TypeError):  # e.g. a value msgpack cannot encode
         return seed
+
+
+# --- the same structural mutation for atheris (bench/fuzz.py --structure): a seeded RNG, no Hypothesis
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 2 else 7)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice(EDGE_INTS)
+    if kind == 3:
+        return rng.randrange(-(1 << 63), 1 << 64)
+    if kind == 4:
+        return rng.randbytes(rng.choice([0, 1, 15, 16, 17, 31, 32, 33, 64, rng.randrange(200)]))
+    if kind == 5:
+        return "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(20)))
+    if kind == 6:
+        return rng.random() * 1e6
+    if kind == 7:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {str(rng.randrange(100)): _random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def mutate_structure(data: bytes, rng: random.Random) -> bytes | None:
+    """One node of a msgpack input changed (as :func:`structural_mutations`), or None if ``data``
+    is not msgpack."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:  # not msgpack (yet): the byte-level mutator has to get it there
+        return None
+    path = rng.choice(_paths(obj))
+    node = _at(obj, path)
+    choice = rng.randrange(6)
+    new: Any
+    if choice == 0 and isinstance(node, list) and node:
+        i = rng.randrange(len(node))
+        new = node[:i] + node[i + 1:]
+    elif choice == 1 and isinstance(node, list):
+        new = [*node, _random_value(rng)]
+    elif choice == 2 and isinstance(node, dict) and node:
+        drop = rng.choice(sorted(node, key=repr))
+        new = {k: v for k, v in node.items() if k != drop}
+    elif choice == 3 and isinstance(node, bytes | str) and node:
+        new = node[:rng.randrange(len(node))]
+    elif choice == 4:
+        new = rng.choice([*EDGE_INTS, True, False, None, b"", ""])
+    else:
+        new = _random_value(rng)
+    try:
+        return msgpack.packb(_replace(obj, path, new), use_bin_type=True)  # type: ignore[no-any-return]
+    except (OverflowError, ValueError, TypeError):
+        return None

@@ -6,10 +6,12 @@ The targets are in ``tests/fuzz/targets.py`` (shared with ``scripts/fuzz.py``, t
 coverage-guided campaigns). Quick here: ``CIPHERPOST_FUZZ_PROFILE=long`` runs many more examples.
 """
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import FUZZ, FUZZ_SLOW, MAX_INPUT, byte_mutations, structural_mutations
+from strategies import FUZZ, FUZZ_SLOW, MAX_INPUT, byte_mutations, mutate_structure, structural_mutations
 from targets import TARGETS
 
 NAMES = sorted(TARGETS)
@@ -80,3 +82,18 @@ def test_slow_targets_raise_only_documented_errors(name, data):
     arbitrary_bytes(name, data.draw(st.binary(max_size=64)))
     byte_mutated(name, data)
     structurally_mutated(name, data)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_campaign_structure_mutator_feeds_the_target(name):
+    """bench/fuzz.py --structure: its mutator turns valid inputs into other msgpack, never raises."""
+    target = TARGETS[name]
+    rng = random.Random(name)
+    changed = 0
+    for seed in target.seeds():
+        for _ in range(20):
+            out = mutate_structure(seed, rng)
+            if out is not None:
+                changed += out != seed
+                target.check(out)
+    assert changed or name in ("record", "stream")   # their inputs are not msgpack
