@@ -1,7 +1,7 @@
 """Fuzz targets: every decoder that reads bytes from the network or the disk, one function each.
 
 Shared by the Hypothesis tests in this folder (quick, in the normal suite) and by
-``scripts/fuzz.py`` (long coverage-guided campaigns with atheris). A target takes ``bytes``, feeds
+``bench/fuzz.py`` (long coverage-guided campaigns with atheris). A target takes ``bytes``, feeds
 them to one decoder and lets through only the error types that decoder documents; anything else
 (``IndexError``, ``KeyError``, ``ValueError``, ``TypeError``, ``OverflowError``, ``RecursionError``
 ...) escapes and is a finding. Each target also names valid inputs (``seeds``), which the tests

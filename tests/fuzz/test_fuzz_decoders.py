@@ -2,8 +2,8 @@
 structurally mutated valid inputs raise only the decoder's documented errors (never IndexError,
 KeyError, ValueError, TypeError, OverflowError, RecursionError...), and valid inputs decode.
 
-The targets are in ``tests/fuzz/targets.py`` (shared with ``scripts/fuzz.py``, the long
-coverage-guided campaigns). Quick here: ``CIPHERPOST_FUZZ_PROFILE=long`` runs many more examples.
+The targets are in ``tests/fuzz/targets.py`` (shared with ``bench/fuzz.py``, the long
+coverage-guided campaigns). Quick here: ``CIPHERPOST_FUZZ_EXAMPLES=2000`` runs many more examples.
 """
 
 import random
