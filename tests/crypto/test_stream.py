@@ -182,6 +182,22 @@ def test_reordered_dropped_or_repeated_chunks_are_refused(order):
         decrypt_payload(KEY, NONCE + b"".join(chunks[i] for i in order))
 
 
+FOUR_CHUNKS_PT = plaintext_of(3 * CHUNK_SIZE + 5)
+FOUR_CHUNKS = chunks_of(encrypt_payload(KEY, FOUR_CHUNKS_PT, nonce=NONCE))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=6))
+def test_only_the_original_chunk_sequence_decrypts(order):
+    """Any other sequence of the same chunks (dropped, repeated, swapped, cut) is refused."""
+    payload = NONCE + b"".join(FOUR_CHUNKS[i] for i in order)
+    if order == [0, 1, 2, 3]:
+        assert decrypt_payload(KEY, payload) == FOUR_CHUNKS_PT
+    else:
+        with pytest.raises(StreamError):
+            decrypt_payload(KEY, payload)
+
+
 def test_chunk_of_another_stream_is_refused():
     ours = chunks_of(encrypt_payload(KEY, plaintext_of(CHUNK_SIZE + 1), nonce=NONCE))
     theirs = chunks_of(encrypt_payload(KEY, plaintext_of(CHUNK_SIZE + 1), nonce=b"\x01" * 16))
