@@ -157,10 +157,10 @@ async def _serve(config: ServerConfig) -> None:
         print(f"TLS certificate fingerprint: {server.cert_fingerprint}", flush=True)
     else:
         print("TLS certificate fingerprint: none (insecure plaintext development mode)", flush=True)
+    print(f"data directory: {config.data_dir}", flush=True)
     listener = server.metrics_listener
     if listener is not None and listener.running:
-        print(f"metrics (loopback HTTP unless --metrics-listen says otherwise): {listener.url}", flush=True)
-    print(f"data directory: {config.data_dir}", flush=True)
+        print(f"metrics: {listener.url}", flush=True)
     await stop.wait()
     log.info("event=shutdown_requested")
     await server.stop()
