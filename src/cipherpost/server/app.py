@@ -28,6 +28,7 @@ from ..store.sqlite import SqliteRelayStore
 from . import tls
 from .config import ServerConfig
 from .connection import Connection
+from .handlers import mail
 from .limits import build_limiters
 from .metrics import Metrics, MetricsListener
 from .transport import BatchingServerConnection
@@ -46,6 +47,7 @@ class RelayServer:
         self.store: RelayStore = store or SqliteRelayStore(config.db_path,
                                                            synchronous=config.sqlite_synchronous)
         self.metrics = Metrics()
+        self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
         self.metrics_listener: MetricsListener | None = None
         self._per_ip: dict[str, int] = {}  # open connections per source address

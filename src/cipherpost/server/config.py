@@ -56,7 +56,7 @@ class ServerConfig:
     registrations_per_prefix_per_hour: int = 20  # per IPv4 /24 or IPv6 /64
     auth_failures_per_prefix_per_hour: int = 200  # failed auth/register proofs per prefix
     prekey_uploads_per_account_per_hour: int = 2000  # prekeys uploaded (signature checks, writes)
-    new_recipients_per_hour: int = 500  # send_many: deliveries to recipients new to the sender
+    fanout_deliveries_per_hour: int = 20_000  # send_many deliveries (recipients) per sender
     max_fanout: int = 1000  # recipients of one send_many
     limiter_max_keys: int = 100_000  # per in-memory limiter
     limits_redis: str | None = None  # redis://... : limiters shared by several instances
@@ -93,7 +93,7 @@ class ServerConfig:
             raise ValueError(f"max_outbound_bytes must be at least twice max_frame ({2 * self.max_frame})")
         for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
-                     "new_recipients_per_hour", "max_fanout", "limiter_max_keys", "max_queue_per_sender",
+                     "fanout_deliveries_per_hour", "max_fanout", "limiter_max_keys", "max_queue_per_sender",
                      "max_stored_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

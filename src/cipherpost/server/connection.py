@@ -45,6 +45,7 @@ from ..protocol.frames import (
     MAX_DELIVER_MESSAGES,
     Ack,
     Auth,
+    Block,
     DeliveredMessage,
     Error,
     FetchBundle,
@@ -57,6 +58,7 @@ from ..protocol.frames import (
     PrekeysLow,
     Register,
     Send,
+    SendMany,
     UploadPrekeys,
     decode_frame,
     encode_accepted,
@@ -67,14 +69,12 @@ from ..protocol.usernames import require_normalized
 from ..store.base import (
     EnqueueResult,
     InvalidInvite,
-    MailboxFull,
     NewMessage,
     PoolCounts,
     StoreError,
-    UnknownAccount,
     UsernameTaken,
 )
-from .handlers import mail, prekeys
+from .handlers import CAPS, mail, prekeys
 from .limits import TokenBucket, address_prefix
 from .transport import BatchingServerConnection
 
@@ -135,7 +135,7 @@ class Connection:
         self._spawn(self._auth_deadline())
         try:
             cfg = self.config
-            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
+            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name, caps=list(CAPS),
                                                  limits=Limits(cfg.max_frame, cfg.max_body))))
             async for data in self.ws:
                 self.metrics.frames_received += 1
@@ -511,7 +511,8 @@ class Connection:
         message = NewMessage(sender=self.username, recipient=to, msg_id=frame.id, kind=frame.kind,
                              body=frame.body, ts=_now_ms())
         self._in_flight += 1
-        self.store.enqueue_then(message, self.config.max_queue, partial(self._enqueued, frame.rid, message))
+        self.store.enqueue_then(message, self.server.mailbox_policy,
+                                partial(self._enqueued, frame.rid, message))
 
     def _enqueued(self, rid: int, message: NewMessage, result: EnqueueResult | None,
                   exc: StoreError | None) -> None:
@@ -520,14 +521,10 @@ class Connection:
         if self._in_flight < MAX_IN_FLIGHT_SENDS:
             self._send_slot.set()
         if exc is not None:
-            if isinstance(exc, UnknownAccount):
-                self.send_error(rid, E.UNKNOWN_USER, f"no account named {message.recipient!r}")
-            elif isinstance(exc, MailboxFull):
-                self.send_error(rid, E.MAILBOX_FULL, f"the mailbox of {message.recipient!r} is full "
-                                                     f"({self.config.max_queue} messages); try later")
-            else:
+            code, text = mail.refusal(exc, message.recipient, self.config)
+            if code == E.INTERNAL:
                 log.error("event=enqueue_failed error=%s", type(exc).__name__)
-                self.send_error(rid, E.INTERNAL, "message could not be stored; retry")
+            self.send_error(rid, code, text)
             return
         assert result is not None
         self.server.valid_names.add(message.recipient)
@@ -536,6 +533,8 @@ class Connection:
             self.metrics.messages_duplicate += 1
             return
         self.metrics.messages_accepted += 1
+        if result.dropped:  # the recipient blocks the sender: nothing stored, nothing to push
+            return
         self.server.route(message.recipient, DeliveredMessage(
             seq=result.seq, sender=message.sender, id=message.msg_id, kind=message.kind, body=message.body,
             ts=message.ts))
@@ -561,6 +560,6 @@ def _now_ms() -> int:
 _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     Register: Connection._register, Auth: Connection._auth, UploadPrekeys: prekeys.upload_prekeys,
     FetchBundle: prekeys.fetch_bundle, Send: Connection._send, Ack: Connection._ack,
-    Ping: Connection._ping,
+    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many,
 }
 _UNAUTHENTICATED = frozenset({Register, Auth, Ping})

@@ -265,7 +265,7 @@ class RelayLimiters:
     registrations: Limiter    # register per source address prefix
     auth_failures: Limiter    # failed auth/register proofs per source address prefix
     prekey_uploads: Limiter   # prekeys uploaded per account (signature checks and bytes written)
-    new_recipients: Limiter   # distinct new recipients per sender (send_many)
+    fanout_deliveries: Limiter  # send_many deliveries (one per recipient) per sender
     _memory: tuple[MemoryLimiter, ...] = ()
     _redis: Any = None
 
@@ -288,7 +288,7 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         "registrations": (config.registrations_per_prefix_per_hour, False),
         "auth_failures": (config.auth_failures_per_prefix_per_hour, False),
         "prekey_uploads": (config.prekey_uploads_per_account_per_hour, False),
-        "new_recipients": (config.new_recipients_per_hour, False),
+        "fanout_deliveries": (config.fanout_deliveries_per_hour, False),
     }
     memory: list[MemoryLimiter] = []
     client: Any = None
@@ -314,7 +314,7 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         pake=make("pake"), fetch=make("fetch"), fetch_pair=make("fetch_pair"),
         one_time_target=make("one_time_target"), registrations=make("registrations"),
         auth_failures=make("auth_failures"), prekey_uploads=make("prekey_uploads"),
-        new_recipients=make("new_recipients"))
+        fanout_deliveries=make("fanout_deliveries"))
     built._memory = tuple(memory)
     built._redis = client
     return built
