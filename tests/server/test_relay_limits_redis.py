@@ -37,7 +37,8 @@ async def _users(h: Harness) -> dict[str, RelayClient]:
     users = {}
     for name in ("alice", "bob"):
         client, identity = await h.user(name)
-        assert isinstance(await client.request(prekey_upload(identity, client.rid(), one_time=10, kem=10)), Ok)
+        reply = await client.request(prekey_upload(identity, client.rid(), one_time=10, kem=10))
+        assert isinstance(reply, Ok)
         users[name] = client
     return users
 
