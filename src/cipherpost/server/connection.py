@@ -532,6 +532,8 @@ class Connection:
         if result.duplicate:
             self.metrics.messages_duplicate += 1
             return
+        if result.dropped:  # the recipient blocks the sender: reads as accepted, delivers nothing
+            return
         self.metrics.messages_accepted += 1
         if result.dropped:  # the recipient blocks the sender: nothing stored, nothing to push
             return
