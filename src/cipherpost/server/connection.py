@@ -535,8 +535,6 @@ class Connection:
         if result.dropped:  # the recipient blocks the sender: reads as accepted, delivers nothing
             return
         self.metrics.messages_accepted += 1
-        if result.dropped:  # the recipient blocks the sender: nothing stored, nothing to push
-            return
         self.server.route(message.recipient, DeliveredMessage(
             seq=result.seq, sender=message.sender, id=message.msg_id, kind=message.kind, body=message.body,
             ts=message.ts))
