@@ -75,7 +75,7 @@ from ..store.base import (
     UsernameTaken,
 )
 from .handlers import CAPS, mail, prekeys
-from .limits import TokenBucket, address_prefix
+from .limits import TokenBucket, address_prefix, retry_text
 from .transport import BatchingServerConnection
 
 if TYPE_CHECKING:
@@ -404,11 +404,11 @@ class Connection:
         allowed = await self.server.limiters.registrations.peek(self.prefix)
         if not allowed.allowed:
             raise ProtocolError(E.RATE_LIMITED, "too many accounts registered from this network "
-                                f"({self.config.registrations_per_prefix_per_hour} per hour); try again "
-                                f"in {max(1, int(allowed.retry_after_s))} s")
+                                f"({self.config.registrations_per_prefix_per_hour} per hour); "
+                                f"{retry_text(allowed)}")
         if not self._check_proof("register", identity, username, frame.sig):
-            raise await self._auth_failed("register: proof of possession does not verify (wrong key, nonce "
-                                    "or server certificate)")
+            raise await self._auth_failed("register: proof of possession does not verify (wrong key, "
+                                          "nonce or server certificate)")
         try:
             await self.store.create_account(username, frame.identity, _now_ms(), invite_hash)
         except UsernameTaken:
@@ -430,8 +430,8 @@ class Connection:
         if identity is None:  # a failure like a bad proof: probing names costs the same
             raise await self._auth_failed(f"no account named {username!r} on this server", E.UNKNOWN_USER)
         if not self._check_proof("auth", identity, username, frame.sig):
-            raise await self._auth_failed("signature does not verify for this account, nonce and server "
-                                    "certificate")
+            raise await self._auth_failed("signature does not verify for this account, nonce and "
+                                          "server certificate")
         counts = await self.store.prekey_counts(username)
         # checked after the last await, so that concurrent logins cannot both pass it
         per_account = self.config.max_connections_per_account

@@ -56,6 +56,13 @@ class Decision:
 ALLOWED = Decision(True)
 
 
+def retry_text(decision: Decision) -> str:
+    """The end of a ``rate_limited`` message: when to try again."""
+    if decision.retry_after_s == math.inf:
+        return "never with this many at once"
+    return f"try again in {max(1, math.ceil(decision.retry_after_s))} s"
+
+
 class Limiter(Protocol):
     """At most ``limit`` units per ``window_s`` seconds per key (GCRA, sliding)."""
 

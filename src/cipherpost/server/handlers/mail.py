@@ -13,7 +13,6 @@ invented names (issue 9; the limiter also has a hard key cap and is fail-closed)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING
 
@@ -35,6 +34,7 @@ from ...store.base import (
     StoreError,
     UnknownAccount,
 )
+from ..limits import retry_text
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -50,10 +50,8 @@ async def send_pake(conn: Connection, frame: Send, to: str) -> None:
         raise ProtocolError(E.UNKNOWN_USER, f"no account named {to!r}")
     decision = await server.limiters.pake.hit(f"{conn.username}\x00{to}")
     if not decision.allowed:
-        wait = "" if decision.retry_after_s == math.inf else \
-            f" (at most {conn.config.pake_per_hour} per hour); try again in " \
-            f"{max(1, math.ceil(decision.retry_after_s))} s"
-        raise ProtocolError(E.RATE_LIMITED, f"too many password-verification messages to {to!r}{wait}")
+        raise ProtocolError(E.RATE_LIMITED, f"too many password-verification messages to {to!r} (at most "
+                            f"{conn.config.pake_per_hour} per hour); {retry_text(decision)}")
     conn.enqueue(frame, to)
 
 
@@ -131,10 +129,8 @@ async def send_many(conn: Connection, frame: SendMany) -> None:
         raise ProtocolError(E.RATE_LIMITED, "too many deliveries on this connection; slow down")
     decision = await server.limiters.fanout_deliveries.hit(conn.username, len(recipients))
     if not decision.allowed:
-        later = "" if decision.retry_after_s == math.inf else \
-            f"; try again in {max(1, math.ceil(decision.retry_after_s))} s"
-        raise ProtocolError(E.RATE_LIMITED, f"too many send_many deliveries from this account "
-                                            f"({cfg.fanout_deliveries_per_hour} per hour){later}")
+        raise ProtocolError(E.RATE_LIMITED, "too many send_many deliveries from this account "
+                            f"({cfg.fanout_deliveries_per_hour} per hour); {retry_text(decision)}")
     delivery = Delivery(sender=conn.username, msg_id=frame.id, kind=frame.kind, body=frame.body,
                         ts=time.time_ns() // 1_000_000, recipients=recipients)
     try:

@@ -14,7 +14,6 @@ that exist.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from ...crypto.errors import CryptoError
@@ -24,16 +23,10 @@ from ...protocol.errors import ProtocolError
 from ...protocol.frames import Bundle, FetchBundle, Ok, PrekeyCounts, PrekeysLow, UploadPrekeys, encode_frame
 from ...protocol.usernames import require_normalized
 from ...store.base import NoPrekeys, PrekeyPoolFull, UnknownAccount
-from ..limits import Decision
+from ..limits import retry_text
 
 if TYPE_CHECKING:
     from ..connection import Connection
-
-
-def _later(decision: Decision) -> str:
-    if decision.retry_after_s == math.inf:
-        return "never with this many at once"
-    return f"try again in {max(1, math.ceil(decision.retry_after_s))} s"
 
 
 async def upload_prekeys(conn: Connection, frame: UploadPrekeys) -> None:
@@ -66,7 +59,7 @@ async def upload_prekeys(conn: Connection, frame: UploadPrekeys) -> None:
     decision = await server.limiters.prekey_uploads.hit(username, cost)
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, f"too many prekeys uploaded by this account "
-                            f"({cfg.prekey_uploads_per_account_per_hour} per hour); {_later(decision)}")
+                            f"({cfg.prekey_uploads_per_account_per_hour} per hour); {retry_text(decision)}")
     # 3. PQXDH section 3.2: prekeys are signed by the identity; refuse any that is not.
     identity = await server.identity_of(username)
     assert identity is not None
@@ -101,11 +94,11 @@ async def fetch_bundle(conn: Connection, frame: FetchBundle) -> None:
     decision = await limits.fetch_pair.peek(pair)
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, f"too many prekey bundle fetches for {target!r} "
-                            f"({cfg.bundle_fetches_per_target_per_hour} per hour); {_later(decision)}")
+                            f"({cfg.bundle_fetches_per_target_per_hour} per hour); {retry_text(decision)}")
     decision = await limits.fetch.hit(requester)
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, "too many prekey bundle fetches from this account "
-                            f"({cfg.bundle_fetches_per_hour} per hour); {_later(decision)}")
+                            f"({cfg.bundle_fetches_per_hour} per hour); {retry_text(decision)}")
     await limits.fetch_pair.hit(pair)
     one_time = (await limits.one_time_target.hit(target)).allowed
     try:
