@@ -1,8 +1,9 @@
 """``upload_prekeys`` and ``fetch_bundle``: what an account publishes, and who may spend it.
 
-Uploads: every check that costs nothing (duplicate key ids, the pool size, the account's upload
-budget) runs before the first signature is verified, so re-uploading the same keys in a loop costs
-the relay a count query per frame, not 150 signature checks and an fsynced write (issue 9).
+Uploads: the account's upload budget (in keys) is spent first, then key ids and pool sizes are
+checked, all before the first signature is verified: re-uploading the same keys in a loop costs
+the relay one limiter hit per frame once over budget, not 150 signature checks and an fsynced
+write (issue 9).
 
 Fetches: each one spends one of the target's one-time prekeys. Per requester and per (requester,
 target) limits refuse; the per-target limit, over all requesters together, does not: beyond it the
@@ -34,7 +35,15 @@ async def upload_prekeys(conn: Connection, frame: UploadPrekeys) -> None:
     username = conn.username
     cfg = conn.config
     server = conn.server
-    # 1. Free checks: key ids (decoding reads them; no signature yet) and pool sizes.
+    # 1. The account's upload budget, in keys (signature checks and bytes written), spent before
+    # anything else: a refused upload costs a limiter hit, not even decoding.
+    cost = max(1, len(frame.one_time) + len(frame.kem_one_time) + (frame.signed_prekey is not None)
+               + (frame.kem_last_resort is not None))
+    decision = await server.limiters.prekey_uploads.hit(username, cost)
+    if not decision.allowed:
+        raise ProtocolError(E.RATE_LIMITED, f"too many prekeys uploaded by this account "
+                            f"({cfg.prekey_uploads_per_account_per_hour} per hour); {retry_text(decision)}")
+    # 2. Cheap checks: key ids (decoding reads them; no signature yet) and pool sizes.
     try:
         signed = None if frame.signed_prekey is None else SignedPrekey.decode(frame.signed_prekey)
         one_time = [OneTimePrekey.decode(b) for b in frame.one_time]
@@ -54,12 +63,6 @@ async def upload_prekeys(conn: Connection, frame: UploadPrekeys) -> None:
     if have.one_time + len(one_time) > max_pool or have.kem + len(kem) > max_pool:
         raise ProtocolError(E.BAD_PREKEY, f"a one-time prekey pool would exceed {max_pool} keys "
                                           f"(holds {have.one_time} X25519 and {have.kem} ML-KEM)")
-    # 2. The account's upload budget, in keys: signature checks and bytes written, not frames.
-    cost = max(1, len(one_time) + len(kem) + (signed is not None) + (last_resort is not None))
-    decision = await server.limiters.prekey_uploads.hit(username, cost)
-    if not decision.allowed:
-        raise ProtocolError(E.RATE_LIMITED, f"too many prekeys uploaded by this account "
-                            f"({cfg.prekey_uploads_per_account_per_hour} per hour); {retry_text(decision)}")
     # 3. PQXDH section 3.2: prekeys are signed by the identity; refuse any that is not.
     identity = await server.identity_of(username)
     assert identity is not None
