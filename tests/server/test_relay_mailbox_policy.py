@@ -11,6 +11,7 @@ from pathlib import Path
 from relay_harness import harness, run
 
 from cipherpost.protocol.frames import Accepted, Block, Deliver, Error, Ok, Results, SendMany
+from cipherpost.server.limits import MemoryLimiter
 
 
 def test_a_stranger_cannot_fill_a_mailbox_and_contacts_still_get_through(tmp_path: Path) -> None:
@@ -116,4 +117,33 @@ def test_send_many_stores_once_and_answers_a_status_per_recipient(tmp_path: Path
             twice = await alice.request(SendMany(rid=alice.rid(), id=os.urandom(16), kind="msg", body=b"x",
                                                  to=["bob", "bob"]))
             assert isinstance(twice, Error) and twice.code == "bad_frame"
+    run(scenario())
+
+
+def test_send_many_caps_new_recipients_per_hour_and_remembers_only_real_ones(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with harness(tmp_path, new_recipients_per_hour=3) as h:
+            alice, _ = await h.user("alice")
+            for name in ("bob", "carol", "dave", "erin"):
+                await h.user(name)
+
+            async def send_many(*to: str) -> Results | Error:
+                frame = SendMany(rid=alice.rid(), id=os.urandom(16), kind="msg", body=b"hi", to=list(to))
+                reply = await alice.request(frame)
+                assert isinstance(reply, Results | Error)
+                return reply
+
+            assert isinstance(await send_many("bob", "carol"), Results)   # 2 new
+            assert isinstance(await send_many("bob", "carol"), Results)   # written to this hour: 0 new
+            over = await send_many("dave", "erin")                         # 2 more new: over 3
+            assert isinstance(over, Error) and over.code == "rate_limited"
+            assert "new recipients" in over.message
+            ghost = await send_many("nobody-at-all")                       # the 3rd new one
+            assert isinstance(ghost, Results) and ghost.status == ["unknown_user"]
+            pairs = h.server.limiters.recipient_pairs
+            assert isinstance(pairs, MemoryLimiter)
+            assert "alice\x00bob" in pairs and "alice\x00nobody-at-all" not in pairs  # none for made-up names
+            assert isinstance(await send_many("bob"), Results)              # not new: still allowed
+            refused = await send_many("dave")
+            assert isinstance(refused, Error) and refused.code == "rate_limited"
     run(scenario())

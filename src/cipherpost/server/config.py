@@ -57,6 +57,7 @@ class ServerConfig:
     auth_failures_per_prefix_per_hour: int = 200  # failed auth/register proofs per prefix
     prekey_uploads_per_account_per_hour: int = 2000  # prekeys uploaded (signature checks, writes)
     fanout_deliveries_per_hour: int = 20_000  # send_many deliveries (recipients) per sender
+    new_recipients_per_hour: int = 1000  # send_many recipients the sender did not write to last hour
     max_fanout: int = 1000  # recipients of one send_many
     limiter_max_keys: int = 100_000  # per in-memory limiter
     limits_redis: str | None = None  # redis://... : limiters shared by several instances
@@ -93,8 +94,8 @@ class ServerConfig:
             raise ValueError(f"max_outbound_bytes must be at least twice max_frame ({2 * self.max_frame})")
         for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
-                     "fanout_deliveries_per_hour", "max_fanout", "limiter_max_keys", "max_queue_per_sender",
-                     "max_stored_bytes"):
+                     "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
+                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.disk_budget_bytes is not None and self.disk_budget_bytes < 1:

@@ -273,6 +273,8 @@ class RelayLimiters:
     auth_failures: Limiter    # failed auth/register proofs per source address prefix
     prekey_uploads: Limiter   # prekeys uploaded per account (signature checks and bytes written)
     fanout_deliveries: Limiter  # send_many deliveries (one per recipient) per sender
+    recipient_pairs: Limiter  # limit 1: "has this sender sent to this recipient in the last hour?"
+    new_recipients: Limiter   # send_many recipients not written to in the last hour, per sender
     _memory: tuple[MemoryLimiter, ...] = ()
     _redis: Any = None
 
@@ -296,6 +298,8 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         "auth_failures": (config.auth_failures_per_prefix_per_hour, False),
         "prekey_uploads": (config.prekey_uploads_per_account_per_hour, False),
         "fanout_deliveries": (config.fanout_deliveries_per_hour, False),
+        "recipient_pairs": (1, False),
+        "new_recipients": (config.new_recipients_per_hour, False),
     }
     memory: list[MemoryLimiter] = []
     client: Any = None
@@ -321,7 +325,8 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         pake=make("pake"), fetch=make("fetch"), fetch_pair=make("fetch_pair"),
         one_time_target=make("one_time_target"), registrations=make("registrations"),
         auth_failures=make("auth_failures"), prekey_uploads=make("prekey_uploads"),
-        fanout_deliveries=make("fanout_deliveries"))
+        fanout_deliveries=make("fanout_deliveries"), recipient_pairs=make("recipient_pairs"),
+        new_recipients=make("new_recipients"))
     built._memory = tuple(memory)
     built._redis = client
     return built

@@ -111,7 +111,10 @@ async def send_many(conn: Connection, frame: SendMany) -> None:
     """Cap ``send_many``: one body stored once for up to ``max_fanout`` recipients, a status per
     recipient, durable for those accepted before the reply. Counted in deliveries, not frames: the
     connection's frame bucket and the sender's hourly delivery budget are charged one unit per
-    recipient."""
+    recipient, and the sender's budget of new recipients one unit per recipient it has not written
+    to (with ``send_many``) in the last hour. That "written to" memory is a limiter of one unit per
+    (sender, recipient) pair, made only for recipients that exist and bounded like every limiter
+    (an evicted pair counts as new again: the safe side)."""
     assert conn.username is not None
     cfg = conn.config
     server = conn.server
@@ -131,6 +134,14 @@ async def send_many(conn: Connection, frame: SendMany) -> None:
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, "too many send_many deliveries from this account "
                             f"({cfg.fanout_deliveries_per_hour} per hour); {retry_text(decision)}")
+    limits = server.limiters
+    pairs = [f"{conn.username}\x00{name}" for name in recipients]
+    new = [p for p in pairs if (await limits.recipient_pairs.peek(p)).allowed]  # peek: no key made
+    if new:
+        decision = await limits.new_recipients.hit(conn.username, len(new))
+        if not decision.allowed:
+            raise ProtocolError(E.RATE_LIMITED, f"too many new recipients from this account "
+                                f"({cfg.new_recipients_per_hour} per hour); {retry_text(decision)}")
     delivery = Delivery(sender=conn.username, msg_id=frame.id, kind=frame.kind, body=frame.body,
                         ts=time.time_ns() // 1_000_000, recipients=recipients)
     try:
@@ -140,6 +151,9 @@ async def send_many(conn: Connection, frame: SendMany) -> None:
     except StoreError as exc:
         log.error("event=enqueue_failed error=%s", type(exc).__name__)
         raise ProtocolError(E.INTERNAL, "message could not be stored; retry") from None
+    for pair, r in zip(pairs, results, strict=True):  # remember the pair only for existing accounts
+        if r.status is not RecipientStatus.UNKNOWN_USER:
+            await limits.recipient_pairs.hit(pair)
     statuses = [r.status.value for r in results]
     conn.push_frame(encode_frame(Results(rid=frame.rid, id=frame.id, status=statuses)))
     for r in results:
