@@ -1,10 +1,9 @@
-"""Malformed frames, limits, HTTP endpoints: errors are typed, nothing crashes, others are unaffected."""
+"""Malformed frames and limits: errors are typed, nothing crashes, others are unaffected (HTTP
+endpoints: test_relay_metrics.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -116,11 +115,3 @@ def test_plaintext_flag_refuses_non_loopback(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="loopback"):
             ServerConfig(data_dir=tmp_path, host=host, insecure_plaintext_dev=True).validate()
     ServerConfig(data_dir=tmp_path, host="::1", insecure_plaintext_dev=True).validate()
-
-
-def _https_get(url: str, cert: Path) -> tuple[int, str, str]:
-    ctx = ssl.create_default_context(cafile=str(cert))
-    with urllib.request.urlopen(url, context=ctx, timeout=5) as response:
-        return response.status, response.headers.get("Content-Type"), response.read().decode()
-
-
