@@ -244,6 +244,11 @@ class RedisLimiter:
         return await self._run(key, cost, False)
 
 
+def pair_key(first: str, second: str) -> str:
+    """The limiter key of an ordered pair of account names (``|`` never occurs in a username)."""
+    return f"{first}|{second}"
+
+
 def address_prefix(address: str) -> str:
     """The block one party is assumed to control: the /24 of an IPv4 address, the /64 of an IPv6
     one (an IPv4-mapped IPv6 address counts as IPv4). Anything unparsable is its own key."""

@@ -34,7 +34,7 @@ from ...store.base import (
     StoreError,
     UnknownAccount,
 )
-from ..limits import retry_text
+from ..limits import pair_key, retry_text
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -48,7 +48,7 @@ async def send_pake(conn: Connection, frame: Send, to: str) -> None:
     server = conn.server
     if await server.identity_of(to) is None:
         raise ProtocolError(E.UNKNOWN_USER, f"no account named {to!r}")
-    decision = await server.limiters.pake.hit(f"{conn.username}\x00{to}")
+    decision = await server.limiters.pake.hit(pair_key(conn.username, to))
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, f"too many password-verification messages to {to!r} (at most "
                             f"{conn.config.pake_per_hour} per hour); {retry_text(decision)}")
@@ -135,7 +135,7 @@ async def send_many(conn: Connection, frame: SendMany) -> None:
         raise ProtocolError(E.RATE_LIMITED, "too many send_many deliveries from this account "
                             f"({cfg.fanout_deliveries_per_hour} per hour); {retry_text(decision)}")
     limits = server.limiters
-    pairs = [f"{conn.username}\x00{name}" for name in recipients]
+    pairs = [pair_key(conn.username, name) for name in recipients]
     new = [p for p in pairs if (await limits.recipient_pairs.peek(p)).allowed]  # peek: no key made
     if new:
         decision = await limits.new_recipients.hit(conn.username, len(new))

@@ -24,7 +24,7 @@ from ...protocol.errors import ProtocolError
 from ...protocol.frames import Bundle, FetchBundle, Ok, PrekeyCounts, PrekeysLow, UploadPrekeys, encode_frame
 from ...protocol.usernames import require_normalized
 from ...store.base import NoPrekeys, PrekeyPoolFull, UnknownAccount
-from ..limits import retry_text
+from ..limits import pair_key, retry_text
 
 if TYPE_CHECKING:
     from ..connection import Connection
@@ -93,7 +93,7 @@ async def fetch_bundle(conn: Connection, frame: FetchBundle) -> None:
     limits = server.limiters
     if await server.identity_of(target) is None:  # before any limiter: no key for a made-up name
         raise ProtocolError(E.UNKNOWN_USER, f"no account named {target!r}")
-    pair = f"{requester}\x00{target}"
+    pair = pair_key(requester, target)
     decision = await limits.fetch_pair.peek(pair)
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, f"too many prekey bundle fetches for {target!r} "
