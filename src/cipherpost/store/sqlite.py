@@ -79,7 +79,7 @@ USAGE_BUCKET_MS = 3_600_000  # usage counters per sender and hour
 USAGE_KEEP_MS = 8 * 24 * USAGE_BUCKET_MS  # a day and a week for `admin top`, with a margin
 USAGE_FLUSH_S = 10.0  # usage counters are written at most this often (counts only: a crash loses <= 10 s)
 _CACHE_LIMIT = 100_000  # mailboxes cached by the writer; beyond it the cache starts again (all persisted)
-_RECENT_LIMIT = 50_000  # unacked messages whose row the writer remembers (~6 MiB); older ones are read
+_RECENT_LIMIT = 50_000  # unacked messages whose row the writer remembers (~9 MiB); older ones are read
 _X25519 = 0
 _KEM = 1
 _MAX_BATCH = 1024
