@@ -562,7 +562,7 @@ class PostgresRelayStore:
     async def prekey_counts(self, username: str) -> PoolCounts:
         return await self._call(lambda c: self._counts(c, username))
 
-    async def take_bundle(self, username: str) -> BundleParts:
+    async def take_bundle(self, username: str, *, one_time: bool = True) -> BundleParts:
         async def take(conn: Any, kind: int) -> bytes | None:
             data = await conn.fetchval(
                 "DELETE FROM one_time_prekeys WHERE (username, kind, key_id) = "
@@ -581,14 +581,15 @@ class PostgresRelayStore:
                 identity, signed, last_resort = row
                 if signed is None:
                     raise NoPrekeys(username)
-                one_time = await take(conn, _X25519)
-                kem = await take(conn, _KEM)
+                # one_time=False (the relay's per-target drain bound) spends no one-time key
+                otpk = await take(conn, _X25519) if one_time else None
+                kem = await take(conn, _KEM) if one_time or last_resort is None else None
                 if kem is None:
                     if last_resort is None:
                         raise NoPrekeys(username)  # the transaction rolls back the one-time key
                     kem = bytes(last_resort)
                 return BundleParts(identity=bytes(identity), signed_prekey=bytes(signed), kem_prekey=kem,
-                                   one_time_prekey=one_time, remaining=await self._counts(conn, username))
+                                   one_time_prekey=otpk, remaining=await self._counts(conn, username))
         return await self._call(op)
 
     # --- mailboxes --------------------------------------------------------------------------
