@@ -421,3 +421,32 @@ def test_changed_identity_is_forgotten_on_every_instance(
             for cl in (stale, fresh):
                 await cl.close()
     run(scenario(), timeout=60)
+
+
+@NEEDS_REDIS
+def test_a_killed_instances_connections_stop_counting_without_leaving_state(
+        tmp_path: Path, pg_schema: str, redis_prefix: str) -> None:
+    """One member per connection with an expiry, refreshed by its live instance: SIGKILL leaves no
+    counter behind, so the account can log in again once the claim has expired."""
+    bus = with_query(with_query(REDIS_URL, "prefix", redis_prefix), "presence_ttl_ms", "1500")
+    with cluster(tmp_path, pg_schema, bus, 2, ["--max-connections-per-account", "1"]) as c:
+        async def scenario() -> None:
+            registering, alice = await _register(c, 1, "alice")
+            await registering.close()
+            on_a = await _login(c, 0, "alice", alice)  # the one allowed connection, on instance A
+            refused = await RelayClient.connect(c.url(1), c.cert)
+            assert (await refused.auth(alice, "alice")).t == "error"  # counted across instances
+            c.servers[0].proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            c.servers[0].proc.wait(timeout=10)  # type: ignore[union-attr]
+            for _ in range(200):  # until A's claim expires (1.5 s after its last refresh)
+                retry = await RelayClient.connect(c.url(1), c.cert)
+                if (await retry.auth(alice, "alice")).t == "ok":
+                    break
+                await retry.close()
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("a killed instance's connection still counts")
+            for client in (on_a, refused, retry):
+                with contextlib.suppress(Exception):
+                    await client.close()
+        run(scenario(), timeout=60)

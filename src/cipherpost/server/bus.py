@@ -45,7 +45,7 @@ READ_TIMEOUT_S = 1.0  # get_message's wait; bounds how late stop() is noticed
 WakeHandler = Callable[[str, "int | None", "DeliveredMessage | None"], None]
 ControlHandler = Callable[[str, str], None]  # (what, user): "identity" = drop the cached identity
 PRESENCE_TTL_MS = 30_000  # a claimed connection counts this long unless its instance refreshes it
-PRESENCE_REFRESH_S = 10.0  # how often an instance refreshes the claims of its live connections
+# (every third of it); ?presence_ttl_ms=N in the bus URL changes it
 
 # Atomic check-and-claim on one sorted set per user: member = instance:connection, score = expiry
 # (Redis server time, so that instances' clocks do not matter). Expired members are dropped first:
@@ -129,8 +129,9 @@ class LocalBus:
         return None
 
 
-def parse_bus_url(url: str) -> tuple[str, str]:
-    """``redis://host:port/db?prefix=NAME`` -> (URL for redis-py without ``prefix``, prefix)."""
+def parse_bus_url(url: str) -> tuple[str, str, int]:
+    """``redis://host:port/db?prefix=NAME&presence_ttl_ms=N`` -> (URL for redis-py without our two
+    parameters, prefix, presence TTL in ms)."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"--bus must be a redis:// or rediss:// URL, not {parts.scheme or url!r}")
@@ -138,15 +139,18 @@ def parse_bus_url(url: str) -> tuple[str, str]:
     prefix = next((v for k, v in query if k == "prefix"), "cipherpost")
     if not prefix or any(c in prefix for c in ": \n"):
         raise ValueError("--bus prefix must be non-empty, without ':' or spaces")
-    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix
+    ttl_text = next((v for k, v in query if k == "presence_ttl_ms"), str(PRESENCE_TTL_MS))
+    if not ttl_text.isdigit() or not 300 <= int(ttl_text) <= 3_600_000:
+        raise ValueError("--bus presence_ttl_ms must be a whole number of ms in 300-3600000")
+    rest = urlencode([(k, v) for k, v in query if k not in ("prefix", "presence_ttl_ms")])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), prefix, int(ttl_text)
 
 
 class RedisBus:
     """Wake-ups over Redis pub/sub; see the module docstring for the failure behaviour."""
 
     def __init__(self, url: str) -> None:
-        self._url, self.prefix = parse_bus_url(url)
+        self._url, self.prefix, self.presence_ttl_ms = parse_bus_url(url)
         self.instance = secrets.token_hex(6)  # our own publishes are not echoed back to us
         self._on_wake: WakeHandler | None = None
         self._local_users: Callable[[], Iterable[str]] = tuple
@@ -389,7 +393,7 @@ class RedisBus:
         key, member = f"{self.prefix}:conns:{user}", f"{self.instance}:{id(conn):x}"
         if self._up:
             try:
-                if not await self._claim(keys=[key], args=[member, limit, PRESENCE_TTL_MS]):
+                if not await self._claim(keys=[key], args=[member, limit, self.presence_ttl_ms]):
                     return False
             except Exception as exc:  # fail open: the instance's own cap still holds
                 log.warning("event=bus_claim_failed error=%s", type(exc).__name__)
@@ -408,15 +412,15 @@ class RedisBus:
     async def _refresh_claims(self) -> None:
         """Keep this instance's live connections counted; a dead instance's expire."""
         while True:
-            await asyncio.sleep(PRESENCE_REFRESH_S)
+            await asyncio.sleep(self.presence_ttl_ms / 3000)  # three refreshes per TTL
             if not self._claims or not self._up:
                 continue
             try:
                 now_ms = int((await self._client.time())[0]) * 1000
                 pipe = self._client.pipeline(transaction=False)
                 for key, member in list(self._claims.values()):
-                    pipe.zadd(key, {member: now_ms + PRESENCE_TTL_MS})
-                    pipe.pexpire(key, PRESENCE_TTL_MS)
+                    pipe.zadd(key, {member: now_ms + self.presence_ttl_ms})
+                    pipe.pexpire(key, self.presence_ttl_ms)
                 await pipe.execute()
             except Exception as exc:
                 log.warning("event=bus_presence_refresh_failed error=%s", type(exc).__name__)
