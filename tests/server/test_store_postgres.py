@@ -12,7 +12,7 @@ import pytest
 from pg_support import NEEDS_POSTGRES, PG_URL, SLOW_MARKER, CommitGate, pg_execute, pg_schema, terminate
 from relay_harness import run
 
-from cipherpost.store.base import NewMessage, SchemaTooNew
+from cipherpost.store.base import MailboxFull, NewMessage, SchemaTooNew, UnknownAccount
 from cipherpost.store.migrations import LATEST
 from cipherpost.store.postgres import OutcomeUnknown, PostgresRelayStore, StoreUnavailable
 
@@ -149,4 +149,24 @@ def test_unreachable_database_is_a_clear_error() -> None:
         store = PostgresRelayStore("postgresql://postgres@127.0.0.1:1/test")
         with pytest.raises(StoreUnavailable, match="cannot reach PostgreSQL"):
             await store.open()
+    run(scenario())
+
+
+def test_refused_sends_leave_no_dedup_rows(pg_schema: str) -> None:
+    """A flood of sends to names that do not exist (or to full mailboxes) must not grow the store."""
+    async def scenario() -> None:
+        store = await _open(pg_schema)
+        try:
+            await store.create_account("bob", b"id", 0)
+            for i in range(20):
+                with pytest.raises(UnknownAccount):
+                    await store.enqueue(_msg(f"nobody{i}", i), 10)
+            await store.enqueue(_msg("bob", 100), 1)
+            with pytest.raises(MailboxFull):
+                await store.enqueue(_msg("bob", 101), 1)
+            rows = await pg_execute(pg_schema, "SELECT count(*) FROM sent")
+            assert rows[0][0] == 1  # type: ignore[index]  # only the accepted one
+            assert not (await store.enqueue(_msg("bob", 101), 2)).duplicate  # a refused id can be retried
+        finally:
+            await store.close()
     run(scenario())

@@ -226,8 +226,12 @@ BEGIN
         IF v_body IS NOT NULL THEN
             UPDATE bodies b SET refs = v_stored WHERE b.id = v_body;
         END IF;
-        UPDATE sent x SET recipients = v_prior_rcpts, seqs = v_prior_seqs
-            WHERE x.sender = v_sender AND x.msg_id = p_ids[d];
+        IF cardinality(v_prior_rcpts) = 0 THEN  -- nothing accepted: remember nothing (no growth
+            DELETE FROM sent x WHERE x.sender = v_sender AND x.msg_id = p_ids[d];  -- from refused sends)
+        ELSE
+            UPDATE sent x SET recipients = v_prior_rcpts, seqs = v_prior_seqs
+                WHERE x.sender = v_sender AND x.msg_id = p_ids[d];
+        END IF;
     END LOOP;
     -- 4. counters, sorted, last
     INSERT INTO usage AS u (sender, hour, messages, bytes)
