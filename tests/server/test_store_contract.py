@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -17,6 +17,7 @@ from typing import NamedTuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pg_support import NEEDS_POSTGRES, PG_URL, drop_schema, fresh_name
 from relay_harness import run
 
 from cipherpost.store.base import (
@@ -52,16 +53,16 @@ HOUR_MS = 3_600_000
 NOW_MS = 1_800_000_000_000
 
 
-@pytest.fixture(params=[
-    "sqlite",
-    # "postgres": the PostgreSQL backend (issue 11) adds itself here, e.g.
-    # pytest.param("postgres", marks=NEEDS_POSTGRES), returning
-    # lambda: PostgresRelayStore(os.environ["CIPHERPOST_TEST_POSTGRES"], schema=_fresh_schema())
-])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], RelayStore]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=NEEDS_POSTGRES)])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], RelayStore]]:
     if request.param == "sqlite":
-        return lambda: SqliteRelayStore(tmp_path / "r.db")  # a factory: tests reopen it
-    raise AssertionError(f"no backend {request.param!r}")
+        yield lambda: SqliteRelayStore(tmp_path / "r.db")  # a factory: tests reopen it
+        return
+    from cipherpost.store.postgres import PostgresRelayStore
+
+    schema = fresh_name("cpt")  # one schema per test, dropped afterwards (tests/server/pg_support.py)
+    yield lambda: PostgresRelayStore(PG_URL, schema=schema)
+    asyncio.run(drop_schema(schema))
 
 
 @asynccontextmanager
@@ -196,10 +197,13 @@ def test_ack_touches_only_the_given_recipient(make_store: Callable[[], RelayStor
     async def scenario() -> None:
         async with opened(make_store) as store:
             await accounts(store, "bob", "carol")
+            await store.enqueue(msg("bob", 0), POLICY)
             to_bob = await store.enqueue(msg("bob", 1), POLICY)
+            # seqs may be global (SQLite) or per recipient (PostgreSQL): carol's one message has
+            # neither bob's second seq
             await store.enqueue(msg("carol", 2), POLICY)
             assert await store.ack("carol", [to_bob.seq]) == 0
-            assert len(await store.pending("bob", 0, 10)) == 1
+            assert len(await store.pending("bob", 0, 10)) == 2
             assert await store.ack("bob", [to_bob.seq, to_bob.seq, 10**9]) == 1
     run(scenario())
 

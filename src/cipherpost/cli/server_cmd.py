@@ -11,19 +11,23 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..server import logfmt
+from ..server.backends import BUS_ENV, STORE_ENV, make_store
 from ..server.config import DATA_ENV, REGISTRATION_MODES, ServerConfig, default_data_dir
-from ..store.sqlite import SqliteRelayStore
+from ..store.base import StoreError
 
 log = logging.getLogger("cipherpost.server")
 
 INVITE_TTL_HOURS = 7 * 24
+LIMITS_REDIS_ENV = "CIPHERPOST_LIMITS_REDIS"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -57,13 +61,72 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="prekey bundle fetches per requesting account per hour (default 200)")
     p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=20,
                    help="prekey bundle fetches per (requester, target) per hour (default 20)")
+    p.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help=f"where state lives: sqlite:PATH or postgresql://USER@HOST/DB?schema=NAME "
+                        f"(default ${STORE_ENV}, else relay.db in the data directory)")
+    p.add_argument("--bus", default=os.environ.get(BUS_ENV) or None, metavar="URL",
+                   help=f"wake-ups across instances: redis://HOST:PORT/DB?prefix=NAME (default ${BUS_ENV}, "
+                        "else in-process); needs a postgresql:// --store")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_limit_flags(p)
     p.set_defaults(func=run_server)
 
     i = subparsers.add_parser("invite", help="print a one-time invite token (for --registration invite)")
     i.add_argument("--data", type=Path, default=None, help="the server's data directory")
     i.add_argument("--ttl-hours", type=float, default=INVITE_TTL_HOURS, help="validity (default 7 days)")
+    i.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help=f"the server's --store, if not the data directory's relay.db (default ${STORE_ENV})")
     i.set_defaults(func=run_invite)
+
+    m = subparsers.add_parser("migrate-store", help="move a relay's SQLite store to PostgreSQL, verified",
+                              description="Copy every account, prekey and queued message from a stopped "
+                                          "relay's SQLite file into an empty PostgreSQL schema, verify "
+                                          "counts and SHA-256 checksums per table, renew the store epoch.")
+    m.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH",
+                   help="the relay's store, e.g. sqlite:/var/lib/cipherpost/relay.db (relay stopped)")
+    m.add_argument("--to", dest="target", required=True, metavar="postgresql://...",
+                   help="an empty PostgreSQL store: postgresql://USER@HOST/DB?schema=NAME")
+    m.set_defaults(func=run_migrate_store)
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """Bounded state, mailbox caps, metrics and logs (issue 9; docs/server.md "Limits")."""
+    g = p.add_argument_group("abuse limits, metrics and logs")
+    g.add_argument("--max-queue-per-sender", type=int, default=1000,
+                   help="messages one sender may have waiting for one recipient (default 1000)")
+    g.add_argument("--max-stored-bytes", type=int, default=256 * 1024 * 1024,
+                   help="bytes of queued mail per recipient account (default 256 MiB)")
+    g.add_argument("--disk-budget", type=int, default=None,
+                   help="bytes of queued mail the whole relay may store (default: no budget)")
+    g.add_argument("--registrations-per-prefix-per-hour", type=int, default=20,
+                   help="accounts registered per IPv4 /24 or IPv6 /64 per hour (default 20)")
+    g.add_argument("--one-time-prekeys-per-target-per-hour", type=int, default=60,
+                   help="one-time prekeys served per account per hour, all requesters together; beyond "
+                        "it bundles carry the last-resort key (default 60)")
+    g.add_argument("--prekey-uploads-per-hour", type=int, default=2000,
+                   help="prekeys one account may upload per hour (default 2000)")
+    g.add_argument("--pake-per-hour", type=int, default=10,
+                   help="password-verification messages per (sender, recipient) per hour (default 10)")
+    g.add_argument("--limits-redis", default=os.environ.get(LIMITS_REDIS_ENV) or None, metavar="URL",
+                   help=f"keep rate limits in Redis, shared by relay instances (redis://host:6379/0; "
+                        f"default ${LIMITS_REDIS_ENV} or in memory)")
+    g.add_argument("--metrics-listen", default="127.0.0.1:9765", metavar="HOST:PORT",
+                   help="plain-HTTP listener for /metrics, loopback by default; 'off' for none "
+                        "(default 127.0.0.1:9765)")
+    g.add_argument("--log-peer-addresses", action="store_true",
+                   help="log IP:port with usernames at info level (default: a connection number)")
+
+
+def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    metrics = getattr(args, "metrics_listen", None)
+    return dict(
+        max_queue_per_sender=args.max_queue_per_sender, max_stored_bytes=args.max_stored_bytes,
+        disk_budget_bytes=args.disk_budget,
+        registrations_per_prefix_per_hour=args.registrations_per_prefix_per_hour,
+        one_time_prekeys_per_target_per_hour=args.one_time_prekeys_per_target_per_hour,
+        prekey_uploads_per_account_per_hour=args.prekey_uploads_per_hour, pake_per_hour=args.pake_per_hour,
+        limits_redis=args.limits_redis, metrics_listen=None if metrics in (None, "off") else metrics,
+        log_peer_addresses=args.log_peer_addresses)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -76,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections_per_account=args.max_connections_per_account,
         max_outbound_bytes=args.max_outbound_bytes, bundle_fetches_per_hour=args.bundle_fetches_per_hour,
         bundle_fetches_per_target_per_hour=args.bundle_fetches_per_target_per_hour,
+        store_url=args.store, bus_url=args.bus,
+        **_limit_settings(args),
     )
 
 
@@ -93,6 +158,9 @@ def run_server(args: argparse.Namespace) -> int:
         pass
     except OSError as exc:  # address in use, unreadable certificate ...
         print(f"cipherpost server: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # database unreachable, schema newer than this code ...
+        print(f"cipherpost server: store: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -113,6 +181,11 @@ async def _serve(config: ServerConfig) -> None:
     else:
         print("TLS certificate fingerprint: none (insecure plaintext development mode)", flush=True)
     print(f"data directory: {config.data_dir}", flush=True)
+    if server.key_fingerprint is not None:  # stays the same when the certificate is renewed with its key
+        print(f"TLS public key fingerprint: {server.key_fingerprint}", flush=True)
+    listener = server.metrics_listener
+    if listener is not None and listener.running:
+        print(f"metrics: {listener.url}", flush=True)
     await stop.wait()
     log.info("event=shutdown_requested")
     await server.stop()
@@ -124,7 +197,7 @@ def run_invite(args: argparse.Namespace) -> int:
     now = time.time_ns() // 1_000_000
 
     async def add() -> None:
-        store = SqliteRelayStore(data_dir / "relay.db")
+        store = make_store(ServerConfig(data_dir=data_dir, store_url=args.store))
         await store.open()
         try:
             await store.add_invite(hashlib.sha256(token.encode()).digest(), now,
@@ -134,6 +207,25 @@ def run_invite(args: argparse.Namespace) -> int:
 
     asyncio.run(add())
     print(token, flush=True)  # only the hash is stored on the server
+    return 0
+
+
+def run_migrate_store(args: argparse.Namespace) -> int:
+    if not args.source.startswith("sqlite:") or not args.target.startswith(("postgresql://", "postgres://")):
+        print("cipherpost migrate-store: --from must be sqlite:PATH and --to a postgresql:// URL",
+              file=sys.stderr)
+        return 2
+    from ..store.transfer import migrate_to_postgres  # needs asyncpg
+
+    try:
+        checks = asyncio.run(migrate_to_postgres(Path(args.source.removeprefix("sqlite:")), args.target,
+                                                 report=lambda line: print(line, flush=True)))
+    except (StoreError, ValueError) as exc:
+        print(f"cipherpost migrate-store: {exc}", file=sys.stderr)
+        return 1
+    total = sum(c.rows for c in checks)
+    print(f"migrated {total} rows in {len(checks)} tables, verified; store epoch renewed "
+          "(clients republish their prekeys)", flush=True)
     return 0
 
 

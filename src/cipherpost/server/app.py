@@ -3,7 +3,8 @@
 ``RelayServer(config)``; ``await start()`` binds and returns once listening (``.port``,
 ``.cert_fingerprint``, ``.channel_binding``); ``await stop()`` shuts down gracefully: stop
 listening, close every connection (1001), then let the store commit everything already submitted.
-HTTP ``GET /healthz`` and ``GET /metrics`` are answered on the same port (``process_request``).
+HTTP ``GET /healthz`` is answered on the same port (``process_request``); ``GET /metrics`` only on
+the separate metrics listener (``--metrics-listen``, loopback by default: ``server/metrics.py``).
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from collections.abc import Iterable
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from ..crypto.errors import CryptoError
 from ..crypto.identity import PublicIdentity
+from ..crypto.pins import spki_sha256
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls
+from .backends import describe, make_bus, make_store
+from .bus import Bus
 from .config import ServerConfig
 from .connection import Connection
-from .limits import WindowLimiter
-from .metrics import Metrics
+from .handlers import mail
+from .limits import build_limiters
+from .metrics import Metrics, MetricsListener
 from .transport import BatchingServerConnection
 
 log = logging.getLogger("cipherpost.server")
@@ -40,20 +44,25 @@ PLAINTEXT_CHANNEL = bytes(32)  # docs/wire.md: channel binding in loopback-only 
 
 
 class RelayServer:
-    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None,
+                 bus: Bus | None = None) -> None:
         config.validate()
         self.config = config
-        self.store: RelayStore = store or SqliteRelayStore(config.db_path,
-                                                           synchronous=config.sqlite_synchronous)
+        self.store: RelayStore = store or make_store(config)
+        # Scale-out (server/bus.py): wake-ups for users connected to other instances. Only the SQLite
+        # store completes commits in seq order on one writer thread; with any other store a pushed
+        # seq that is not the next one makes the connection page from the store instead.
+        self.bus: Bus = bus or make_bus(config)
+        self.gap_checked = not isinstance(self.store, SqliteRelayStore)
         self.metrics = Metrics()
-        self.pake_limiter = WindowLimiter(config.pake_per_hour, 3600.0)
-        # fetch_bundle spends the target's one-time prekeys: limited per requester and per pair
-        self.fetch_limiter = WindowLimiter(config.bundle_fetches_per_hour, 3600.0)
-        self.fetch_pair_limiter = WindowLimiter(config.bundle_fetches_per_target_per_hour, 3600.0)
+        self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
+        self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
+        self.metrics_listener: MetricsListener | None = None
         self._per_ip: dict[str, int] = {}  # open connections per source address
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
         self.cert_fingerprint: str | None = None  # "SHA256:<hex>"; None in plaintext dev mode
+        self.key_fingerprint: str | None = None  # SHA-256 of the certificate's public key (SPKI)
         self.channel_binding: bytes = PLAINTEXT_CHANNEL
         self.url = ""
         self._routes: dict[str, set[Connection]] = {}
@@ -78,9 +87,11 @@ class RelayServer:
             der = tls.certificate_der(cert_path)
             self.channel_binding = hashlib.sha256(der).digest()
             self.cert_fingerprint = tls.fingerprint_text(der)
+            self.key_fingerprint = "SHA256:" + spki_sha256(der).hex()  # what clients pin (crypto/pins.py)
             ssl_context = tls.server_context(cert_path, key_path)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
+        await self.bus.start(self.wake, self._routes.keys, self._on_control)
         self._server = await serve(
             self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
             # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
@@ -94,8 +105,12 @@ class RelayServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{scheme}://{host}:{self.port}"
         self._prune_task = asyncio.create_task(self._prune_loop())
-        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s", self.url, cfg.data_dir,
-                 cfg.registration, self.cert_fingerprint or "none")
+        if cfg.metrics_listen is not None:
+            self.metrics_listener = MetricsListener(self.metrics, self.store, cfg.metrics_listen)
+            await self.metrics_listener.start()
+        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s store=%s bus=%s", self.url,
+                 cfg.data_dir, cfg.registration, self.cert_fingerprint or "none", describe(cfg.store_url),
+                 describe(cfg.bus_url))
 
     async def stop(self) -> None:
         if self._server is None:
@@ -103,9 +118,13 @@ class RelayServer:
         server, self._server = self._server, None
         if self._prune_task is not None:
             self._prune_task.cancel()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
         server.close(close_connections=True)
         await server.wait_closed()
+        await self.bus.stop()
         await self.store.close()  # commits everything already submitted
+        await self.limiters.close()
         self._stopped.set()
         log.info("event=stopped")
 
@@ -117,9 +136,7 @@ class RelayServer:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             with contextlib.suppress(Exception):
                 await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
-                now = time.monotonic()
-                for limiter in (self.pake_limiter, self.fetch_limiter, self.fetch_pair_limiter):
-                    limiter.prune(now)
+                self.limiters.prune()
 
     # --- HTTP side: health and metrics --------------------------------------------------------
 
@@ -127,17 +144,9 @@ class RelayServer:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
-        if path == "/metrics":
-            stats = await self.store.stats()
-            store_batches = getattr(self.store, "batches", None)
-            store_ops = getattr(self.store, "batched_ops", None)
-            body = self.metrics.render(queued=stats.queued_messages, accounts=stats.accounts,
-                                       store_batches=store_batches, store_ops=store_ops)
-            response = connection.respond(HTTPStatus.OK, body)
-            response.headers = Headers([(k, v) for k, v in response.headers.raw_items()
-                                        if k.lower() != "content-type"])
-            response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-            return response
+        if path == "/metrics":  # served on the metrics listener only (a presence oracle here)
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: /metrics is served on the "
+                                                            "metrics listener (--metrics-listen)\n")
         if self.metrics.connections_open >= self.config.max_connections:
             self.metrics.connections_refused += 1
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
@@ -180,10 +189,44 @@ class RelayServer:
             conns.discard(conn)
             if not conns:
                 del self._routes[conn.username]
+                self.bus.unwatch(conn.username)
+        self.bus.release(conn.username, conn)
 
     def route(self, recipient: str, message: DeliveredMessage) -> None:
         for conn in self._routes.get(recipient, ()):
             conn.push(message)
+        self.bus.publish(recipient, message)  # recipients connected to other instances
+
+    async def admit(self, username: str, conn: Connection) -> bool:
+        """Whether ``conn`` may be one more authenticated connection of ``username``: counted across
+        instances by the bus, then here (no await after this check: concurrent logins on this
+        instance cannot both pass it)."""
+        limit = self.config.max_connections_per_account
+        if not await self.bus.claim(username, conn, limit):
+            return False
+        if sum(1 for c in self._routes.get(username, ()) if not c.closed) >= limit:
+            self.bus.release(username, conn)
+            return False
+        return True
+
+    def identity_changed(self, username: str) -> None:
+        """``username``'s identity was changed or the account disabled: forget it here and on the
+        other instances (the next login reads the store)."""
+        self._identities.pop(username, None)
+        self.bus.identity_changed(username)
+
+    def _on_control(self, what: str, username: str) -> None:
+        if what == "identity":
+            self._identities.pop(username, None)
+
+    def wake(self, username: str, seq: int | None, message: DeliveredMessage | None) -> None:
+        """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance;
+        pushed when it came along (``push`` pages from the store instead if it is not the next seq)."""
+        for conn in self._routes.get(username, ()):
+            if message is not None:
+                conn.push(message)
+            else:
+                conn.wake(seq)
 
     def flush_soon(self, conn: Connection) -> None:
         """Have ``conn.flush_now()`` run once, after every callback ready in this loop iteration

@@ -1,8 +1,8 @@
 """The relay's storage interface: accounts, invites, prekeys and mailboxes behind one Protocol.
 
 The server depends only on :class:`RelayStore`; :mod:`cipherpost.store.sqlite` is the default
-backend and a PostgreSQL backend implements the same methods (each mutation below is one
-transaction there: ``SELECT ... FOR UPDATE SKIP LOCKED`` for prekey consumption, a unique key on
+backend and :mod:`cipherpost.store.postgres` implements the same methods (each mutation below is
+one transaction there: the account row locked ``FOR UPDATE`` for prekey consumption, a unique key on
 ``(sender, msg_id)`` for idempotent sends, ``mailbox_heads`` rows locked in sorted order for fan-out).
 Schema versions of every backend come from one list, :mod:`cipherpost.store.migrations`.
 docs/contracts.md sections 1 and 4 describe the same contract in prose.
@@ -325,9 +325,13 @@ class RelayStore(Protocol):
 
     async def prekey_counts(self, username: str) -> PoolCounts: ...
 
-    async def take_bundle(self, username: str) -> BundleParts:
+    async def take_bundle(self, username: str, *, one_time: bool = True) -> BundleParts:
         """Consume one one-time prekey of each kind atomically. Raises UnknownAccount (also for an
-        account that is not ACTIVE), NoPrekeys."""
+        account that is not ACTIVE), NoPrekeys.
+
+        ``one_time=False`` (the relay's per-target drain bound, issue 9) consumes none: no one-time
+        X25519 prekey, and the last-resort KEM prekey (a one-time KEM prekey only if the account
+        has published no last-resort one)."""
 
     # --- mailboxes ----------------------------------------------------------------------------
 
