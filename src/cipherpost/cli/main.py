@@ -19,14 +19,18 @@ from ..client.client import ONE_TIME_POOL_TARGET, Client, IncomingMessage
 from ..client.connection import parse_fingerprint
 from ..client.errors import ClientError, ConnectionFailed
 from ..client.home import default_home, resolve_username
+from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, check_text
+from ..client.profile import Contact
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
+from . import output as out
 from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 USER_ENV = "CIPHERPOST_USER"
+MARK_SHOWN_EVERY = 100   # recv commits "shown" in batches (one fsync each), never before the print
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invite", default=None, help="invite token, if the relay requires one")
     p.set_defaults(func=_cmd_init)
 
-    p = sub.add_parser("send", help="send one message")
+    p = sub.add_parser("send", help="send one message",
+                       description=f"Send one message of 1 to {MAX_TEXT_BYTES} bytes (UTF-8) to NAME. "
+                                   "Empty or whitespace-only text is refused. With no session yet, "
+                                   "this fetches NAME's keys and trusts them on first use.")
     p.add_argument("name", help="recipient username")
-    p.add_argument("text", nargs="+", help="message text ('-' reads it from standard input)")
+    p.add_argument("text", nargs="*",
+                   help=f"message text, at most {MAX_TEXT_BYTES} bytes ('-' reads one message from "
+                        "standard input)")
+    p.add_argument("--stdin", action="store_true",
+                   help="send each line of standard input as its own message, in order, in one process")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per message: {"id": HEX, "to": NAME, "status": "sent"|"queued"}')
     p.set_defaults(func=_cmd_send)
 
     p = sub.add_parser("recv", help="fetch and print new messages")
@@ -72,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_recv)
 
     p = sub.add_parser("contacts", help="list contacts and their verification state")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per contact: name, state (unverified|verified|key_changed|"
+                        "blocked), display (the text shown without --json), verified, added_at")
     p.set_defaults(func=_cmd_contacts)
 
     p = sub.add_parser("fingerprint", help="your identity fingerprint, or the safety number with NAME")
@@ -115,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ClientError, CryptoError, ProtocolError, ValueError) as exc:
         print(f"cipherpost: error: {exc}", file=sys.stderr)
         return 1
+    except (out.OutputClosed, BrokenPipeError):
+        out.silence_stdout()   # the reader left (`| head`): end quietly, as SIGPIPE would
+        return out.EXIT_PIPE_CLOSED
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
@@ -146,10 +164,6 @@ def _message_json(m: IncomingMessage) -> dict[str, Any]:
             "received_at": m.received_at, "warning": m.warning}
 
 
-def print_message(m: IncomingMessage) -> None:
-    print("\n".join(message_lines(m, fmt_time)))
-
-
 # --------------------------------------------------------------------------- commands
 def _cmd_client(args: argparse.Namespace) -> int:
     from .chat import run_chat
@@ -176,10 +190,30 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return asyncio.run(create())
 
 
+def _send_texts(args: argparse.Namespace) -> list[str]:
+    """The messages to send, each checked before the profile is unlocked or anything encrypted."""
+    if args.stdin:
+        if args.text:
+            raise UsageError("give the text as arguments or with --stdin, not both")
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        if not texts:
+            raise UsageError("nothing to send: standard input had no non-empty line")
+    elif args.text == ["-"]:
+        texts = [sys.stdin.read().rstrip("\n")]
+    elif args.text:
+        texts = [" ".join(args.text)]
+    else:
+        raise UsageError("nothing to send: give the text, '-' or --stdin")
+    for text in texts:
+        try:
+            check_text(text)
+        except EmptyMessage as exc:
+            raise UsageError(str(exc)) from None
+    return texts
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
-    text = sys.stdin.read().rstrip("\n") if args.text == ["-"] else " ".join(args.text)
-    if not text:
-        raise UsageError("nothing to send")
+    texts = _send_texts(args)
 
     async def body(client: Client) -> int:
         offline: ConnectionFailed | None = None
@@ -187,47 +221,68 @@ def _cmd_send(args: argparse.Namespace) -> int:
             await client.connect()
         except ConnectionFailed as exc:
             offline = exc   # with an existing session the message can still go to the outbox
-        msg_id = await client.send(args.name, text)
-        if client.pending_outbox():
-            reason = f" ({offline})" if offline else ""
-            print(f"queued {msg_id.hex()}: not yet accepted by the relay{reason}; it is kept in the "
-                  "outbox and sent on the next connection (any cipherpost command)", file=sys.stderr)
-            return 1
-        print(f"sent {msg_id.hex()} to {args.name}")
-        return 0
+        queued = 0
+        for text in texts:
+            msg_id = await client.send(args.name, text)
+            status = "queued" if client.is_queued(msg_id) else "sent"
+            queued += status == "queued"
+            if args.json:
+                out.line(json.dumps({"id": msg_id.hex(), "to": args.name, "status": status}))
+            elif status == "sent":
+                out.line(f"sent {msg_id.hex()} to {args.name}")
+            else:
+                reason = f" ({offline})" if offline else ""
+                print(f"queued {msg_id.hex()}: not yet accepted by the relay{reason}; it is kept in the "
+                      "outbox and sent on the next connection (any cipherpost command)", file=sys.stderr)
+        return 1 if queued else 0
     return _run(args, body)
 
 
 def _cmd_recv(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
-        for m in await client.receive(wait=args.wait):
-            if args.json:
-                print(json.dumps(_message_json(m)), flush=True)
-            else:
-                print_message(m)
+        messages = await client.receive(wait=args.wait, mark_shown=False)
+        printed: list[IncomingMessage] = []
+        try:
+            for m in messages:
+                # Shown = written and flushed; a reader that went away leaves the rest for next time.
+                out.line(json.dumps(_message_json(m)) if args.json else "\n".join(message_lines(m, fmt_time)))
+                printed.append(m)
+                if len(printed) >= MARK_SHOWN_EVERY:
+                    client.mark_shown(printed)
+                    printed = []
+        finally:
+            client.mark_shown(printed)
         return 0
     return _run(args, body)
+
+
+def contact_state(c: Contact) -> tuple[str, str]:
+    """``(state, display text)``: state is one of ``CONTACT_STATES``, fixed for scripts."""
+    if c.pending_identity:
+        return "key_changed", "KEY CHANGED (" + ("was verified" if c.verified else "unverified") + ")"
+    if c.blocked:
+        return "blocked", "BLOCKED: " + c.blocked
+    if c.verified:
+        return "verified", "verified"
+    return "unverified", "unverified"
 
 
 def _cmd_contacts(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
         rows: list[dict[str, Any]] = []
         for c in client.contacts():
-            state = "verified" if c.verified else "unverified"
-            if c.blocked:
-                state = "BLOCKED: verification failed"
-            if c.pending_identity:
-                state = "KEY CHANGED (" + ("was verified" if c.verified else "unverified") + ")"
-            rows.append({"name": c.name, "state": state, "added_at": c.added_at})
+            state, text = contact_state(c)
+            rows.append({"name": c.name, "state": state, "display": text, "verified": c.verified,
+                         "added_at": c.added_at})
         if args.json:
             for row in rows:
-                print(json.dumps(row))
+                out.line(json.dumps(row))
         elif not rows:
-            print("no contacts yet: `cipherpost send NAME TEXT` starts a conversation")
+            out.line("no contacts yet: `cipherpost send NAME TEXT` starts a conversation")
         else:
             width = max(len(r["name"]) for r in rows)
             for row in rows:
-                print(f"{row['name']:<{width}}  {row['state']}")
+                out.line(f"{printable(row['name']):<{width}}  {printable(row['display'])}")
         return 0
     return _run(args, body)
 
@@ -237,14 +292,16 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
     async def body(client: Client) -> int:
         if args.name is None:
-            print(f"{client.username}: {client.identity.public.fingerprint_text()}")
+            out.line(f"{client.username}: {client.identity.public.fingerprint_text()}")
             if args.qr:
                 segno.make(client.identity.public.fingerprint(), error="m").terminal(compact=True)
+                sys.stdout.flush()
             return 0
         number = client.safety_number(args.name)
-        print(f"safety number with {args.name}:\n{group_digits(number.digits)}")
+        out.line(f"safety number with {args.name}:\n{group_digits(number.digits)}")
         if args.qr:
             segno.make(number.qr_payload(), error="m").terminal(compact=True)
+            sys.stdout.flush()
         return 0
     return _run(args, body)
 
@@ -284,13 +341,14 @@ def _cmd_history(args: argparse.Namespace) -> int:
         client.contact(args.name)
         for m in client.history(args.name, args.limit):
             if args.json:
-                print(json.dumps({"id": m.msg_id.hex(), "direction": m.direction, "text": m.text,
-                                  "sent_at": m.sent_at, "received_at": m.received_at, "status": m.status}))
+                out.line(json.dumps({"id": m.msg_id.hex(), "direction": m.direction, "text": m.text,
+                                     "sent_at": m.sent_at, "received_at": m.received_at,
+                                     "status": m.status}))
                 continue
             who = client.username if m.direction == "out" else args.name
             mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
             prefix = "!! " if m.direction == "event" else ""
-            print(f"[{fmt_time(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")
+            out.line(f"[{fmt_time(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")
         return 0
     return _run(args, body)
 

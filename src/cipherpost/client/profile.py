@@ -19,10 +19,39 @@ from typing import Any
 from ..crypto.encoding import pack, unpack
 from ..crypto.errors import CryptoError
 from ..crypto.records import RecordCipher
-from .errors import ProfileError
+from .errors import ClientError, ProfileError
+from .plaintext import pad, unpad
 
 SCHEMA_VERSION = 1
 SESSIONS_KEPT_PER_CONTACT = 5
+# Message records: RECORD_V2 + pad(msgpack [text, extra]), padded like the wire (plaintext.PAD_BLOCK)
+# so a record's length shows a bucket, not the text's exact length. Records written before
+# (a bare msgpack map, first byte 0x8N) are still read.
+MESSAGE_RECORD_V2 = 0x02
+MAX_MESSAGE_RECORD = 4 << 20
+
+
+def encode_message_record(text: str, extra: dict[str, Any]) -> bytes:
+    return bytes([MESSAGE_RECORD_V2]) + pad(pack([text, extra]))
+
+
+def decode_message_record(plain: bytes) -> tuple[str, dict[str, Any]]:
+    text: Any = None
+    extra: Any = None
+    try:
+        if plain[:1] == bytes([MESSAGE_RECORD_V2]):
+            a = unpack(unpad(plain[1:]), what="message record", max_size=MAX_MESSAGE_RECORD)
+            if isinstance(a, list) and len(a) == 2:
+                text, extra = a
+        else:   # written before padding (the first slice's format)
+            m = unpack(plain, what="message record", max_size=MAX_MESSAGE_RECORD)
+            if isinstance(m, dict):
+                text, extra = m.get("text"), m.get("extra", {})
+    except (CryptoError, ClientError) as exc:
+        raise ProfileError(f"a message record is damaged ({exc})") from None
+    if not isinstance(text, str) or not isinstance(extra, dict):
+        raise ProfileError("a message record is damaged")
+    return text, extra
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -299,7 +328,7 @@ class ProfileDB:
                     sent_at: int | None, received_at: int | None, status: str,
                     extra: dict[str, Any] | None = None) -> int | None:
         """Store a message; ``None`` if (contact, direction, msg_id) is already stored (a duplicate)."""
-        plain = pack({"text": text, "extra": extra or {}})
+        plain = encode_message_record(text, extra or {})
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
         cur = self._db.execute(
             "INSERT OR IGNORE INTO messages(contact, direction, msg_id, body, sent_at, received_at, status)"
@@ -330,9 +359,8 @@ class ProfileDB:
     def _message(self, row: tuple[Any, ...]) -> StoredMessage:
         rid, contact, direction, msg_id, body, sent_at, received_at, status = row
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
-        plain = unpack(self._open(body, aad=aad), what="message")
-        return StoredMessage(rid, contact, direction, msg_id, plain["text"], sent_at, received_at,
-                             status, plain.get("extra", {}))
+        text, extra = decode_message_record(self._open(body, aad=aad))
+        return StoredMessage(rid, contact, direction, msg_id, text, sent_at, received_at, status, extra)
 
     _COLUMNS = "id, contact, direction, msg_id, body, sent_at, received_at, status"
 
