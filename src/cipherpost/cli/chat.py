@@ -30,6 +30,7 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
 from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
+from .input_limit import BoundedInput, limited_input_bindings
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 MIN_PASSPHRASE = 8          # as `cipherpost init` asks
@@ -75,8 +76,10 @@ def question_session() -> PromptSession[str]:
 
 
 def chat_session() -> PromptSession[str]:
-    """For chat lines: the typed line is erased on Enter and reprinted with a time and status."""
-    return PromptSession(erase_when_done=True)
+    """For chat lines: the typed line is erased on Enter and reprinted with a time and status; a
+    line longer than one message is refused as it is typed or pasted (cli/input_limit.py)."""
+    bounded = BoundedInput(print) if sys.stdin.isatty() else None
+    return PromptSession(erase_when_done=True, key_bindings=limited_input_bindings(print), input=bounded)
 
 
 async def ask(prompt: PromptSession[str], message: str, *, password: bool = False) -> str:
