@@ -253,8 +253,26 @@ def test_wrong_passphrase_and_cancel_exit_cleanly(make_user, tmp_path: Path) -> 
         alice.wait_for(r"Passphrase for alice: ?")
         alice.line("not the passphrase")
         alice.wait_for(r"unlocking\.\.\.\n")
+        alice.wait_for(r"!! wrong passphrase; try again\n")     # asked again, not thrown out
+        alice.wait_for(r"Passphrase for alice: ?")
+        alice.line(PASSPHRASE)
+        alice.wait_for(r"You are alice on ")
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+        assert "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+    # Three wrong passphrases end it, with one line.
+    alice = Terminal(alice_cli.home)
+    try:
+        alice.wait_for(r"Username \[alice\] \(a new name creates a new identity\): ?")
+        alice.line("")
+        for _ in range(3):
+            alice.wait_for(r"Passphrase for alice: ?")
+            alice.line("not the passphrase")
         assert alice.exit_code() == 1
-        assert alice.screen[alice.pos:].strip() == "cipherpost: error: wrong passphrase"
+        assert alice.screen[alice.pos:].strip().endswith("cipherpost: error: wrong passphrase 3 times; "
+                                                         "nothing was changed")
         assert "Traceback" not in alice.screen
     finally:
         alice.kill()

@@ -24,12 +24,12 @@ from prompt_toolkit.patch_stdout import patch_stdout
 
 from ..client.client import Client, IncomingMessage
 from ..client.connection import check_server_url, format_fingerprint, parse_fingerprint, probe_fingerprint
-from ..client.errors import ClientError, IdentityChanged, ServerError
+from ..client.errors import ClientError, IdentityChanged, ServerError, WrongPassphraseError
 from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
+from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, group_digits, message_lines, printable
 from .input_limit import BoundedInput, limited_input_bindings
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
@@ -57,7 +57,11 @@ class SetupCancelled(Exception):
 
 class Cancelled(Exception):
     """Ctrl-C or Ctrl-D at a question. An ordinary exception: a KeyboardInterrupt escaping a task
-    would stop the whole event loop."""
+    would stop the whole event loop. ``interrupted``: it was Ctrl-C (exit code 130 at setup)."""
+
+    def __init__(self, *, interrupted: bool) -> None:
+        super().__init__("interrupted" if interrupted else "end of input")
+        self.interrupted = interrupted
 
 
 def clock(ms: int | None) -> str:
@@ -88,8 +92,10 @@ async def ask(prompt: PromptSession[str], message: str, *, password: bool = Fals
     # would remove the one _interruptible installs around a command that asks a question.
     try:
         return await prompt.prompt_async(message, is_password=password, handle_sigint=False)
-    except (EOFError, KeyboardInterrupt):
-        raise Cancelled from None
+    except KeyboardInterrupt:
+        raise Cancelled(interrupted=True) from None
+    except EOFError:
+        raise Cancelled(interrupted=False) from None
 
 
 class Chat:
@@ -359,9 +365,17 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
     username = normalize_username(user) if user is not None else await _ask_username(prompt, existing)
     env_passphrase = os.environ.get(PASSPHRASE_ENV)
     if username in existing:
-        passphrase = env_passphrase or await ask(prompt, f"Passphrase for {username}: ", password=True)
-        print("unlocking...")
-        return Client.open(home, username, passphrase)
+        if env_passphrase:
+            print("unlocking...")
+            return Client.open(home, username, env_passphrase)
+        for _ in range(SETUP_ATTEMPTS):   # a mistyped passphrase is asked again
+            passphrase = await ask(prompt, f"Passphrase for {username}: ", password=True)
+            print("unlocking...")
+            try:
+                return Client.open(home, username, passphrase)
+            except WrongPassphraseError:
+                print("!! wrong passphrase; try again")
+        raise SetupCancelled(f"wrong passphrase {SETUP_ATTEMPTS} times; nothing was changed")
     print(f"'{username}' is new here: creating an identity for it.")
     url, fingerprint = await _ask_server(prompt, server)
     passphrase = env_passphrase if env_passphrase is not None else await _ask_new_passphrase(prompt)
@@ -425,9 +439,9 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     prompt = question_session()
     try:
         client = await _unlock_or_create(prompt, home, user, server)
-    except Cancelled:
-        _error("cancelled; nothing was changed")
-        return 1
+    except Cancelled as exc:
+        _error(("interrupted" if exc.interrupted else "cancelled") + "; nothing was changed")
+        return EXIT_INTERRUPTED if exc.interrupted else 1
     except SetupCancelled as exc:
         _error(str(exc))
         return 1
@@ -476,6 +490,6 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
 def run_chat(home: Path, user: str | None, server: str | None) -> int:
     try:
         return asyncio.run(_chat(home, user, server))
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:   # Ctrl-C outside a prompt (registering): Client.create undid its work
+        _error("interrupted; nothing was changed")
+        return EXIT_INTERRUPTED

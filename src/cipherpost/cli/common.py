@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import getpass
 import os
+import signal
 import sys
+import threading
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -14,10 +16,40 @@ if TYPE_CHECKING:
     from ..client.client import IncomingMessage
 
 PASSPHRASE_ENV = "CIPHERPOST_PASSPHRASE"  # noqa: S105 (a variable name)
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 class UsageError(Exception):
     """A problem with how the command was called (exit code 2)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C at a prompt: the command ends at once with exit code 130 and one line. An ordinary
+    exception, so the command's cleanup (closing the profile) runs on the way out."""
+
+
+class PromptClosed(Exception):
+    """End of input (Ctrl-D) at a prompt: nothing was answered."""
+
+
+def prompt_line(prompt: str, *, secret: bool = False) -> str:
+    """One line from the terminal (``secret``: not echoed). Ctrl-C raises :class:`Interrupted` at
+    once, also inside ``asyncio.run``: asyncio's own SIGINT handler only cancels the main task,
+    which a blocking read never notices, so the first Ctrl-C used to be ignored and the next line
+    typed was taken as the answer."""
+    previous = signal.getsignal(signal.SIGINT)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return getpass.getpass(prompt) if secret else input(prompt)
+    except KeyboardInterrupt:
+        raise Interrupted from None
+    except EOFError:
+        raise PromptClosed from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def read_passphrase(prompt: str = "Passphrase: ", *, confirm: bool = False) -> str:
@@ -27,11 +59,11 @@ def read_passphrase(prompt: str = "Passphrase: ", *, confirm: bool = False) -> s
         return env
     if not sys.stdin.isatty():
         raise UsageError(f"no terminal to ask for the passphrase: set {PASSPHRASE_ENV}")
-    first = getpass.getpass(prompt)
+    first = prompt_line(prompt, secret=True)
     if confirm:
         if len(first) < 8:
             raise UsageError("choose a passphrase of at least 8 characters")
-        if getpass.getpass("Repeat passphrase: ") != first:
+        if prompt_line("Repeat passphrase: ", secret=True) != first:
             raise UsageError("the two passphrases differ")
     return first
 

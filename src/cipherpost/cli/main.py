@@ -24,7 +24,18 @@ from ..client.profile import Contact
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from . import output as out
-from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
+from .common import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    PromptClosed,
+    UsageError,
+    fmt_time,
+    group_digits,
+    message_lines,
+    printable,
+    prompt_line,
+    read_passphrase,
+)
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -133,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     except (out.OutputClosed, BrokenPipeError):
         out.silence_stdout()   # the reader left (`| head`): end quietly, as SIGPIPE would
         return out.EXIT_PIPE_CLOSED
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt):
+        # One line, on a line of its own (the terminal echoed "^C" after the prompt).
+        print("\ncipherpost: interrupted; nothing was changed", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PromptClosed:
+        print("\ncipherpost: no answer given (end of input); nothing was changed", file=sys.stderr)
+        return 1
 
 
 # --------------------------------------------------------------------------- helpers
@@ -150,8 +165,9 @@ def _open(args: argparse.Namespace) -> Client:
 
 
 def _run(args: argparse.Namespace, body: Callable[[Client], Awaitable[int]]) -> int:
+    client = _open(args)   # the passphrase is asked before the event loop starts
+
     async def runner() -> int:
-        client = _open(args)
         try:
             return await body(client)
         finally:
@@ -326,7 +342,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"safety number with {args.name}:\n{group_digits(number.digits)}")
         if not sys.stdin.isatty():
             raise UsageError("compare interactively in a terminal, or pass --safety-number DIGITS")
-        answer = input(f"Does {args.name} see exactly the same number? [y/N] ").strip().lower()
+        answer = prompt_line(f"Does {args.name} see exactly the same number? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print(f"not verified. If the numbers differ, someone may be between you and {args.name}.")
             return 1

@@ -43,6 +43,7 @@ from .errors import (
     ServerError,
     UnknownContact,
     VerificationError,
+    WrongPassphraseError,
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .plaintext import build_text_payload, parse_text_payload
@@ -170,7 +171,7 @@ class Client:
             try:
                 plain = open_keystore(passphrase, paths.keystore.read_bytes())
             except WrongPassphrase:
-                raise ProfileError("wrong passphrase") from None
+                raise WrongPassphraseError("wrong passphrase") from None
             except CryptoError as exc:
                 raise ProfileError(f"key store {paths.keystore} is damaged: {exc}") from None
             arr = expect_array(unpack(plain, what="key store"), what="key store",
