@@ -10,15 +10,17 @@ import asyncio
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..client.client import ONE_TIME_POOL_TARGET, Client, IncomingMessage
-from ..client.connection import parse_fingerprint
-from ..client.errors import ClientError, ConnectionFailed
+from ..client.connection import check_server_url, format_fingerprint, parse_fingerprint
+from ..client.errors import ClientError, ConnectionFailed, ServerPinMismatch
 from ..client.home import default_home, resolve_username
+from ..client.passphrase import change_passphrase
 from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, check_text
 from ..client.profile import Contact
 from ..crypto.errors import CryptoError
@@ -41,31 +43,63 @@ from .verify_password import verify_with_password
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 USER_ENV = "CIPHERPOST_USER"
+NEW_PASSPHRASE_ENV = "CIPHERPOST_NEW_PASSPHRASE"  # noqa: S105 (a variable name)
 MARK_SHOWN_EVERY = 100   # recv commits "shown" in batches (one fsync each), never before the print
+
+
+ENVIRONMENT = """\
+environment:
+  CIPHERPOST_HOME             where profiles live (as --home)
+  CIPHERPOST_USER             which local profile to use (as --user)
+  CIPHERPOST_PASSPHRASE       the profile's passphrase, for scripts (otherwise asked on the terminal)
+  CIPHERPOST_NEW_PASSPHRASE   the new passphrase for `cipherpost passphrase`, for scripts
+  CIPHERPOST_VERIFY_PASSWORD  the shared password for `verify NAME --password`, for scripts
+  CIPHERPOST_DATA             the relay's data directory (as `server --data` and `invite --data`)
+
+exit codes: 0 done, 1 failed (one line on stderr says why), 2 wrong usage, 130 interrupted
+(Ctrl-C), 141 the reader of the output went away (`cipherpost recv | head -1`)"""
+
+
+def _global_options(*, top: bool) -> argparse.ArgumentParser:
+    """--home and --user, accepted before and after the subcommand (``contacts --user X``). On a
+    subcommand their default is SUPPRESS, so one given before the subcommand is not overwritten."""
+    g = argparse.ArgumentParser(add_help=False)
+    default: Any = None if top else argparse.SUPPRESS
+    g.add_argument("--home", type=Path, default=default,
+                   help="where profiles live (default: CIPHERPOST_HOME or the platform data dir)")
+    g.add_argument("--user", default=default,
+                   help="which local profile to use when the home holds several (or CIPHERPOST_USER)")
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cipherpost",
+        prog="cipherpost", parents=[_global_options(top=True)],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="End-to-end encrypted messaging through a relay that cannot read your messages.",
-        epilog="Start here: `cipherpost server` in one terminal, `cipherpost client` in two others. "
-               "`cipherpost demo --explain` shows every step. Passphrases come from the terminal or "
-               "CIPHERPOST_PASSPHRASE.")
+        epilog="Start here: `cipherpost server` in one terminal, `cipherpost client` in two others.\n"
+               "`cipherpost demo --explain` shows every step. `cipherpost COMMAND --help` for each "
+               "command.\n\n" + ENVIRONMENT)
     parser.add_argument("--version", action="version", version=f"cipherpost {__version__}")
-    parser.add_argument("--home", type=Path, default=None,
-                        help="where profiles live (default: CIPHERPOST_HOME or the platform data dir)")
-    parser.add_argument("--user", default=None,
-                        help="which local profile to use when the home holds several (or CIPHERPOST_USER)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Every client subcommand also takes --home/--user after its name; `server`/`invite` do not.
+    client_parents = [_global_options(top=False)]
+
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        kw["description"] = textwrap.fill(kw.get("description") or kw["help"], 100)
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, parents=client_parents, epilog=ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        return parser
 
     register_server_commands(sub)  # `server` and `invite`: the relay's own flags live with it
 
-    p = sub.add_parser("client", help="interactive chat (creates or unlocks your profile)")
+    p = add("client", help="interactive chat (creates or unlocks your profile)")
     p.add_argument("--server", default=None,
                    help=f"relay address for a new profile (default {DEFAULT_SERVER})")
     p.set_defaults(func=_cmd_client)
 
-    p = sub.add_parser("init", help="create an identity and register it with a relay")
+    p = add("init", help="create an identity and register it with a relay")
     p.add_argument("name", help="your username: 3-32 of a-z 0-9 . _ -")
     p.add_argument("--server", required=True, help="relay address, e.g. wss://chat.example.org:8765")
     p.add_argument("--server-fingerprint", default=None,
@@ -74,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invite", default=None, help="invite token, if the relay requires one")
     p.set_defaults(func=_cmd_init)
 
-    p = sub.add_parser("send", help="send one message",
+    p = add("send", help="send one message",
                        description=f"Send one message of 1 to {MAX_TEXT_BYTES} bytes (UTF-8) to NAME. "
                                    "Empty or whitespace-only text is refused. With no session yet, "
                                    "this fetches NAME's keys and trusts them on first use.")
@@ -88,26 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help='one JSON object per message: {"id": HEX, "to": NAME, "status": "sent"|"queued"}')
     p.set_defaults(func=_cmd_send)
 
-    p = sub.add_parser("recv", help="fetch and print new messages")
+    p = add("recv", help="fetch and print new messages")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for a message to arrive (default: only what is queued)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: id, from, text, sent_at, received_at, warning")
     p.set_defaults(func=_cmd_recv)
 
-    p = sub.add_parser("contacts", help="list contacts and their verification state")
+    p = add("contacts", help="list contacts and their verification state")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per contact: name, state (unverified|verified|key_changed|"
                         "blocked), display (the text shown without --json), verified, added_at")
     p.set_defaults(func=_cmd_contacts)
 
-    p = sub.add_parser("fingerprint", help="your identity fingerprint, or the safety number with NAME")
+    p = add("fingerprint", help="your identity fingerprint, or the safety number with NAME")
     p.add_argument("name", nargs="?", help="contact: show the safety number you share with them")
     p.add_argument("--qr", action="store_true", help="also draw it as a QR code")
     p.set_defaults(func=_cmd_fingerprint)
 
-    p = sub.add_parser("verify", help="verify a contact (safety number or shared password)")
-    p.add_argument("name")
+    p = add("verify", help="verify a contact (safety number or shared password)")
+    p.add_argument("name", help="the contact to verify")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--safety-number", metavar="DIGITS",
                      help="the 60 digits your contact reads to you (spaces allowed)")
@@ -116,13 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the other side")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("history", help="show the conversation with NAME")
-    p.add_argument("name")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p = add("history", help="show the conversation with NAME")
+    p.add_argument("name", help="the contact")
+    p.add_argument("--limit", type=int, default=50, help="show the last N messages (default 50)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per message: id, direction, text, sent_at, received_at, status")
     p.set_defaults(func=_cmd_history)
 
-    p = sub.add_parser("demo", help="a throwaway relay and two users chatting, explained")
+    p = add("passphrase", help="change the passphrase of your profile",
+                       description="Re-seal the key store under a new passphrase. The new file is "
+                                   "written next to the old one, fsynced and renamed over it: a crash "
+                                   "leaves either the old or the new passphrase working.")
+    p.set_defaults(func=_cmd_passphrase)
+
+    p = add("demo", help="a throwaway relay and two users chatting, explained")
     p.add_argument("--explain", action="store_true",
                    help="show what each side computes and exactly what the server stores")
     p.set_defaults(func=_cmd_demo)
@@ -187,19 +228,28 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    check_server_url(args.server)   # before the passphrase and before any key is made
     pin = parse_fingerprint(args.server_fingerprint) if args.server_fingerprint else None
     passphrase = read_passphrase(f"New passphrase for {args.name}: ", confirm=True)
 
     async def create() -> int:
         print(f"creating an identity and {2 * ONE_TIME_POOL_TARGET} one-time prekeys, registering "
               f"'{args.name}' with {args.server}...", file=sys.stderr, flush=True)
-        client = await Client.create(_home(args), args.name, args.server, passphrase,
-                                     server_fingerprint=pin, invite=args.invite)
         try:
-            print(f"created {client.username} on {client.server_url}")
-            print(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
+            client = await Client.create(_home(args), args.name, args.server, passphrase,
+                                         server_fingerprint=pin, invite=args.invite)
+        except ServerPinMismatch:
+            if pin is None:
+                raise
+            # First contact: nothing was pinned before, so nothing "changed".
+            raise ClientError(f"the relay's TLS certificate does not match the fingerprint given with "
+                              f"--server-fingerprint ({format_fingerprint(pin)}); check it with the "
+                              "relay's operator. Nothing was created.") from None
+        try:
+            out.line(f"created {client.username} on {client.server_url}")
+            out.line(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
             how = "as given" if pin else "on first use - compare it with the fingerprint the server printed"
-            print(f"server certificate pinned ({how}): {client.server_fingerprint}")
+            out.line(f"server certificate pinned ({how}): {client.server_fingerprint}")
         finally:
             await client.close()
         return 0
@@ -367,6 +417,22 @@ def _cmd_history(args: argparse.Namespace) -> int:
             out.line(f"[{fmt_time(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")
         return 0
     return _run(args, body)
+
+
+def _cmd_passphrase(args: argparse.Namespace) -> int:
+    home = _home(args)
+    username = resolve_username(home, args.user or os.environ.get(USER_ENV))
+    old = read_passphrase(f"Current passphrase for {username}: ")
+    new = os.environ.get(NEW_PASSPHRASE_ENV)
+    if new is None:
+        if not sys.stdin.isatty():
+            raise UsageError(f"no terminal to ask for the new passphrase: set {NEW_PASSPHRASE_ENV}")
+        new = prompt_line(f"New passphrase for {username}: ", secret=True)
+        if prompt_line("Repeat new passphrase: ", secret=True) != new:
+            raise UsageError("the two passphrases differ; nothing was changed")
+    change_passphrase(home, username, old, new)
+    out.line(f"the passphrase of {username} is changed")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
