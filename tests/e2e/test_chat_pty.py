@@ -417,3 +417,32 @@ def test_over_long_input_is_refused_at_once_and_memory_stays_flat(make_user, rel
         assert "Traceback" not in alice.screen
     finally:
         alice.kill()
+
+
+def test_chat_verifies_a_non_contact_by_password_and_shows_a_block(make_user, relay: RelayProcess) -> None:
+    import subprocess
+    alice_cli, bob = make_user("alice"), make_user("bob")
+    alice = Terminal(alice_cli.home, passphrase=PASSPHRASE)
+    try:
+        alice.wait_for(r"Username \[alice\].*: ?")
+        alice.line("")
+        alice.wait_for(r"-- connected\n> ?")
+        # bob is no contact of alice yet: the chat accepts it, as `cipherpost verify --password` does.
+        env = {**os.environ, "CIPHERPOST_HOME": str(bob.home), "CIPHERPOST_PASSPHRASE": PASSPHRASE,
+               "CIPHERPOST_VERIFY_PASSWORD": "not the same"}
+        peer = subprocess.Popen([sys.executable, "-m", "cipherpost", "verify", "alice", "--password",
+                                 "--timeout", "60"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        alice.line("/verify bob password")
+        alice.wait_for(r"Password you share with bob: ?")
+        alice.line("a shared secret")
+        alice.wait_for(r"verification FAILED")
+        assert peer.wait(timeout=90) == 1
+        alice.line("/contacts")
+        # A blocked contact is shown as blocked, not as "unverified" (issue 8 item 14).
+        alice.wait_for(r"  bob  BLOCKED: the last password verification failed.*"
+                       r"\(verify again: /verify bob password\)")
+        alice.line("/quit")
+        assert alice.exit_code() == 0 and "Traceback" not in alice.screen
+    finally:
+        alice.kill()

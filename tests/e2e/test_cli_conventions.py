@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from e2e_support import PASSPHRASE, RelayProcess, User
 
-from cipherpost.cli.main import build_parser, contact_state
+from cipherpost.cli.common import contact_state
+from cipherpost.cli.main import build_parser
 from cipherpost.client.profile import Contact
 
 REPO = Path(__file__).resolve().parents[2]

@@ -29,7 +29,7 @@ from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, group_digits, message_lines, printable
+from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
 from .input_limit import BoundedInput, limited_input_bindings
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
@@ -212,10 +212,11 @@ class Chat:
             print("no contacts yet: /to NAME, then type a message")
         width = max((len(c.name) for c in contacts), default=0)
         for c in contacts:
-            state = "verified" if c.verified else f"unverified (compare: /safety {c.name})"
-            if c.pending_identity:
-                state = f"KEY CHANGED - check it: /verify {c.name}"
-            print(f"  {c.name:<{width}}  {state}")
+            state, text = contact_state(c)
+            hint = {"unverified": f" (compare: /safety {c.name})",
+                    "key_changed": f" - check it: /verify {c.name}",
+                    "blocked": f" (verify again: /verify {c.name} password)"}.get(state, "")
+            print(f"  {printable(c.name):<{width}}  {printable(text)}{hint}")
 
     def show_history(self, name: str) -> None:
         messages = self.client.history(name)
@@ -257,8 +258,7 @@ class Chat:
     async def verify(self, arg: str) -> None:
         name, _, mode = arg.partition(" ")
         name = normalize_username(name)
-        contact = self.client.contact(name)
-        if mode.strip() == "password":
+        if mode.strip() == "password":   # as the CLI: also for someone not yet a contact
             from .verify_password import verify_with_password
             password = await ask(self.questions, f"Password you share with {name}: ", password=True)
             self.verifying.add(name)
@@ -267,6 +267,7 @@ class Chat:
             finally:
                 self.verifying.discard(name)
             return
+        contact = self.client.contact(name)
         candidate = contact.pending_identity or contact.identity
         if contact.pending_identity:
             print(f"!! {name}'s identity key CHANGED. The new safety number is below.")

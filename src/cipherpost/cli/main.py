@@ -22,7 +22,6 @@ from ..client.errors import ClientError, ConnectionFailed, ServerPinMismatch
 from ..client.home import default_home, resolve_username
 from ..client.passphrase import change_passphrase
 from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, check_text
-from ..client.profile import Contact
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from . import output as out
@@ -31,6 +30,7 @@ from .common import (
     Interrupted,
     PromptClosed,
     UsageError,
+    contact_state,
     fmt_time,
     group_digits,
     message_lines,
@@ -320,17 +320,6 @@ def _cmd_recv(args: argparse.Namespace) -> int:
             client.mark_shown(printed)
         return 0
     return _run(args, body)
-
-
-def contact_state(c: Contact) -> tuple[str, str]:
-    """``(state, display text)``: state is one of ``CONTACT_STATES``, fixed for scripts."""
-    if c.pending_identity:
-        return "key_changed", "KEY CHANGED (" + ("was verified" if c.verified else "unverified") + ")"
-    if c.blocked:
-        return "blocked", "BLOCKED: " + c.blocked
-    if c.verified:
-        return "verified", "verified"
-    return "unverified", "unverified"
 
 
 def _cmd_contacts(args: argparse.Namespace) -> int:
