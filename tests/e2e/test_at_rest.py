@@ -78,3 +78,51 @@ def test_stored_message_records_show_only_a_padded_length(make_user) -> None:
         # nonce + version byte + padded record + tag: one bucket for all three lengths
         assert {(n - NONCE_LEN - TAG_LEN - 1) % PAD_BLOCK for n in sizes} == {0}
         assert len(sizes) == 1
+
+
+CRASH_AFTER_COMMIT = """
+import asyncio, os, sys
+from pathlib import Path
+from cipherpost.client import profile
+from cipherpost.client.client import Client
+
+calls = []
+real_scrub = profile.ProfileDB._scrub
+
+def scrub(self):
+    calls.append(1)
+    if len(calls) > 1:        # the first scrub is the one at open
+        os._exit(17)          # a crash after a commit, before its scrub
+    real_scrub(self)
+
+profile.ProfileDB._scrub = scrub
+
+async def main():
+    client = Client.open(Path(sys.argv[1]), "bob", os.environ["CIPHERPOST_PASSPHRASE"])
+    await client.receive(wait=10)
+
+asyncio.run(main())
+"""
+
+
+def test_states_superseded_before_a_crash_leave_the_wal_at_the_next_open(make_user) -> None:
+    import os
+    import subprocess
+    import sys
+    alice, bob = make_user("alice"), make_user("bob")
+    profile = bob.home / "profiles" / "bob"
+    alice.ok("send", "bob", "one")
+    assert [m["text"] for m in bob.recv()] == ["one"]
+    db = sqlite3.connect(profile / "profile.db")
+    [old] = [r[0] for r in db.execute("SELECT state FROM sessions")]
+    db.close()
+    alice.ok("send", "bob", "two")
+    crashed = subprocess.run([sys.executable, "-c", CRASH_AFTER_COMMIT, str(bob.home)], timeout=60,
+                             env={**os.environ, "CIPHERPOST_PASSPHRASE": PASSPHRASE},
+                             capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr
+    # The crash left it readable: the new state is only in the WAL, the database file still has
+    # the old page...
+    assert _traces(old, profile) == ["profile.db"]
+    assert "two" in bob.ok("history", "alice")            # ...until the next open scrubs it
+    assert _traces(old, profile) == []
