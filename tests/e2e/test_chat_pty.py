@@ -446,3 +446,31 @@ def test_chat_verifies_a_non_contact_by_password_and_shows_a_block(make_user, re
         assert alice.exit_code() == 0 and "Traceback" not in alice.screen
     finally:
         alice.kill()
+
+
+def test_a_cancelled_verification_is_withdrawn_on_the_peers_screen(make_user, relay: RelayProcess) -> None:
+    import signal
+    import subprocess
+    alice_cli, bob = make_user("alice"), make_user("bob")
+    bob.ok("send", "alice", "hi")
+    alice = Terminal(alice_cli.home, passphrase=PASSPHRASE)
+    try:
+        alice.wait_for(r"Username \[alice\].*: ?")
+        alice.line("")
+        alice.wait_for(r"-- connected\n")
+        env = {**os.environ, "CIPHERPOST_HOME": str(bob.home), "CIPHERPOST_PASSPHRASE": PASSPHRASE,
+               "CIPHERPOST_VERIFY_PASSWORD": "our secret"}
+        peer = subprocess.Popen([sys.executable, "-m", "cipherpost", "verify", "alice", "--password",
+                                 "--timeout", "60"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        alice.wait_for(r"-- bob started a password verification with you: type /verify bob password")
+        peer.send_signal(signal.SIGINT)                 # bob gives up (Ctrl-C)
+        _, err = peer.communicate(timeout=60)
+        assert peer.returncode == 130 and "Traceback" not in err
+        alice.wait_for(r"-- bob cancelled the password verification they started; nothing to do")
+        alice.line("/contacts")
+        alice.wait_for(r"  bob  unverified")
+        alice.line("/quit")
+        assert alice.exit_code() == 0 and "Traceback" not in alice.screen
+    finally:
+        alice.kill()

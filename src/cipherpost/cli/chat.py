@@ -134,6 +134,10 @@ class Chat:
         if name not in self.verifying:   # not when it is the answer to our own /verify
             print(f"-- {name} started a password verification with you: type /verify {name} password")
 
+    def on_pake_cancel(self, name: str) -> None:
+        if name not in self.verifying:   # our own /verify reports it as its error
+            print(f"-- {name} cancelled the password verification they started; nothing to do")
+
     def status(self, text: str) -> None:
         """Connection news from ``stay_connected``; a retry loop is reported once, not every retry."""
         retrying = text.startswith("cannot connect")
@@ -453,6 +457,7 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     with patch_stdout(raw=True):
         client.add_listener(chat.on_incoming)
         client.on_pake_request(chat.on_pake_request)
+        client.pake_mailbox.on_cancel(chat.on_pake_cancel)
         print(f"You are {client.username} on {client.server_url}. /to NAME starts a conversation; "
               "/help lists commands; Ctrl-D leaves.")
         keeper = asyncio.create_task(client.stay_connected(chat.status))
