@@ -64,8 +64,11 @@ class BoundedInput(Vt100Input):
                 return
             text = "".join(run)
             run.clear()
-            if self._dropping:
-                return
+            if self._dropping and len(text) > 1:
+                return   # more of the over-long stream
+            # One key in a read is a person typing, not a paste: the over-long stream is over
+            # (a paste without a final newline must not swallow what is typed next).
+            self._dropping = False
             if len(text) == 1:
                 out.append(KeyPress(text))   # one typed key: ordinary key handling (vi commands too)
                 return
