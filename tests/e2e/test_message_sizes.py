@@ -110,3 +110,11 @@ def test_a_relay_with_a_smaller_body_limit_is_honoured_before_encrypting(tmp_pat
         assert [m["text"] for m in bob.recv()] == ["s" * 5000]
     finally:
         relay.stop()
+
+
+def test_send_stdin_refuses_the_whole_batch_naming_the_line_that_is_too_long(make_user) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    lines = ["fine", "L" * (MAX_TEXT_BYTES + 1), "also fine"]
+    result = alice.run("send", "bob", "--stdin", stdin="\n".join(lines) + "\n")
+    assert result.returncode == 1 and "line 2: message too long" in result.stderr
+    assert "nothing was sent" in result.stderr and bob.recv() == []

@@ -254,7 +254,7 @@ class Chat:
             else:
                 print(f"!! NOT SENT to {name}: {printable(str(exc))}: {shown}")
             return
-        queued = any(item.msg_id == msg_id for item in self.client.db.outbox())
+        queued = self.client.is_queued(msg_id)
         mark = "  (queued: not connected; it is sent when the connection is back)" if queued else ""
         self.had_queued |= queued
         print(f"[{clock(now_ms())}] you -> {name}: {shown}{mark}")

@@ -21,7 +21,7 @@ from ..client.connection import check_server_url, format_fingerprint, parse_fing
 from ..client.errors import ClientError, ConnectionFailed, ServerPinMismatch
 from ..client.home import default_home, resolve_username
 from ..client.passphrase import change_passphrase
-from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, check_text
+from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, MessageTooLong, check_text
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from . import output as out
@@ -270,11 +270,14 @@ def _send_texts(args: argparse.Namespace) -> list[str]:
         texts = [" ".join(args.text)]
     else:
         raise UsageError("nothing to send: give the text, '-' or --stdin")
-    for text in texts:
+    for number, text in enumerate(texts, 1):
+        where = f"line {number}: " if args.stdin else ""
         try:
             check_text(text)
         except EmptyMessage as exc:
             raise UsageError(str(exc)) from None
+        except MessageTooLong as exc:   # nothing of the batch is sent
+            raise MessageTooLong(f"{where}{exc}; nothing was sent") from None
     return texts
 
 
