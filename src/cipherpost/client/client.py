@@ -47,6 +47,7 @@ from .errors import (
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .plaintext import build_text_payload, parse_text_payload
+from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
 from .profile import Contact, ProfileDB, StoredMessage
 from .verification import PakeMailbox, verify_with_password
 
