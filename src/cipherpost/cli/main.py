@@ -55,6 +55,7 @@ environment:
   CIPHERPOST_NEW_PASSPHRASE   the new passphrase for `cipherpost passphrase`, for scripts
   CIPHERPOST_VERIFY_PASSWORD  the shared password for `verify NAME --password`, for scripts
   CIPHERPOST_DATA             the relay's data directory (as `server --data` and `invite --data`)
+  CIPHERPOST_LIMITS_REDIS     the relay's shared rate-limit store (as `server --limits-redis URL`)
 
 exit codes: 0 done, 1 failed (one line on stderr says why), 2 wrong usage, 130 interrupted
 (Ctrl-C), 141 the reader of the output went away (`cipherpost recv | head -1`)"""
