@@ -7,18 +7,62 @@ flushes them in one write; when the transport needs no flow control it does so s
 (``send_frames_now``), which spares a task switch per connection per write. Uses the documented
 extension point ``serve(create_connection=...)``; the awaiting path uses the same ``send_context``
 that ``ServerConnection.send`` uses (state checks, drain, errors).
+
+Receiving, it bounds what an unfinished fragmented message may hold: websockets keeps every
+fragment until the last one arrives, so a peer could park up to ``max_size`` (twice the relay's
+frame limit, so that a single oversized frame still gets a typed ``too_large``) per connection
+for as long as it likes. ``fragments_limit`` (the relay's ``max_frame``) caps the fragments of one
+message: beyond it the connection is closed with 1009 and the fragments are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
+from websockets.datastructures import Headers
+from websockets.frames import CloseCode, Opcode
+from websockets.http11 import Request
+from websockets.protocol import Event, State
+
+_OPENED = Request("/", Headers())  # shared stand-in for the upgrade request of an open connection
 
 
 class BatchingServerConnection(ServerConnection):
+    fragments_limit: int | None = None  # most data bytes the fragments of one message may hold
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fragment_bytes = 0  # data bytes of the unfinished fragmented message so far
+
+    @classmethod
+    def with_fragments_limit(cls, limit: int) -> type[BatchingServerConnection]:
+        """A subclass for ``serve(create_connection=...)`` whose connections apply ``limit``."""
+        return type(cls.__name__, (cls,), {"fragments_limit": limit})
+
+    def forget_handshake(self) -> None:
+        """Drop the upgrade request and response (headers: ~3 KiB per connection) once the
+        connection is open; nothing reads them afterwards (``remote_address`` comes from the socket)."""
+        self.request = _OPENED  # not None: websockets reads None as "handshake not received yet"
+        self.response = None
+
+    def process_event(self, event: Event) -> None:
+        opcode = getattr(event, "opcode", None)
+        if self.fragments_limit is not None and (opcode is Opcode.CONT or (
+                not getattr(event, "fin", True) and (opcode is Opcode.BINARY or opcode is Opcode.TEXT))):
+            self._fragment_bytes += len(event.data)  # type: ignore[union-attr]
+            if self._fragment_bytes > self.fragments_limit:
+                if self.protocol.state is State.OPEN:
+                    self.protocol.fail(CloseCode.MESSAGE_TOO_BIG, f"fragmented message over "
+                                                                  f"{self.fragments_limit} bytes")
+                    self.send_data()
+                return  # not queued: the connection is closing and its fragments are let go
+            if event.fin:  # type: ignore[union-attr]
+                self._fragment_bytes = 0
+        super().process_event(event)
+
     async def send_frames(self, frames: Sequence[bytes]) -> None:
         """Send each of ``frames`` as one binary message, written together."""
         async with self.send_context():
