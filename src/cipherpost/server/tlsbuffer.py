@@ -39,6 +39,7 @@ import weakref
 from asyncio import sslproto
 from typing import Any
 
+RECV_BYTES = 32 * 1024  # most bytes read from a socket at once (see get_buffer)
 _STDLIB_SSL_PROTOCOL: type[sslproto.SSLProtocol] = sslproto.SSLProtocol
 _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[bytearray, memoryview]] = (
     weakref.WeakKeyDictionary())
@@ -63,14 +64,23 @@ class SharedReadBufferSSLProtocol(_STDLIB_SSL_PROTOCOL):  # type: ignore[misc, v
     def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any, **kwargs: Any) -> None:
         self.max_size = 0  # the base __init__ allocates bytearray(self.max_size)
         super().__init__(loop, *args, **kwargs)
-        del self.max_size  # back to the class value (256 KiB) for get_buffer() and reads
-        pair = _shared_buffer(loop, self.max_size)
+        del self.max_size  # back to the class value (256 KiB) for SSLObject.read()
+        pair = _shared_buffer(loop, RECV_BYTES)
         if pair is None:  # not a selector loop: a private buffer, as the standard library does
-            buf = bytearray(self.max_size)
+            buf = bytearray(RECV_BYTES)
             pair = (buf, memoryview(buf))
         self._ssl_buffer, self._ssl_buffer_view = pair
         if self._server_side:
             self._sslobj = None  # made when the first byte arrives: see _do_handshake
+
+    def get_buffer(self, n: int) -> memoryview:
+        """At most ``RECV_BYTES`` per read: what one read brings in passes through the connection's
+        incoming ``ssl.MemoryBIO``, whose OpenSSL buffer keeps the size of the largest write it
+        ever took. With 256 KiB reads, every connection that once received a burst would keep
+        256 KiB for good; with 32 KiB reads it keeps at most that, and bulk transfers still move
+        32 KiB per system call."""
+        view: memoryview = self._ssl_buffer_view  # the shared buffer is RECV_BYTES long
+        return view
 
     def _do_handshake(self) -> None:
         """Server side: create the ``SSLObject`` and start the handshake only once the client's

@@ -11,22 +11,27 @@ that ``ServerConnection.send`` uses (state checks, drain, errors).
 Receiving, it bounds what an unfinished fragmented message may hold: websockets keeps every
 fragment until the last one arrives, so a peer could park up to ``max_size`` (twice the relay's
 frame limit, so that a single oversized frame still gets a typed ``too_large``) per connection
-for as long as it likes. ``fragments_limit`` (the relay's ``max_frame``) caps the fragments of one
-message: beyond it the connection is closed with 1009 and the fragments are dropped.
+for as long as it likes, as one object per fragment. Here fragments go into one buffer per
+connection, and ``fragments_limit`` (the relay's ``max_frame``) caps it: beyond it the connection
+is closed with 1009 and the buffer dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
-from websockets.frames import CloseCode, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import Event, State
 
+READER_SLACK_BYTES = 16 * 1024
+_DATA_OPCODES = frozenset({Opcode.CONT, Opcode.TEXT, Opcode.BINARY})
 _OPENED = Request("/", Headers())  # shared stand-in for the upgrade request of an open connection
 
 
@@ -35,7 +40,9 @@ class BatchingServerConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._fragment_bytes = 0  # data bytes of the unfinished fragmented message so far
+        self._fragments: mmap.mmap | None = None  # the unfinished fragmented message so far
+        self._fragments_len = 0
+        self._fragments_opcode = Opcode.BINARY
 
     @classmethod
     def with_fragments_limit(cls, limit: int) -> type[BatchingServerConnection]:
@@ -48,20 +55,50 @@ class BatchingServerConnection(ServerConnection):
         self.request = _OPENED  # not None: websockets reads None as "handshake not received yet"
         self.response = None
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # websockets' reader keeps the capacity of the largest burst it ever buffered (deleting
+        # consumed bytes from the front keeps the allocation): give it back once mostly consumed.
+        reader = self.protocol.reader
+        if sys.getsizeof(reader.buffer) > 4 * len(reader.buffer) + READER_SLACK_BYTES:
+            reader.buffer = bytearray(reader.buffer)
+
     def process_event(self, event: Event) -> None:
-        opcode = getattr(event, "opcode", None)
-        if self.fragments_limit is not None and (opcode is Opcode.CONT or (
-                not getattr(event, "fin", True) and (opcode is Opcode.BINARY or opcode is Opcode.TEXT))):
-            self._fragment_bytes += len(event.data)  # type: ignore[union-attr]
-            if self._fragment_bytes > self.fragments_limit:
-                if self.protocol.state is State.OPEN:
-                    self.protocol.fail(CloseCode.MESSAGE_TOO_BIG, f"fragmented message over "
-                                                                  f"{self.fragments_limit} bytes")
-                    self.send_data()
-                return  # not queued: the connection is closing and its fragments are let go
-            if event.fin:  # type: ignore[union-attr]
-                self._fragment_bytes = 0
-        super().process_event(event)
+        """Fragments are written into one buffer per connection as they arrive, then handed on as
+        a single frame: the unfinished message costs its bytes, not a frame object and a heap
+        block per fragment (an attacker's 1-byte fragments would cost ~100 bytes each). The
+        buffer is an anonymous mapping of ``fragments_limit`` bytes: the kernel backs only the
+        pages written, and unmaps them all when the message ends or the connection closes."""
+        if self.fragments_limit is None or not isinstance(event, Frame) or (
+                event.fin and self._fragments is None) or event.opcode not in _DATA_OPCODES:
+            super().process_event(event)  # control frames and whole messages: as websockets does
+            return
+        if self._fragments is None:
+            self._fragments, self._fragments_len = mmap.mmap(-1, self.fragments_limit), 0
+            self._fragments_opcode = event.opcode
+        end = self._fragments_len + len(event.data)
+        if end > self.fragments_limit:
+            self._drop_fragments()
+            if self.protocol.state is State.OPEN:
+                self.protocol.fail(CloseCode.MESSAGE_TOO_BIG,
+                                   f"fragmented message over {self.fragments_limit} bytes")
+                self.send_data()
+            return
+        self._fragments[self._fragments_len:end] = event.data
+        self._fragments_len = end
+        if event.fin:
+            data = self._fragments[:end]
+            self._drop_fragments()
+            super().process_event(Frame(self._fragments_opcode, data))
+
+    def _drop_fragments(self) -> None:
+        if self._fragments is not None:
+            self._fragments.close()
+            self._fragments = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._drop_fragments()
+        super().connection_lost(exc)
 
     async def send_frames(self, frames: Sequence[bytes]) -> None:
         """Send each of ``frames`` as one binary message, written together."""
