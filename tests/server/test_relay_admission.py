@@ -17,7 +17,14 @@ from relay_harness import run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Accepted, Deliver, Ok
-from cipherpost.server.admission import Admission, AdmissionLimits, SlotState, prefix_of
+from cipherpost.server.admission import (
+    Admission,
+    AdmissionLimits,
+    Slot,
+    SlotState,
+    prefix_of,
+    tcp_progressed,
+)
 
 # --- the policy alone ---------------------------------------------------------------------------
 
@@ -92,6 +99,32 @@ def test_when_full_no_prefix_keeps_more_than_its_share() -> None:
     assert gate.connections_in_prefix("10.0.0.0/24") > share
     assert gate.admit("10.0.0.99") == (None, [])  # over its share: it cannot take a slot back
     assert gate.live == 64
+
+
+def test_among_equally_loaded_prefixes_an_idle_socket_goes_before_a_slow_handshake() -> None:
+    talked: set[str] = set()
+    gate = Admission(AdmissionLimits(max_connections=100, max_pending=3, max_pending_per_prefix=10,
+                                     fd_limit=1000), progressed=lambda slot: slot.ip in talked)
+    slow, _ = gate.admit("198.51.100.7")  # the oldest, but it has sent its ClientHello
+    talked.add("198.51.100.7")
+    idle = [gate.admit(f"203.0.{i}.1")[0] for i in range(2)]  # one idle socket per prefix
+    _, victims = gate.admit("203.0.9.1")
+    assert victims == [idle[0]] and slow is not None and slow.state is SlotState.PENDING
+
+
+def test_tcp_progress_is_the_kernels_count_of_bytes_received() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_connection(listener.getsockname()) as client:
+        accepted, _ = listener.accept()
+        with accepted:
+            slot = Slot("127.0.0.1", "127.0.0.0/24")
+            slot.handle = accepted  # type: ignore[assignment]
+            assert not tcp_progressed(slot)
+            client.sendall(b"hello")
+            deadline = time.monotonic() + 5
+            while not tcp_progressed(slot) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert tcp_progressed(slot)
 
 
 def test_open_files_never_reach_the_limit() -> None:
@@ -218,3 +251,32 @@ def test_idle_flood_from_4096_prefixes_does_not_lock_out_a_slow_client(tmp_path:
     finally:
         log = relay.stop()
         assert "Traceback" not in log and "out of system resource" not in log
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit")
+
+
+def test_relay_raises_its_open_file_limit_or_says_how_to_fix_it(tmp_path: Path) -> None:
+    enough = Relay(tmp_path / "enough", ["--max-connections", "1000"], nofile=(300, 4000)).start()
+    assert enough.proc is not None
+    assert _open_files_limit(enough.proc.pid) == (1256, 4000)  # max_connections + 256 reserved
+    assert "open_file_limit_low" not in enough.stop()
+
+    low = Relay(tmp_path / "low", nofile=(300, 600)).start()  # the default 10,000 cannot fit
+    assert low.proc is not None
+    assert _open_files_limit(low.proc.pid) == (600, 600)
+
+    async def still_serves() -> None:
+        c = await client_from(low, "127.0.0.1")
+        assert isinstance(await c.register(IdentityKeyPair.generate(), "alice"), Ok)
+        await c.close()
+
+    run(still_serves())
+    log = low.stop()
+    assert "the open-file limit fits only 344 connections" in log
+    assert "raise the hard limit to at least 10256" in log and "or lower --max-connections" in log

@@ -12,7 +12,11 @@ This module is the gate at ``accept()``:
 - Pending connections are capped globally (``max_pending``) and per prefix (``max_pending_per_prefix``).
   When a cap is reached the gate evicts a pending connection of the prefix that holds the most
   pending slots, oldest first within it: a flood from some prefixes evicts its own connections,
-  not a slow mobile user elsewhere (evicting the oldest overall would do exactly that).
+  not a slow mobile user elsewhere (evicting the oldest overall would do exactly that). Among
+  prefixes that hold equally many, and within a prefix, a connection that has not sent a single
+  byte goes before one that is part-way through its handshake (``tcp_progressed``: the kernel's
+  count of bytes received), so a flood of idle sockets from thousands of prefixes (one each)
+  evicts itself, not the slow client that arrived in the middle of it.
 - All connections are capped by ``max_connections``. When the relay is full and prefix P connects,
   with K prefixes active (P included) no prefix may hold more than
   ``share = max(max_pending_per_prefix, max_connections // K)``: if P already holds ``share`` it is
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import ipaddress
+import itertools
 import logging
 import socket
 import struct
@@ -47,6 +52,7 @@ log = logging.getLogger("cipherpost.server")
 
 IPV4_PREFIX_BITS: Final = 24
 IPV6_PREFIX_BITS: Final = 64
+PROGRESS_SCAN: Final = 16  # pending connections looked at for one that sent nothing, per eviction
 MAX_REFUSED_PER_ACCEPT: Final = 64  # then yield to the event loop; the listener stays readable
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
@@ -136,9 +142,13 @@ class _Ranking:
             del self.count[key]
 
     def heaviest(self) -> str | None:
+        return next(iter(self.heaviest_tied()), None)
+
+    def heaviest_tied(self) -> dict[str, None]:
+        """Every prefix with the highest count, in the order they reached it."""
         while self.top and self.top not in self.buckets:
             self.top -= 1
-        return next(iter(self.buckets[self.top])) if self.top else None
+        return self.buckets[self.top] if self.top else {}
 
 
 class _Prefix:
@@ -152,8 +162,10 @@ class _Prefix:
 class Admission:
     """The policy: which connection to refuse, which to evict. Pure; the clock is not needed."""
 
-    def __init__(self, limits: AdmissionLimits) -> None:
+    def __init__(self, limits: AdmissionLimits,
+                 progressed: Callable[[Slot], bool] = lambda slot: False) -> None:
         self.limits = limits
+        self.progressed = progressed  # has this connection sent anything yet? (the shell asks TCP)
         self.files = 0     # accepted sockets not closed yet (evicted ones included)
         self.live = 0      # pending + established
         self.pending = 0
@@ -197,9 +209,7 @@ class Admission:
         if len(entry.pending) > lim.max_pending_per_prefix:
             victims.append(self._evict_pending(prefix))
         elif self.pending > lim.max_pending:
-            heavy = self._pending.heaviest()
-            assert heavy is not None
-            victims.append(self._evict_pending(heavy))
+            victims.append(self._evict_pending_heaviest())
         return slot, victims
 
     def _evict_one(self, prefix: str) -> Slot:
@@ -211,9 +221,28 @@ class Admission:
         return slot
 
     def _evict_pending(self, prefix: str) -> Slot:
-        slot = next(iter(self._prefixes[prefix].pending))
+        """The prefix's oldest pending connection; among its PROGRESS_SCAN oldest, the first that
+        has not sent a byte is taken before one that is part-way through its handshake."""
+        pending = self._prefixes[prefix].pending
+        slot = next(iter(pending))
+        for candidate in itertools.islice(pending, PROGRESS_SCAN):
+            if not self.progressed(candidate):
+                slot = candidate
+                break
         self._step(slot, "evict")
         return slot
+
+    def _evict_pending_heaviest(self) -> Slot:
+        """From the prefix holding the most pending slots, oldest first. When several prefixes
+        hold that many (a flood from many prefixes, one connection each), the one whose oldest
+        connection has sent nothing goes first: a slow client mid-handshake outlives idle sockets."""
+        tied = self._pending.heaviest_tied()
+        prefix = next(iter(tied))
+        for candidate in itertools.islice(tied, PROGRESS_SCAN):
+            if not self.progressed(next(iter(self._prefixes[candidate].pending))):
+                prefix = candidate
+                break
+        return self._evict_pending(prefix)
 
     # --- events from the shell --------------------------------------------------------------
 
@@ -344,6 +373,23 @@ def gated_listener(host: str, port: int, admission: Admission, backlog: int = 10
     sock.admission = admission
     sock.by_fd = {}
     return sock
+
+
+_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in Linux's struct tcp_info (4.1+)
+
+
+def tcp_progressed(slot: Slot) -> bool:
+    """Whether the peer of ``slot`` has sent any byte (Linux TCP_INFO); False where unknown."""
+    sock = slot.handle
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BYTES_RECEIVED + 8)
+    except OSError:
+        return False
+    if len(info) < _TCPI_BYTES_RECEIVED + 8:
+        return False
+    return int.from_bytes(info[_TCPI_BYTES_RECEIVED:_TCPI_BYTES_RECEIVED + 8], "little") > 0
 
 
 def _reset(fd: int) -> None:

@@ -32,7 +32,14 @@ from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls, tlsbuffer
-from .admission import Admission, AdmissionLimits, GatedListener, gated_listener, raise_open_file_limit
+from .admission import (
+    Admission,
+    AdmissionLimits,
+    GatedListener,
+    gated_listener,
+    raise_open_file_limit,
+    tcp_progressed,
+)
 from .config import ServerConfig
 from .connection import Connection
 from .limits import WindowLimiter
@@ -91,7 +98,7 @@ class RelayServer:
             self.cert_fingerprint = tls.fingerprint_text(der)
             ssl_context = tls.server_context(cert_path, key_path)
             tlsbuffer.install()  # one TLS read buffer per event loop, not 256 KiB per connection
-        self.admission = Admission(self._admission_limits())
+        self.admission = Admission(self._admission_limits(), progressed=tcp_progressed)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
         self._listener = gated_listener(cfg.host, cfg.port, self.admission)
