@@ -68,6 +68,8 @@ class Lightweight:
                         self.synced.set()
             except (OSError, TimeoutError, WebSocketException):
                 pass  # relay down, restarting or refusing: back off
+            except Exception as exc:  # anything else is a failure the test reports
+                self.errors.append(repr(exc))
             await asyncio.sleep(reconnect_delay(attempt))
             attempt += 1
 
@@ -97,7 +99,9 @@ def test_clients_cut_off_by_a_restart_all_come_back_and_sync(tmp_path: Path) -> 
         random.shuffle(order)
         for i in order:
             assert isinstance(await sender.send(clients[i].name, f"for {clients[i].name}".encode()), Accepted)
-        await asyncio.wait_for(asyncio.gather(*(c.synced.wait() for c in clients)), 60)
+        # 60 s is the goal (bench/connections.py --storm measures it); the bound leaves room for a
+        # loaded test machine, where a slow restart pushes some clients to the 16-30 s ceilings
+        await asyncio.wait_for(asyncio.gather(*(c.synced.wait() for c in clients)), 90)
         took = time.monotonic() - t0
         for c in clients:
             assert c.received == [f"for {c.name}".encode()]  # exactly once
