@@ -80,7 +80,8 @@ class Relay:
             [sys.executable, "-c", SERVER_MAIN, "server", "--port", str(self.port), "--data", str(self.data),
              "--max-connections", n, "--max-connections-per-ip", n, "--max-connections-per-account", n,
              "--max-pending-connections", n, "--max-pending-per-prefix", n,
-             "--tls-handshake-timeout", "120", "--auth-timeout", "600", "--log-level", "warning"],
+             "--tls-handshake-timeout", "120", "--auth-timeout", "600", "--log-level", "warning",
+             "--rate", "1e9", "--rate-burst", "1000000000"],  # the storm's sender sends N at once
             stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stdout is not None
         fingerprint = ""
@@ -212,7 +213,7 @@ async def memory(k: int, accounts_per: int) -> dict[str, float]:
 
 class StormClient:
     def __init__(self, i: int, relay: Relay, ctx: ssl.SSLContext) -> None:
-        self.name = f"c{i}"
+        self.name = f"client{i}"
         self.identity = IdentityKeyPair.generate()
         self.local_ip = f"127.{1 + i // 64 // 256}.{i // 64 % 256}.{1 + i % 64}"
         self.relay = relay
@@ -221,6 +222,7 @@ class StormClient:
         self.attempts = 0
         self.failures = 0
         self.got = asyncio.Event()
+        self.last_error = ""
 
     async def run(self, register: bool) -> None:
         attempt = 0
@@ -236,8 +238,11 @@ class StormClient:
                         await self.ws.send(msgpack.packb({"v": 1, "t": "ack",
                                                           "seqs": [m["seq"] for m in frame["messages"]]}))
                         self.got.set()
-            except Exception:  # refused, reset, relay down: back off and retry, as the product does
+            except Exception as exc:  # refused, reset, relay down: back off and retry, as the product does
                 self.failures += 1
+                self.last_error = repr(exc)[:160]
+                if "username_taken" in str(exc):  # registered, but the reply was lost: log in instead
+                    register = False
             await asyncio.sleep(reconnect_delay(attempt))
             attempt += 1
 
@@ -253,17 +258,21 @@ async def storm(n: int) -> None:
                 batch = clients[i:i + 100]
                 tasks += [asyncio.create_task(c.run(register=True)) for c in batch]
                 await asyncio.sleep(0.5)
-            while sum(1 for c in clients if c.ws is not None) < n:
+            while sum(1 for c in clients if c.ws is not None and c.ws.close_code is None) < n:
                 await asyncio.sleep(0.5)
+                up = sum(1 for c in clients if c.ws is not None and c.ws.close_code is None)
+                stuck = [c.last_error for c in clients if c.ws is None or c.ws.close_code is not None]
+                print(f"  {up}/{n} connected {stuck[:2]}", end="\r", flush=True)
             sender_id = IdentityKeyPair.generate()
             sender = await login(relay, ctx, sender_id, "sender", True)
             await sender.close()
             print(f"{n} clients connected; restarting the relay", flush=True)
             for c in clients:
                 c.attempts = c.failures = 0
-            relay.stop()
             t0 = time.monotonic()
-            relay.start()
+            await asyncio.to_thread(relay.stop)  # the clients run meanwhile: they see the relay down
+            await asyncio.to_thread(relay.start)
+            print(f"relay back after {time.monotonic() - t0:.1f} s", flush=True)
             sender = await login(relay, ctx, sender_id, "sender", False)
             for i, c in enumerate(clients):
                 await sender.send(msgpack.packb({"v": 1, "t": "send", "rid": 10 + i, "to": c.name,
