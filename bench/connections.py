@@ -81,7 +81,8 @@ class Relay:
              "--max-connections", n, "--max-connections-per-ip", n, "--max-connections-per-account", n,
              "--max-pending-connections", n, "--max-pending-per-prefix", n,
              "--tls-handshake-timeout", "120", "--auth-timeout", "600", "--log-level", "warning",
-             "--rate", "1e9", "--rate-burst", "1000000000"],  # the storm's sender sends N at once
+             "--rate", "1e9", "--rate-burst", "1000000000",  # the storm's sender sends N at once
+             "--registrations-per-prefix-per-hour", "1000000", "--metrics-listen", "off"],
             stdout=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stdout is not None
         fingerprint = ""

@@ -150,6 +150,8 @@ class DelayProxy:
                     break
             await out
         except (ConnectionError, OSError):
+            pass
+        finally:
             out.cancel()
 
     async def close(self) -> None:
