@@ -103,7 +103,7 @@ def test_max_connections(tmp_path: Path) -> None:
             # refused at accept, before TLS (server/admission.py): the socket is reset
             with pytest.raises(OSError):
                 await RelayClient.connect(h.server.url, h.cert)
-            assert h.server.admission.refused == 1
+            assert h.server.admission.refused == 1 and h.server.metrics.connections_refused == 1
             await h.clients[0].close()
             await asyncio.sleep(0.1)
             assert isinstance(await (await h.connect()).request(Ping(rid=1)), Pong)

@@ -312,9 +312,10 @@ class AdmittedSocket(socket.socket):
 class GatedListener(socket.socket):
     """A listening socket whose ``accept()`` applies ``Admission``'s decisions."""
 
-    __slots__ = ("admission", "by_fd")
+    __slots__ = ("admission", "by_fd", "on_refused")
     admission: Admission
     by_fd: dict[int, AdmittedSocket]
+    on_refused: Callable[[], None]  # counts a refusal (metrics)
 
     def accept(self) -> tuple[socket.socket, object]:
         admission: Admission = self.admission
@@ -326,6 +327,7 @@ class GatedListener(socket.socket):
                 _evict(victim)
             if slot is None:
                 _reset(fd)
+                self.on_refused()
                 continue
             sock = AdmittedSocket(self.family, self.type, self.proto, fileno=fd)
             sock._gate = self
@@ -357,7 +359,8 @@ class GatedListener(socket.socket):
         return slot
 
 
-def gated_listener(host: str, port: int, admission: Admission, backlog: int = 1024) -> GatedListener:
+def gated_listener(host: str, port: int, admission: Admission, backlog: int = 1024,
+                   on_refused: Callable[[], None] = lambda: None) -> GatedListener:
     """Bind and listen on the first address ``host`` resolves to."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, sockaddr = infos[0]
@@ -372,6 +375,7 @@ def gated_listener(host: str, port: int, admission: Admission, backlog: int = 10
         raise
     sock.admission = admission
     sock.by_fd = {}
+    sock.on_refused = on_refused
     return sock
 
 

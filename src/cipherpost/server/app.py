@@ -101,7 +101,7 @@ class RelayServer:
         self.admission = Admission(self._admission_limits(), progressed=tcp_progressed)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
-        self._listener = gated_listener(cfg.host, cfg.port, self.admission)
+        self._listener = gated_listener(cfg.host, cfg.port, self.admission, on_refused=self._refused)
         try:
             self._server = await serve(
                 self._handle, None, None, sock=self._listener, ssl=ssl_context,
@@ -209,6 +209,9 @@ class RelayServer:
         finally:
             self.metrics.connections_open -= 1
             log.debug("event=disconnected peer=%s user=%s", conn.peer, conn.username or "-")
+
+    def _refused(self) -> None:
+        self.metrics.connections_refused += 1  # reset at accept (server/admission.py)
 
     def admitted(self, conn: Connection) -> None:
         """``conn`` authenticated: its slot is no longer pending. If the relay is full and its
