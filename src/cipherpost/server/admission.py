@@ -79,7 +79,7 @@ class SlotState(enum.Enum):
     CLOSED = "closed"
 
 
-# The one state table (docs/../STYLE.md habit 3): (state, event) -> new state.
+# The one state table (STYLE.md, habit 3): (state, event) -> new state.
 TRANSITIONS: Final[dict[tuple[SlotState, str], SlotState]] = {
     (SlotState.PENDING, "authenticated"): SlotState.ESTABLISHED,
     (SlotState.PENDING, "evict"): SlotState.EVICTED,
