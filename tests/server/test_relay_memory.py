@@ -57,7 +57,8 @@ def test_idle_tls_connections_cost_less_than_a_read_buffer_each(tmp_path: Path) 
     connections (bench/connections.py), bounded here with room for the noise of a small count."""
     n = 400
     relay = Relay(tmp_path / "relay", ["--max-connections-per-ip", "1000", "--max-connections-per-account",
-                                       "1000", "--max-pending-per-prefix", "1000"]).start()
+                                       "1000", "--max-pending-per-prefix", "1000",
+                                       "--tls-handshake-timeout", "60"]).start()  # raw sockets stay
 
     async def scenario() -> None:
         ident = IdentityKeyPair.generate()
@@ -107,8 +108,8 @@ def test_unfinished_fragmented_message_holds_no_more_than_the_frame_limit(tmp_pa
     """Before, one unfinished 500 KiB message held ~835 KiB. Now fragments beyond max_frame close
     the connection (1009); below it, 64 peers each parking an almost-full message add little more
     than the message and the connection's own cost."""
-    relay = Relay(tmp_path / "relay", ["--max-connections-per-ip", "1000",
-                                       "--max-pending-per-prefix", "1000"]).start()
+    relay = Relay(tmp_path / "relay", ["--max-connections-per-ip", "1000", "--max-pending-per-prefix", "1000",
+                                       "--auth-timeout", "300"]).start()  # the peers never log in
     ctx = ssl.create_default_context(cafile=str(relay.cert))
 
     async def scenario() -> None:
