@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pg_support import NEEDS_POSTGRES, PG_URL, drop_schema, fresh_name
 from relay_harness import run
@@ -640,6 +640,9 @@ _EXAMPLES = itertools.count()
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_OPS, min_size=5, max_size=30))
+# Found on PostgreSQL: a retried single send to a recipient who blocks the sender read as stored.
+@example(ops=[AckOp(0, 0), BlockOp(0, 0, True), SendOp(0, [0], 0, 60, False), SendOp(0, [0], 0, 60, False),
+              SendOp(0, [0], 0, 60, True)])
 def test_any_sequence_of_sends_acks_blocks_and_restarts_matches_the_rules(
         make_store: Callable[[], RelayStore], ops: list[SendOp | AckOp | BlockOp | RestartOp]) -> None:
     """Caps, quotas, blocks, dedup and the running counters behind them, against a plain model.

@@ -160,7 +160,7 @@ def _single_result(recipient: str, status: RecipientStatus, seq: int | None) -> 
     if status is RecipientStatus.ACCEPTED:
         return EnqueueResult(seq=seq or 0, duplicate=False, dropped=seq is None)
     if status is RecipientStatus.DUPLICATE:
-        return EnqueueResult(seq=seq or 0, duplicate=True)
+        return EnqueueResult(seq=seq or 0, duplicate=True, dropped=seq is None)
     raise {RecipientStatus.UNKNOWN_USER: UnknownAccount, RecipientStatus.SUSPENDED: AccountSuspended,
            RecipientStatus.MAILBOX_FULL: MailboxFull, RecipientStatus.SENDER_CAP: SenderCapReached,
            RecipientStatus.QUOTA_EXCEEDED: QuotaExceeded}[status](recipient)
