@@ -24,11 +24,13 @@ from ..crypto.errors import CryptoError
 from ..crypto.identity import PublicIdentity
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
+from ..store.blobs import FileBlobStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls
 from .config import ServerConfig
 from .connection import Connection
 from .handlers import mail
+from .handlers.blobs import BlobService
 from .limits import build_limiters
 from .metrics import Metrics, MetricsListener
 from .transport import BatchingServerConnection
@@ -49,6 +51,8 @@ class RelayServer:
         self.metrics = Metrics()
         self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
+        self.blob_service = BlobService(self.store, FileBlobStore(config.data_dir / "blobs"),  # issue 13
+                                        self.limiters.blob_bytes, config.max_blob_bytes)
         self.metrics_listener: MetricsListener | None = None
         self._per_ip: dict[str, int] = {}  # open connections per source address
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
@@ -110,6 +114,7 @@ class RelayServer:
             await self.metrics_listener.stop()
         server.close(close_connections=True)
         await server.wait_closed()
+        await self.blob_service.blobs.close()
         await self.store.close()  # commits everything already submitted
         await self.limiters.close()
         self._stopped.set()
@@ -123,6 +128,7 @@ class RelayServer:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             with contextlib.suppress(Exception):
                 await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
+                await self.blob_service.expire(_now_ms())
                 self.limiters.prune()
 
     # --- HTTP side: health and metrics --------------------------------------------------------
