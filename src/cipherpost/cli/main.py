@@ -21,6 +21,7 @@ from ..client.errors import ClientError, ConnectionFailed
 from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
+from . import file_cmd
 from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
@@ -68,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for a message to arrive (default: only what is queued)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: id, from, text, sent_at, received_at, warning")
+                   help="one JSON object per line: id, from, text, sent_at, received_at, warning, file")
+    file_cmd.add_recv_arguments(p)
     p.set_defaults(func=_cmd_recv)
+
+    file_cmd.register(sub, _run)  # send-file, download (issue 13)
 
     p = sub.add_parser("contacts", help="list contacts and their verification state")
     p.add_argument("--json", action="store_true")
@@ -201,10 +205,11 @@ def _cmd_send(args: argparse.Namespace) -> int:
 def _cmd_recv(args: argparse.Namespace) -> int:
     async def body(client: Client) -> int:
         for m in await client.receive(wait=args.wait):
-            if args.json:
-                print(json.dumps(_message_json(m)), flush=True)
-            else:
+            if not args.json:
                 print_message(m)
+            saved = await file_cmd.save_attachment(client, m, args)
+            if args.json:
+                print(json.dumps({**_message_json(m), **({"file": saved} if saved else {})}), flush=True)
         return 0
     return _run(args, body)
 

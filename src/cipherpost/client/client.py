@@ -34,6 +34,8 @@ from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
 from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
+from . import attachments
+from .attachments import FileOffer
 from .connection import Connection, format_fingerprint
 from .errors import (
     ClientError,
@@ -76,12 +78,13 @@ class IncomingMessage:
     sent_at: int | None
     received_at: int | None
     warning: str | None = None
+    file: FileOffer | None = None  # an attachment (client/attachments.py), not yet downloaded
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> IncomingMessage:
         warning = m.extra.get("warning")
         return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
-                   warning if isinstance(warning, str) else None)
+                   warning if isinstance(warning, str) else None, attachments.offer_of(m.extra))
 
 
 class Client:
@@ -410,13 +413,14 @@ class Client:
         return True
 
     # ------------------------------------------------------------------ sending
-    async def send(self, name: str, text: str) -> bytes:
-        """Encrypt and queue ``text`` for ``name``, then transmit. Returns the message id."""
+    async def send(self, name: str, text: str, *, file: FileOffer | None = None) -> bytes:
+        """Encrypt and queue ``text`` (or a ``file`` offer) for ``name``, then transmit; the message id."""
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
+        kind, content, extra = attachments.message_content(file, text)
         # The names are inside the encryption, so the relay cannot relabel who wrote to whom.
-        payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms(), self.username, name]))
+        payload = pad(pack([PLAINTEXT_VERSION, kind, content, now_ms(), self.username, name]))
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
         limit = (self._conn.limits.get("max_body") if self._conn else None) or DEFAULT_MAX_BODY
         if len(payload) + ENVELOPE_OVERHEAD > limit:
@@ -430,7 +434,7 @@ class Client:
                 self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
                                      now_ms(), with_psk=with_psk)
                 self.db.add_message(name, "out", msg_id, text, sent_at=now_ms(), received_at=None,
-                                    status="queued")
+                                    status="queued", extra=extra)
                 self.db.add_outbox(msg_id, name, "msg", envelope, now_ms())
         self._emit("encrypt", to=name, msg_id=msg_id.hex(), envelope_bytes=len(envelope),
                    session=session.session_id.hex()[:8])
@@ -584,9 +588,8 @@ class Client:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
         arr = expect_array(unpack(unpad(plaintext), what="message"), what="message",
                            version=PLAINTEXT_VERSION, length=6)
-        _, kind, text, sent_at, written_by, written_for = arr
-        if kind != "text" or not isinstance(text, str):
-            raise ClientError("message of an unknown kind")
+        _, kind, content, sent_at, written_by, written_for = arr
+        text, file_extra = attachments.read_content(kind, content)
         if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
             raise ClientError("message carries an invalid time")
         if written_by != sender or written_for != self.username:
@@ -616,7 +619,8 @@ class Client:
             received = now_ms()
             self.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
                                 status="held" if held else "new",
-                                extra={"warning": warning, "key": peer} if warning else None)
+                                extra={**({"warning": warning, "key": peer} if warning else {}),
+                                       **(file_extra or {})} or None)
             if held:
                 notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
                           f"was verified. It is shown once you accept the new key (verify {sender}).")
@@ -628,7 +632,8 @@ class Client:
                    server_ts=ts)
         if held:
             return IncomingMessage(msg_id.hex(), sender, notice, None, received, warning)
-        return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning)
+        return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning,
+                               attachments.offer_of(file_extra or {}))
 
     def take_new_messages(self) -> list[IncomingMessage]:
         """Messages (and failure notices) not yet shown to the user; marks them shown."""
