@@ -85,12 +85,13 @@ def test_someone_elses_blob_id_reads_exactly_like_an_unknown_one(tmp_path: Path)
             blob_id = os.urandom(16)
             await upload(alice, blob_id, os.urandom(3000), ["bob"])
             for frame in (BlobGet(mallory.rid(), blob_id, 0), BlobHeld(mallory.rid(), blob_id),
-                          BlobRelease(mallory.rid(), blob_id), BlobCommit(mallory.rid(), blob_id, ["mallory"]),
+                          BlobRelease(mallory.rid(), blob_id),
+                          BlobCommit(mallory.rid(), blob_id, ["mallory"]),
                           BlobPut(mallory.rid(), blob_id, 0, b"x" * CHUNK),
                           BlobBegin(mallory.rid(), blob_id, 3000, CHUNK)):
                 theirs = await mallory.request(frame)
-                unknown = await mallory.request(type(frame)(mallory.rid(), os.urandom(16),  # type: ignore[call-arg]
-                                                            *[getattr(frame, f) for f in frame.__slots__[2:]]))
+                rest = [getattr(frame, f) for f in frame.__slots__[2:]]
+                unknown = await mallory.request(type(frame)(mallory.rid(), os.urandom(16), *rest))
                 assert isinstance(theirs, Error) and theirs.code == "not_found", (frame, theirs)
                 if not isinstance(frame, BlobBegin):  # begin of a fresh id creates it
                     assert isinstance(unknown, Error) and unknown.message == theirs.message

@@ -30,6 +30,7 @@ from ..client.attachments import (
 from ..client.client import Client, IncomingMessage
 from .common import UsageError
 
+MIB = 1 << 20
 Runner = Callable[[argparse.Namespace, Callable[[Client], Awaitable[int]]], int]
 
 
@@ -48,13 +49,17 @@ class ProgressMeter:
         self.tty = self.stream.isatty()
         self.start = time.monotonic()
         self.last = 0.0
+        self.last_bytes = -1
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
         final = done >= total
-        if not final and now - self.last < 0.2:
+        if self.json_events:   # the first call, every MiB and the end: a script can act on them
+            if not final and self.last_bytes >= 0 and done // MIB == self.last_bytes // MIB:
+                return
+        elif not final and now - self.last < 0.2:
             return
-        self.last = now
+        self.last, self.last_bytes = now, done
         rate = done / max(now - self.start, 1e-6)
         eta = (total - done) / rate if rate > 0 else 0.0
         if self.json_events:

@@ -316,6 +316,8 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
         held = total_relay
     state.truncate(min(held, n_real))
     total = blob_size(size)
+    if progress is not None:   # where this attempt starts: what the relay already holds
+        progress(min(total, held * ENCRYPTED_CHUNK_SIZE), total)
 
     def chunk(i: int) -> bytes:
         nonlocal stream
@@ -394,6 +396,10 @@ async def download_file(client: Client, offer: FileOffer, folder: Path, *,
             part.unlink(missing_ok=True)
             raise AttachmentError(f"the relay no longer has the file {printable_name(offer.name)!r} "
                                   "(already saved, or expired after 30 days)") from None
+        if exc.code == "bad_frame":   # the relay's copy is damaged (a chunk missing or cut short)
+            part.unlink(missing_ok=True)
+            raise AttachmentError(f"the relay's copy of {printable_name(offer.name)!r} is damaged "
+                                  f"({exc.server_message}); nothing was saved") from None
         raise
     except BaseException:
         os.close(fd)   # a broken connection: the part file stays, to resume
