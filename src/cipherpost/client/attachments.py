@@ -486,6 +486,21 @@ async def send_file(client: Client, name: str, path: Path, *, progress: Progress
     return await client.send(name, offer.describe(), file=offer)
 
 
+async def send_text_as_file(client: Client, name: str, text: str) -> bytes:
+    """A text too long for one message, sent as ``message.txt`` (written to the profile's private
+    ``uploads`` folder, deleted once sent)."""
+    folder = client.paths.dir / "uploads"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / "message.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode("utf-8"))
+    try:
+        return await send_file(client, name, path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def offer_of(extra: dict[str, Any]) -> FileOffer | None:
     found = extra.get("file")
     return None if found is None else FileOffer.from_map(found)
