@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .connection import Connection
 
-WINDOW: Final = 8                         # chunk requests in flight (512 KiB): chat frames interleave
+WINDOW: Final = 16                        # chunk requests in flight (1 MiB): chat frames interleave
 BLOB_ID_LEN: Final = 16
 MAX_NAME: Final = 120                     # characters of a saved file name
 PART_SUFFIX: Final = ".cipherpost-part"
@@ -330,8 +330,9 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
                               "more); nothing was sent as complete")
         ciphertext, stream = encrypt_chunk(stream, plain, final)
         file_hash.update(plain)
-        with state.hashes_path.open("ab") as f:   # recorded before it is sent (resume check)
-            f.write(hashlib.sha256(ciphertext).digest())
+        # recorded before it is sent (the resume check); an unbuffered write reaches the kernel now,
+        # so a SIGKILL of this process after the send cannot lose it
+        os.write(hashes_fd, hashlib.sha256(ciphertext).digest())
         if final:
             ciphertext += os.urandom(relay_chunk_len(size, i) - len(ciphertext))
         return ciphertext
@@ -344,7 +345,11 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
         if progress is not None:
             progress(min(total, (held + j + 1) * ENCRYPTED_CHUNK_SIZE), total)
 
-    await _windowed(_Lazy(put, held, total_relay), sent)
+    hashes_fd = os.open(state.hashes_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        await _windowed(_Lazy(put, held, total_relay), sent)
+    finally:
+        os.close(hashes_fd)
     if not reply.get("committed"):
         await conn.request({"t": "blob_commit", "id": blob_id, "to": list(readers)})
     return FileOffer(blob_id, key, nonce, size, file_hash.digest(), path.name, media_type_of(path))
