@@ -250,3 +250,17 @@ def test_the_relays_size_limit_and_quota_refuse_clearly(make_user, relay: RelayP
     alice.ok("send-file", "bob", str(ok))
     result = alice.run("send-file", "bob", str(tmp_path / "ok.bin"))
     assert result.returncode == 1 and "quota" in result.stderr, result.stderr
+
+
+def test_a_download_folder_that_cannot_be_written_is_a_clear_error(make_user, tmp_path: Path) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    source = tmp_path / "a.bin"
+    make_file(source, 1000)
+    alice.ok("send-file", "bob", str(source))
+    not_a_folder = tmp_path / "plain-file"
+    not_a_folder.write_bytes(b"")
+    result = bob.run("recv", "--json", "--downloads", str(not_a_folder))
+    assert result.returncode == 0 and "cannot save into" in result.stderr and "Traceback" not in result.stderr
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]
+    out = bob.ok("download", str(row["id"]), "--downloads", str(tmp_path / "ok"), "--json")
+    assert Path(json.loads(out)["path"]).read_bytes() == source.read_bytes()   # still on the relay

@@ -163,3 +163,27 @@ def test_after_a_relay_restart_held_counts_the_chunks_on_disk_and_not_a_torn_one
             await h.user("bob")
             await upload(alice, blob_id, data, ["bob"])
     run(second())
+
+
+def test_blobs_expire_after_30_days_and_when_every_reader_is_deleted(tmp_path: Path) -> None:
+    import time
+
+    async def scenario() -> None:
+        async with harness(tmp_path) as h:
+            alice, _ = await h.user("alice")
+            await h.user("bob")
+            old, kept = os.urandom(16), os.urandom(16)
+            await upload(alice, old, os.urandom(2000), ["bob"])
+            service = h.server.blob_service
+            now = time.time_ns() // 1_000_000
+            assert await service.expire(now) == 0
+            await h.user("carol")
+            await upload(alice, kept, os.urandom(2000), ["carol"])
+            await h.server.store.delete_account("carol", "operator", "test")
+            assert await service.expire(now) == 1           # its only reader is gone
+            assert len(blob_files(tmp_path)) == 2
+            assert await service.expire(now + 30 * 24 * 3600 * 1000 + 1) == 1   # 30 days
+            assert blob_files(tmp_path) == []
+            gone = await alice.request(BlobHeld(alice.rid(), old))
+            assert isinstance(gone, Error) and gone.code == "not_found"
+    run(scenario())

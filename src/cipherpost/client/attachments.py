@@ -274,7 +274,10 @@ async def upload_file(client: Client, path: Path, readers: Sequence[str], *,
     with handle:
         state = _UploadState(client, path)
         for _attempt in range(2):
-            offer = await _upload_once(conn, state, handle, path, size, readers, progress)
+            try:
+                offer = await _upload_once(conn, state, handle, path, size, readers, progress)
+            except OSError as exc:
+                raise AttachmentError(f"cannot read {path}: {exc.strerror or exc}") from None
             if offer is not None:
                 state.forget()
                 return offer
@@ -383,9 +386,12 @@ async def download_file(client: Client, offer: FileOffer, folder: Path, *,
     conn = client._require_conn()
     _require_blobs(conn)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     part = folder / f".{offer.blob_id.hex()}{PART_SUFFIX}"
-    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise AttachmentError(f"cannot save into {folder}: {exc.strerror or exc}") from None
     try:
         saved = await _download_into(conn, offer, fd, part, folder, progress)
     except (StreamError, AttachmentError) as exc:
@@ -406,6 +412,11 @@ async def download_file(client: Client, offer: FileOffer, folder: Path, *,
             raise AttachmentError(f"the relay's copy of {printable_name(offer.name)!r} is damaged "
                                   f"({exc.server_message}); nothing was saved") from None
         raise
+    except OSError as exc:   # a full disk, an unwritable folder: nothing half-written stays
+        os.close(fd)
+        part.unlink(missing_ok=True)
+        raise AttachmentError(f"cannot write {printable_name(offer.name)!r} into {folder}: "
+                              f"{exc.strerror or exc}; nothing was saved") from None
     except BaseException:
         os.close(fd)   # a broken connection: the part file stays, to resume
         raise

@@ -81,9 +81,14 @@ def delete(conn: sqlite3.Connection, blob_id: bytes) -> None:
 
 
 def expired(conn: sqlite3.Connection, before_ms: int) -> list[tuple[bytes, str, int]]:
-    """(id, owner, size) of every blob created before ``before_ms``, deleted."""
+    """(id, owner, size) of every blob created before ``before_ms``, or whose owner was deleted, or
+    committed with every reader gone (released, or the account deleted): deleted."""
+    conn.execute("DELETE FROM blob_readers WHERE reader IN "
+                 "(SELECT username FROM accounts WHERE state='deleted')")
     rows = [(bytes(r[0]), str(r[1]), int(r[2])) for r in conn.execute(
-        "SELECT id, owner, size FROM blobs WHERE created_ms < ?", (before_ms,))]
+        "SELECT id, owner, size FROM blobs WHERE created_ms < ? "
+        "OR owner IN (SELECT username FROM accounts WHERE state='deleted') "
+        "OR (committed AND NOT EXISTS (SELECT 1 FROM blob_readers WHERE blob_id=blobs.id))", (before_ms,))]
     for blob_id, _, _ in rows:
         delete(conn, blob_id)
     return rows
