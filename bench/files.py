@@ -156,6 +156,29 @@ async def plain_copy(port: int, cert: Path, source: Path, target: Path, size: in
     return up, time.perf_counter() - t0
 
 
+CHAT: dict[str, list[float]] = {}
+
+
+async def chat_latencies(client: object, count: int,
+                         until: asyncio.Future[object] | None = None) -> list[float]:
+    """Seconds from ``send`` to ``accepted`` of short chat messages on the uploader's own connection,
+    one every 50 ms (while ``until`` runs)."""
+    out = []
+    for i in range(count):
+        if until is not None and until.done():
+            break
+        t0 = time.perf_counter()
+        await client.send("bob", f"chat {i}")  # type: ignore[attr-defined]
+        out.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.05)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
+
+
 async def cipherpost_copy(url: str, fingerprint: str, home: Path, source: Path,
                           downloads: Path, seconds: float,
                           client_rss: RssSampler) -> tuple[float, float, Path]:
@@ -167,12 +190,18 @@ async def cipherpost_copy(url: str, fingerprint: str, home: Path, source: Path,
     bob = await Client.create(home / "bob", "bob", url, PASSPHRASE, server_fingerprint=pin)
     await alice.connect()
     await bob.connect()
+    idle_chat = await chat_latencies(alice, 20)
     client_rss.idle = client_rss.peak = client_rss.current()   # idle: profiles open and connected
     t0 = time.perf_counter()
-    await asyncio.wait_for(send_file(alice, "bob", source), seconds)
+    upload = asyncio.ensure_future(asyncio.wait_for(send_file(alice, "bob", source), seconds))
+    busy_chat = await chat_latencies(alice, 10_000, until=upload)
+    await upload
     up = time.perf_counter() - t0
-    got = await bob.receive(wait=10)
-    offer = next(m.file for m in got if m.file is not None)
+    CHAT.update(idle=idle_chat, busy=busy_chat)
+    offer = None
+    while offer is None:
+        got = await bob.receive(wait=10)
+        offer = next((m.file for m in got if m.file is not None), None)
     t0 = time.perf_counter()
     saved = await asyncio.wait_for(download_file(bob, offer, downloads), seconds)
     down = time.perf_counter() - t0
@@ -222,6 +251,10 @@ def main() -> None:
           f"{plain_up / up:>8.2f}")
     print(f"{'download (+decrypt)':26}{mb / plain_down:>9.1f} MB/s{mb / down:>7.1f} MB/s"
           f"{plain_down / down:>8.2f}")
+    idle, busy = CHAT["idle"], CHAT["busy"]
+    print(f"chat send->accepted on the uploading connection: idle p50 {pct(idle, 0.5):.1f} ms p99 "
+          f"{pct(idle, 0.99):.1f} ms; during the upload ({len(busy)} messages) p50 {pct(busy, 0.5):.1f} ms "
+          f"p99 {pct(busy, 0.99):.1f} ms")
     mib = 2 ** 20
     print(f"peak RSS above idle: client {(client_rss.peak - client_rss.idle) / mib:.1f} MiB "
           f"(idle {client_rss.idle / mib:.0f} MiB), relay {(relay_rss.peak - relay_rss.idle) / mib:.1f} MiB "
