@@ -264,3 +264,10 @@ def test_a_download_folder_that_cannot_be_written_is_a_clear_error(make_user, tm
     [row] = [json.loads(line) for line in result.stdout.splitlines()]
     out = bob.ok("download", str(row["id"]), "--downloads", str(tmp_path / "ok"), "--json")
     assert Path(json.loads(out)["path"]).read_bytes() == source.read_bytes()   # still on the relay
+
+
+def test_send_of_a_text_too_long_for_one_message_points_to_send_file(make_user) -> None:
+    alice, _ = make_user("alice"), make_user("bob")
+    result = alice.run("send", "bob", "-", stdin="y" * 70_000)
+    assert result.returncode == 1
+    assert "message too long" in result.stderr and "cipherpost send-file bob FILE" in result.stderr

@@ -26,8 +26,10 @@ from ..client.attachments import (
     printable_name,
     safe_name,
     send_file,
+    send_text_as_file,
 )
 from ..client.client import Client, IncomingMessage
+from ..client.errors import ClientError
 from .common import UsageError
 
 MIB = 1 << 20
@@ -102,6 +104,19 @@ async def save_attachment(client: Client, m: IncomingMessage,
     if not args.json:
         print(f"  saved to {path}")
     return file_row(m.file, path)
+
+
+async def offer_long_text(client: Client, name: str, text: str, exc: ClientError) -> bytes:
+    """``send`` of a text over the relay's message limit: offered as a file (asked on a terminal;
+    otherwise the error names the command that sends it as one)."""
+    if not str(exc).startswith("message too long"):
+        raise exc
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise ClientError(f"{exc}; send it as a file instead: cipherpost send-file {name} FILE") from None
+    print(f"{exc}.\nSend it as a file (message.txt) instead? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise ClientError("not sent") from None
+    return await send_text_as_file(client, name, text)
 
 
 def add_recv_arguments(p: argparse.ArgumentParser) -> None:

@@ -191,7 +191,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
             await client.connect()
         except ConnectionFailed as exc:
             offline = exc   # with an existing session the message can still go to the outbox
-        msg_id = await client.send(args.name, text)
+        try:
+            msg_id = await client.send(args.name, text)
+        except ClientError as exc:   # too long for one message: offered as a file (issue 13)
+            msg_id = await file_cmd.offer_long_text(client, args.name, text, exc)
         if client.pending_outbox():
             reason = f" ({offline})" if offline else ""
             print(f"queued {msg_id.hex()}: not yet accepted by the relay{reason}; it is kept in the "
