@@ -223,9 +223,11 @@ class _UploadState:
     """Key, nonce and blob id of one upload (in the profile database, encrypted) and the hashes of
     the ciphertext chunks sent (``uploads/<key>.hashes``)."""
 
-    def __init__(self, client: Client, path: Path) -> None:
+    def __init__(self, client: Client, path: Path, readers: Sequence[str]) -> None:
         self.client = client
-        self.meta_key = "upload:" + hashlib.sha256(str(path).encode()).hexdigest()[:32]
+        # one state per (file, readers): the same file for someone else is another blob
+        what = "\0".join([str(path), *sorted(readers)]).encode()
+        self.meta_key = "upload:" + hashlib.sha256(what).hexdigest()[:32]
         folder = client.paths.dir / "uploads"
         folder.mkdir(mode=0o700, exist_ok=True)
         self.hashes_path = folder / (self.meta_key.split(":")[1] + ".hashes")
@@ -272,7 +274,7 @@ async def upload_file(client: Client, path: Path, readers: Sequence[str], *,
     except OSError as exc:
         raise AttachmentError(f"cannot read {path}: {exc.strerror or exc}") from None
     with handle:
-        state = _UploadState(client, path)
+        state = _UploadState(client, path, readers)
         for _attempt in range(2):
             try:
                 offer = await _upload_once(conn, state, handle, path, size, readers, progress)
