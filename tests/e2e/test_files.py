@@ -271,3 +271,24 @@ def test_send_of_a_text_too_long_for_one_message_points_to_send_file(make_user) 
     result = alice.run("send", "bob", "-", stdin="y" * 70_000)
     assert result.returncode == 1
     assert "message too long" in result.stderr and "cipherpost send-file bob FILE" in result.stderr
+
+
+def test_a_download_killed_midway_resumes_and_saves_only_when_complete(make_user, tmp_path: Path) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    source = tmp_path / "album.bin"
+    data = make_file(source, 8 * 1024 * 1024)
+    alice.ok("send-file", "bob", str(source))
+    downloads = tmp_path / "dl"
+    [row] = recv_files(bob, downloads, "--no-download")
+    env = {**os.environ, "CIPHERPOST_HOME": str(bob.home), "CIPHERPOST_PASSPHRASE": PASSPHRASE}
+    proc = subprocess.Popen([sys.executable, "-m", "cipherpost", "download", str(row["id"]), "--downloads",
+                             str(downloads), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    kill_after(proc, 1 << 20)
+    [part] = list(downloads.iterdir())                 # only the hidden part file, no final name
+    assert part.name.endswith(".cipherpost-part") and part.name.startswith(".")
+    second = bob.run("download", str(row["id"]), "--downloads", str(downloads), "--json")
+    assert second.returncode == 0, second.stderr
+    assert progress_events(second.stderr)[0]["bytes"] >= 1 << 20   # resumed, not started over
+    saved = Path(json.loads(second.stdout)["path"])
+    assert saved.read_bytes() == data and [p.name for p in downloads.iterdir()] == ["album.bin"]

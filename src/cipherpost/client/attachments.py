@@ -442,6 +442,8 @@ async def _download_into(conn: Connection, offer: FileOffer, fd: int, part: Path
         file_hash.update(piece)
         offset += len(piece)
     box: list[StreamState] = [open_stream(offer.key, offer.nonce, chunk_index=start)]
+    if progress is not None:   # where this attempt starts
+        progress(start * CHUNK_SIZE, offer.size)
 
     def get(i: int) -> Callable[[], Awaitable[dict[str, Any]]]:
         return lambda: conn.request({"t": "blob_get", "id": offer.blob_id, "index": i})
