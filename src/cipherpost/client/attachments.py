@@ -51,6 +51,7 @@ from ..crypto.stream import (
     open_stream,
 )
 from .errors import ClientError, ServerError
+from .upload_state import Begun, Changed, ChunkStored, Committed, Upload, Verified, step
 
 if TYPE_CHECKING:
     from .client import Client
@@ -275,9 +276,10 @@ async def upload_file(client: Client, path: Path, readers: Sequence[str], *,
         raise AttachmentError(f"cannot read {path}: {exc.strerror or exc}") from None
     with handle:
         state = _UploadState(client, path, readers)
+        phase = [Upload.NEW]   # client/upload_state.py: every change of phase goes through step()
         for _attempt in range(2):
             try:
-                offer = await _upload_once(conn, state, handle, path, size, readers, progress)
+                offer = await _upload_once(conn, state, phase, handle, path, size, readers, progress)
             except OSError as exc:
                 raise AttachmentError(f"cannot read {path}: {exc.strerror or exc}") from None
             if offer is not None:
@@ -286,8 +288,8 @@ async def upload_file(client: Client, path: Path, readers: Sequence[str], *,
     raise FileChanged(f"{path} keeps changing while it is being sent; try again when it is complete")
 
 
-async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path: Path, size: int,
-                       readers: Sequence[str], progress: Progress | None) -> FileOffer | None:
+async def _upload_once(conn: Connection, state: _UploadState, phase: list[Upload], handle: Any, path: Path,
+                       size: int, readers: Sequence[str], progress: Progress | None) -> FileOffer | None:
     loaded = state.load(size)
     hashes: list[bytes] = []
     if loaded is None:
@@ -300,6 +302,7 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
     reply = await conn.request({"t": "blob_begin", "id": blob_id, "size": blob_size(size),
                                 "chunk_size": ENCRYPTED_CHUNK_SIZE})
     held = int(reply["held"])
+    phase[0] = step(phase[0], Begun(held))
     file_hash = hashlib.sha256()
     # Verify what the relay holds against the recorded ciphertext hashes (docs/attachments.md 8).
     handle.seek(0)
@@ -312,11 +315,13 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
         except StreamError:
             ciphertext = b""
         if i >= len(hashes) or not hmac.compare_digest(hashlib.sha256(ciphertext).digest(), hashes[i]):
+            phase[0] = step(phase[0], Changed())
             with contextlib.suppress(ServerError):   # the file changed: never reuse this key and nonce
                 await conn.request({"t": "blob_release", "id": blob_id})
             state.forget()
             return None
         file_hash.update(plain)
+    phase[0] = step(phase[0], Verified())
     if reply.get("committed"):
         held = total_relay
     state.truncate(min(held, n_real))
@@ -331,6 +336,7 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
         plain = handle.read(CHUNK_SIZE)
         final = i == n_real - 1
         if len(plain) != (min(CHUNK_SIZE, size - i * CHUNK_SIZE)) or (final and handle.read(1)):
+            phase[0] = step(phase[0], Changed())
             raise FileChanged(f"{path} changed while it was being sent (its size is not {size} bytes any "
                               "more); nothing was sent as complete")
         ciphertext, stream = encrypt_chunk(stream, plain, final)
@@ -347,6 +353,7 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
         return lambda: conn.request({"t": "blob_put", "id": blob_id, "index": i, "data": data})
 
     def sent(j: int, _reply: dict[str, Any]) -> None:
+        phase[0] = step(phase[0], ChunkStored(held + j))
         if progress is not None:
             progress(min(total, (held + j + 1) * ENCRYPTED_CHUNK_SIZE), total)
 
@@ -357,6 +364,7 @@ async def _upload_once(conn: Connection, state: _UploadState, handle: Any, path:
         os.close(hashes_fd)
     if not reply.get("committed"):
         await conn.request({"t": "blob_commit", "id": blob_id, "to": list(readers)})
+    phase[0] = step(phase[0], Committed())
     return FileOffer(blob_id, key, nonce, size, file_hash.digest(), path.name, media_type_of(path))
 
 
