@@ -65,7 +65,7 @@ def chunk_length(size: int, chunk_size: int, index: int) -> int:
 class _Open:
     """One blob with open files: what this process wrote since it opened them."""
 
-    __slots__ = ("closed", "data", "index", "lock", "synced", "unsynced_bytes", "written")
+    __slots__ = ("closed", "data", "fsyncing", "index", "lock", "synced", "unsynced_bytes", "written")
 
     def __init__(self, data: int, index: int, written: int) -> None:
         self.data = data
@@ -75,6 +75,7 @@ class _Open:
         self.unsynced_bytes = 0
         self.lock = asyncio.Lock()
         self.closed = False  # its descriptors are closed (evicted or deleted): open it again
+        self.fsyncing: asyncio.Task[None] | None = None  # a background fsync (closing waits for it)
 
 
 class FileBlobStore:
@@ -107,6 +108,7 @@ class FileBlobStore:
         while len(self._open) > MAX_OPEN:
             _, old = self._open.popitem(last=False)
             async with old.lock:
+                await _settled(old)
                 await asyncio.to_thread(self._sync_and_close, old)
         return opened
 
@@ -160,27 +162,30 @@ class FileBlobStore:
             if index > opened.written:
                 raise BlobStoreError(f"chunk {index} before chunk {opened.written}: send chunks in order "
                                      "(ask blob_held where to resume)")
-            sync = opened.unsynced_bytes + len(data) >= FSYNC_BYTES or index == count - 1
-            await asyncio.to_thread(self._write, opened, index, chunk_size, data, sync)
+            await asyncio.to_thread(self._write, opened, index, chunk_size, data)
             if index == opened.written:
                 opened.written += 1
-            if sync:
-                opened.synced = opened.written
+            opened.unsynced_bytes += len(data)
+            if (opened.unsynced_bytes >= FSYNC_BYTES or index == count - 1) and (
+                    opened.fsyncing is None or opened.fsyncing.done()):
+                # In the background: the connection goes on with its next frame (a chat message
+                # does not wait for the disk); held() and closing wait for it.
                 opened.unsynced_bytes = 0
-            else:
-                opened.unsynced_bytes += len(data)
+                sync = self._sync_to(opened, opened.written)
+                opened.fsyncing = asyncio.get_running_loop().create_task(sync)
             return opened.synced
 
-    def _write(self, opened: _Open, index: int, chunk_size: int, data: bytes, sync: bool) -> None:
+    async def _sync_to(self, opened: _Open, target: int) -> None:
+        await asyncio.to_thread(self._sync, opened)
+        opened.synced = max(opened.synced, target)
+
+    def _write(self, opened: _Open, index: int, chunk_size: int, data: bytes) -> None:
         os.pwrite(opened.data, data, index * chunk_size)
         os.pwrite(opened.index, hashlib.sha256(data).digest(), index * _HASH_LEN)
-        if sync:
-            os.fsync(opened.data)
-            os.fsync(opened.index)
-            self.fsyncs += 1
 
     async def held(self, blob_id: bytes, size: int, chunk_size: int) -> int:
         async with self._locked(blob_id, size, chunk_size) as opened:
+            await _settled(opened)
             if opened.synced < opened.written:
                 await asyncio.to_thread(self._sync, opened)
                 opened.synced = opened.written
@@ -213,6 +218,7 @@ class FileBlobStore:
         opened = self._open.pop(blob_id, None)
         if opened is not None:
             async with opened.lock:
+                await _settled(opened)
                 _close_fds(opened)
         for path in self._paths(blob_id):
             with contextlib.suppress(FileNotFoundError):
@@ -222,7 +228,17 @@ class FileBlobStore:
         while self._open:
             _, opened = self._open.popitem()
             async with opened.lock:
+                await _settled(opened)
                 await asyncio.to_thread(self._sync_and_close, opened)
+
+
+async def _settled(opened: _Open) -> None:
+    """Wait for a background fsync of ``opened`` (its descriptors must stay open meanwhile)."""
+    task = opened.fsyncing
+    if task is not None:
+        with contextlib.suppress(OSError):
+            await asyncio.shield(task)
+        opened.fsyncing = None
 
 
 def _close_fds(opened: _Open) -> None:
