@@ -98,6 +98,9 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
                    help="bytes of queued mail and attachment blobs per account (default 256 MiB)")
     g.add_argument("--max-blob-bytes", type=int, default=100 * 1024 * 1024,
                    help="largest attachment blob (padded size) the relay stores (default 100 MiB)")
+    g.add_argument("--blob-dir", type=Path, default=None, metavar="DIR",
+                   help="where attachment blobs are stored (default DATA/blobs); with several relay "
+                        "instances, one shared volume mounted on each")
     g.add_argument("--blob-bytes-per-hour", type=int, default=4 * 1024 ** 3,
                    help="attachment bytes uploaded plus downloaded per account per hour (default 4 GiB)")
     g.add_argument("--disk-budget", type=int, default=None,
@@ -125,7 +128,7 @@ def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     metrics = getattr(args, "metrics_listen", None)
     return dict(
         max_queue_per_sender=args.max_queue_per_sender, max_stored_bytes=args.max_stored_bytes,
-        disk_budget_bytes=args.disk_budget, max_blob_bytes=args.max_blob_bytes,
+        disk_budget_bytes=args.disk_budget, max_blob_bytes=args.max_blob_bytes, blob_dir=args.blob_dir,
         blob_bytes_per_hour=args.blob_bytes_per_hour,
         registrations_per_prefix_per_hour=args.registrations_per_prefix_per_hour,
         one_time_prekeys_per_target_per_hour=args.one_time_prekeys_per_target_per_hour,

@@ -59,7 +59,8 @@ class RelayServer:
         self.metrics = Metrics()
         self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
-        self.blob_service = BlobService(self.store, FileBlobStore(config.data_dir / "blobs"),  # issue 13
+        blob_dir = config.blob_dir or config.data_dir / "blobs"
+        self.blob_service = BlobService(self.store, FileBlobStore(blob_dir),  # issue 13
                                         self.limiters.blob_bytes, config.max_blob_bytes)
         self.metrics_listener: MetricsListener | None = None
         self._per_ip: dict[str, int] = {}  # open connections per source address

@@ -69,6 +69,7 @@ class ServerConfig:
     disk_budget_bytes: int | None = None  # the whole store; None: no budget
     metrics_listen: str | None = None  # "HOST:PORT" of the /metrics listener; None: none
     max_blob_bytes: int = 100 * 1024 * 1024  # largest attachment blob (padded size), issue 13
+    blob_dir: Path | None = None  # blob files; None: data_dir / "blobs" (N instances: a shared volume)
     blob_bytes_per_hour: int = 4 * 1024 ** 3  # blob bytes uploaded + downloaded per account
     log_peer_addresses: bool = False  # info logs tie usernames to IP:port only when set
 
