@@ -26,10 +26,8 @@ from ..client.attachments import (
     printable_name,
     safe_name,
     send_file,
-    send_text_as_file,
 )
 from ..client.client import Client, IncomingMessage
-from ..client.errors import ClientError
 from .common import UsageError
 
 MIB = 1 << 20
@@ -106,19 +104,6 @@ async def save_attachment(client: Client, m: IncomingMessage,
     return file_row(m.file, path)
 
 
-async def offer_long_text(client: Client, name: str, text: str, exc: ClientError) -> bytes:
-    """``send`` of a text over the relay's message limit: offered as a file (asked on a terminal;
-    otherwise the error names the command that sends it as one)."""
-    if not str(exc).startswith("message too long"):
-        raise exc
-    if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        raise ClientError(f"{exc}; send it as a file instead: cipherpost send-file {name} FILE") from None
-    print(f"{exc}.\nSend it as a file (message.txt) instead? [y/N] ", end="", file=sys.stderr, flush=True)
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise ClientError("not sent") from None
-    return await send_text_as_file(client, name, text)
-
-
 def add_recv_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downloads", type=Path, default=None, metavar="DIR",
                    help="where received files are saved (default: your Downloads folder)")
@@ -126,14 +111,15 @@ def add_recv_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not fetch attachments now (later: cipherpost download ID)")
 
 
-def register(sub: Any, run: Runner) -> None:
-    p = sub.add_parser("send-file", help="send a file (encrypted, resumable)")
+def register(add: Callable[..., argparse.ArgumentParser], run: Runner) -> None:
+    """``add(name, help=...)``: the CLI's subcommand maker (global options, epilog)."""
+    p = add("send-file", help="send a file (encrypted, resumable)")
     p.add_argument("name", help="recipient username")
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="progress and result as JSON lines")
     p.set_defaults(func=lambda args: _cmd_send_file(args, run))
 
-    p = sub.add_parser("download", help="fetch the file of a received message")
+    p = add("download", help="fetch the file of a received message")
     p.add_argument("id", help="the message id (from recv)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--downloads", type=Path, default=None, metavar="DIR",

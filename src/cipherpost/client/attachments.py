@@ -501,13 +501,6 @@ async def _download_into(conn: Connection, offer: FileOffer, fd: int, part: Path
 
 # --- the message that announces a file (client/client.py send and receive call these) -------------
 
-def message_content(offer: FileOffer | None, text: str) -> tuple[str, Any, dict[str, Any] | None]:
-    """(kind, content, history extra) of an outgoing message: plain text, or a file offer."""
-    if offer is None:
-        return "text", text, None
-    return "file", offer.to_map(), {"file": offer.to_map()}
-
-
 def read_content(kind: Any, content: Any) -> tuple[str, dict[str, Any] | None]:
     """(text to show, history extra) of an incoming message; ``ClientError`` for an unknown kind or
     a malformed offer."""
