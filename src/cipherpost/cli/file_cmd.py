@@ -115,13 +115,15 @@ def register(add: Callable[..., argparse.ArgumentParser], run: Runner) -> None:
     """``add(name, help=...)``: the CLI's subcommand maker (global options, epilog)."""
     p = add("send-file", help="send a file (encrypted, resumable)")
     p.add_argument("name", help="recipient username")
-    p.add_argument("path", type=Path)
-    p.add_argument("--json", action="store_true", help="progress and result as JSON lines")
+    p.add_argument("path", type=Path, help="the file to send")
+    p.add_argument("--json", action="store_true",
+                   help="progress events as JSON lines on stderr, the result as one JSON object")
     p.set_defaults(func=lambda args: _cmd_send_file(args, run))
 
     p = add("download", help="fetch the file of a received message")
     p.add_argument("id", help="the message id (from recv)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="progress events as JSON lines on stderr; {name, size, path, sha256} on stdout")
     p.add_argument("--downloads", type=Path, default=None, metavar="DIR",
                    help="where to save it (default: your Downloads folder)")
     p.set_defaults(func=lambda args: _cmd_download(args, run))
