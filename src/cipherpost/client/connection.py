@@ -78,6 +78,7 @@ class Connection:
         self.pinned_by_certificate = False  # the pin was an old certificate pin (upgrade it)
         self._nonce = nonce
         self.limits = limits
+        self.caps: frozenset[str] = frozenset()  # hello.caps: optional features of this relay
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._push: PushHandler | None = None
@@ -150,6 +151,9 @@ class Connection:
             raise ConnectionFailed(f"{url} does not speak the cipherpost protocol")
         limits = hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
         conn = cls(ws, channel, nonce, dict(limits or {}))
+        caps = hello.get("caps")
+        if isinstance(caps, list):
+            conn.caps = frozenset(c for c in caps if isinstance(c, str))
         conn.spki, conn.pinned_by_certificate = spki, by_certificate
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())

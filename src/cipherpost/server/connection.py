@@ -74,7 +74,7 @@ from ..store.base import (
     StoreError,
     UsernameTaken,
 )
-from .handlers import CAPS, mail, prekeys
+from .handlers import CAPS, blobs, mail, prekeys
 from .limits import TokenBucket, address_prefix, retry_text
 from .transport import BatchingServerConnection
 
@@ -576,6 +576,6 @@ def _now_ms() -> int:
 _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     Register: Connection._register, Auth: Connection._auth, UploadPrekeys: prekeys.upload_prekeys,
     FetchBundle: prekeys.fetch_bundle, Send: Connection._send, Ack: Connection._ack,
-    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many,
+    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many, **blobs.HANDLERS,
 }
 _UNAUTHENTICATED = frozenset({Register, Auth, Ping})
