@@ -177,6 +177,10 @@ def frame_samples() -> list[F.Frame]:
         F.BlobRelease(rid=22, id=b"\x09" * 16),
         F.BlobState(rid=17, id=b"\x09" * 16, size=200_000, chunk_size=65_552, held=3, committed=False),
         F.BlobData(rid=21, id=b"\x09" * 16, index=2, data=b"\x0b" * 300),
+        # cap "batch" (issue 11): several envelopes in one send frame, one reply
+        F.SendBatch(rid=23, envelopes=[F.Envelope(to="bob", id=b"\x0c" * 16, kind="msg", body=b"\x01" * 40),
+                                       F.Envelope(to="carol", id=b"\x0d" * 16, kind="msg", body=b"")]),
+        F.AcceptedMany(rid=23, ids=[b"\x0c" * 16, b"\x0d" * 16], status=["accepted", "mailbox_full"]),
     ]
 
 

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from cipherpost.protocol.errors import ERROR_CODES, ProtocolError
 from cipherpost.protocol.frames import (
     CLIENT_FRAME_TYPES,
+    MAX_BATCH_ENVELOPES,
     MAX_SEND_MANY_RECIPIENTS,
     Accepted,
+    AcceptedMany,
     Ack,
     Auth,
     BlobBegin,
@@ -26,6 +28,7 @@ from cipherpost.protocol.frames import (
     Bundle,
     Deliver,
     DeliveredMessage,
+    Envelope,
     Error,
     FetchBundle,
     Frame,
@@ -39,6 +42,7 @@ from cipherpost.protocol.frames import (
     Register,
     Results,
     Send,
+    SendBatch,
     SendMany,
     UploadPrekeys,
     decode_frame,
@@ -85,6 +89,9 @@ EXAMPLES: list[Frame] = [
     BlobRelease(rid=25, id=ID),
     BlobState(rid=20, id=ID, size=100_000, chunk_size=65_552, held=1, committed=False),
     BlobData(rid=24, id=ID, index=0, data=b"\x06" * 10),
+    SendBatch(rid=26, envelopes=[Envelope(to="bob", id=ID, kind="msg", body=b"one"),
+                                 Envelope(to="carol", id=b"\x02" * 16, kind="msg", body=b"")]),
+    AcceptedMany(rid=26, ids=[ID, b"\x02" * 16], status=["accepted", "duplicate"]),
 ]
 
 
@@ -135,6 +142,9 @@ def test_hello_caps_are_absent_when_empty_and_ignored_by_old_decoders() -> None:
     assert decode_frame(encode_frame(EXAMPLES[10])) == EXAMPLES[10]
 
 
+ENV = {"to": "bob", "id": ID, "kind": "msg", "body": b""}
+
+
 @pytest.mark.parametrize(("fields", "code"), [
     ({"t": "block", "rid": 1, "username": "bob"}, "bad_frame"),
     ({"t": "block", "rid": 1, "username": "bob", "on": 1}, "bad_frame"),
@@ -148,6 +158,18 @@ def test_hello_caps_are_absent_when_empty_and_ignored_by_old_decoders() -> None:
       "to": ["bob"] * (MAX_SEND_MANY_RECIPIENTS + 1)}, "too_large"),
     ({"t": "hello", "nonce": bytes(32), "server": "r", "limits": {"max_frame": 1, "max_body": 1},
       "caps": ["x" * 33]}, "too_large"),
+    # cap "batch": a send frame with envelopes
+    ({"t": "send", "rid": 1, "envelopes": []}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": "bob"}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV] * (MAX_BATCH_ENVELOPES + 1)}, "too_large"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, 5]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "to": 5}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "to": "b" * 129}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "id": ID[:15]}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "kind": "spam"}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "body": "text"}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [{"to": "bob", "id": ID, "kind": "msg"}]}, "bad_frame"),
+    ({"t": "accepted_many", "rid": 1, "ids": [ID], "status": []}, "bad_frame"),
 ])
 def test_new_frames_reject_malformed_fields(fields: dict[str, object], code: str) -> None:
     got, rid = _code(msgpack.packb({"v": 1, **fields}, use_bin_type=True))
