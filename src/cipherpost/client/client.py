@@ -17,7 +17,7 @@ import hmac
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ..crypto.records import RecordCipher
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
 from ..protocol.usernames import normalize_username
-from . import attachments
+from . import attachments, outbox
 from .attachments import FileOffer
 from .backoff import reconnect_delay
 from .connection import Connection, format_fingerprint
@@ -445,6 +445,10 @@ class Client:
         await self.flush_outbox()
         return msg_id
 
+    async def send_many(self, items: Sequence[tuple[str, str]]) -> list[bytes]:
+        """Send each ``(name, text)`` in order, sharing one profile commit (client/outbox.py)."""
+        return await outbox.send_many(self, items)
+
     async def _sending_session(self, name: str) -> tuple[Session, bool]:
         """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
         contact = self.db.get_contact(name)
@@ -487,6 +491,8 @@ class Client:
             return 0
         sent = 0
         async with self._outbox_lock:
+            if "batch" in self._require_conn().caps:  # several envelopes per frame (client/outbox.py)
+                return await outbox.flush_batched(self)
             for item in self.db.outbox():
                 conn = self._require_conn()
                 try:

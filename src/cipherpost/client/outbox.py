@@ -1,0 +1,154 @@
+"""Burst sends (issue 8, "Client speed"): many messages, one profile commit, few frames.
+
+``send_many`` encrypts every message first (sessions kept in memory), then stores the advanced
+ratchet states, the history rows and the outbox rows in **one** transaction (the ordering rule atop
+``client/client.py``: state, history and outbox together, before anything is transmitted), then
+flushes the outbox. ``flush_batched`` transmits the outbox in ``send`` frames of up to
+``MAX_BATCH_ENVELOPES`` envelopes (cap ``batch``, docs/wire.md) when the relay announced it, one
+frame in flight, and records each frame's statuses in one transaction.
+
+What "in order" means: for each recipient, the relay accepts that recipient's messages in the order
+they were sent (the outbox's order), and so the recipient receives them in that order. When the
+relay refuses one for a moment (``mailbox_full``, ``sender_cap``, ``quota_exceeded``,
+``suspended``, ``internal``), it stays in the outbox, and so does every later message to the same
+recipient: nothing more goes to that recipient in this flush; the next flush starts again from that
+message, in order. Messages to other recipients go on. A permanent refusal (``unknown_user``,
+``bad_frame``, ``too_large``) fails that message (history status ``failed: CODE``) and drops it
+from the outbox, as a single ``send`` does. Within one frame, the envelopes after a refused one to
+the same recipient are refused too (the relay checks them against the same counters, in frame
+order, in the same group commit); the one case where the relay could accept a later one is an ack
+by the recipient landing between the two inside that commit — then that later message arrives
+first (it is recorded as sent; the refused one is retried).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..crypto.session import Session, encrypt
+from ..protocol.frames import MAX_BATCH_ENVELOPES
+from ..protocol.usernames import normalize_username
+from .errors import ClientError, ServerError
+from .plaintext import build_text_payload
+from .profile import OutboxItem
+
+if TYPE_CHECKING:
+    from .client import Client
+
+PERMANENT_REFUSALS = frozenset({"unknown_user", "bad_frame", "too_large"})  # as Client.flush_outbox
+
+
+async def send_many(client: Client, items: Sequence[tuple[str, str]]) -> list[bytes]:
+    """Encrypt and queue each ``(name, text)`` in order, all in one profile transaction, then
+    transmit; the message ids. Every text is checked before anything is encrypted (a refused call
+    changes nothing)."""
+    from .client import now_ms  # the facade's clock (tests move it)
+
+    conn = client._conn
+    max_body = conn.limits.get("max_body") if conn is not None else None
+    planned = []
+    for name, text in items:
+        name = normalize_username(name)
+        if name == client.username:
+            raise ClientError("you cannot send messages to yourself")
+        planned.append((name, text, build_text_payload(text, now_ms(), client.username, name, max_body)))
+    if not planned:
+        return []
+    rows: list[tuple[str, str, bytes, bytes]] = []
+    async with client._state_lock:
+        sessions: dict[str, tuple[Session, bool]] = {}
+        for name, _, _ in planned:
+            if name not in sessions:
+                sessions[name] = await client._sending_session(name)
+        for name, text, payload in planned:
+            session, with_psk = sessions[name]
+            envelope, session = encrypt(session, payload)
+            sessions[name] = (session, with_psk)
+            rows.append((name, text, os.urandom(16), envelope))
+        now = now_ms()
+        db = client.db
+        with db.transaction():
+            for name, (session, with_psk) in sessions.items():
+                db.save_session(session.session_id, name, session.peer.encode(), session.serialize(), now,
+                                with_psk=with_psk)
+            for name, text, msg_id, envelope in rows:
+                db.add_message(name, "out", msg_id, text, sent_at=now, received_at=None, status="queued")
+                db.add_outbox(msg_id, name, "msg", envelope, now)
+    client._emit("encrypt_many", count=len(rows), recipients=len(sessions))
+    await client.flush_outbox()
+    return [msg_id for _, _, msg_id, _ in rows]
+
+
+async def flush_batched(client: Client) -> int:
+    """Transmit the outbox in ``batch`` frames (the caller holds the outbox lock and checked the
+    cap); how many the relay accepted. After the rest went, raises the first refusal (as the
+    one-at-a-time path does), permanent ones first."""
+    conn = client._require_conn()
+    held: dict[str, ServerError] = {}  # recipient -> why its queue waits (see the module docstring)
+    failed: list[ServerError] = []
+    sent = 0
+    frame: list[OutboxItem] = []
+    for item in client.db.outbox():
+        if item.contact in held:
+            continue
+        if item.kind != "msg":  # a PAKE message goes alone (the relay rate-limits it per pair)
+            sent += await _flush_frame(client, conn, frame, held, failed)
+            frame = []
+            if item.contact not in held:
+                sent += await _flush_frame(client, conn, [item], held, failed)
+            continue
+        frame.append(item)
+        if len(frame) == MAX_BATCH_ENVELOPES:
+            sent += await _flush_frame(client, conn, frame, held, failed)
+            frame = []
+    sent += await _flush_frame(client, conn, frame, held, failed)
+    if failed or held:
+        raise (failed + list(held.values()))[0]
+    return sent
+
+
+async def _flush_frame(client: Client, conn: Any, items: list[OutboxItem],
+                       held: dict[str, ServerError], failed: list[ServerError]) -> int:
+    items = [i for i in items if i.contact not in held]  # held while this frame was being filled
+    if not items:
+        return 0
+    if len(items) == 1 and items[0].kind != "msg":
+        item = items[0]
+        try:
+            await conn.request({"t": "send", "to": item.contact, "id": item.msg_id, "kind": item.kind,
+                                "body": item.envelope})
+            statuses = ["accepted"]
+        except ServerError as exc:
+            if exc.code not in PERMANENT_REFUSALS:
+                held[item.contact] = exc
+                return 0
+            failed.append(exc)
+            statuses = [exc.code]
+    else:
+        reply = await conn.request({"t": "send", "envelopes": [
+            {"to": i.contact, "id": i.msg_id, "kind": i.kind, "body": i.envelope} for i in items]})
+        statuses = reply.get("status")
+        if not isinstance(statuses, list) or len(statuses) != len(items):
+            raise ClientError("the relay's accepted_many reply does not list one status per envelope")
+    sent = 0
+    db = client.db
+    with db.transaction():
+        for item, status in zip(items, statuses, strict=True):
+            if status in ("accepted", "duplicate"):
+                db.remove_outbox(item.msg_id)
+                db.set_status_by_id(item.msg_id, "out", "sent")
+                sent += 1
+            elif status in PERMANENT_REFUSALS:
+                db.remove_outbox(item.msg_id)
+                db.set_status_by_id(item.msg_id, "out", f"failed: {status}")
+                if item.kind == "msg":
+                    failed.append(ServerError(str(status), f"the relay refused a message to {item.contact} "
+                                              f"({status}); it is marked failed"))
+            elif item.contact not in held:
+                held[item.contact] = ServerError(
+                    str(status), f"the relay refused a message to {item.contact} for now ({status}); it "
+                    "stays queued and is retried in order")
+    client._emit("accepted_many", count=sent, envelopes=len(items))
+    return sent
