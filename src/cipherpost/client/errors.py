@@ -28,6 +28,10 @@ class ConnectionFailed(ClientError):
     """The relay could not be reached or the connection broke."""
 
 
+class BadReply(ConnectionFailed):
+    """The relay answered a request with a frame that does not answer it or cannot be decoded."""
+
+
 class ServerPinMismatch(ClientError):
     """The relay's TLS certificate is not the one pinned for this profile."""
 

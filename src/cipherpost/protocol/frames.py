@@ -45,7 +45,11 @@ MAX_ACK_SEQS: Final = 4096
 MAX_DELIVER_MESSAGES: Final = 4096
 MAX_TEXT_FIELD: Final = 1024
 MAX_RID: Final = (1 << 63) - 1
-MESSAGE_KINDS: Final = frozenset({"msg", "pake"})
+MAX_CAPS: Final = 64
+MAX_CAP_LEN: Final = 32
+# "derr": a decryption-error report, sent in the clear to the sender of a message that could not
+# be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
+MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -126,6 +130,7 @@ class Hello:
     nonce: bytes
     server: str
     limits: Limits
+    caps: tuple[str, ...] = ()   # capability flags (docs/contracts.md section 5); absent = none
     t: ClassVar[str] = "hello"
 
 
@@ -214,6 +219,8 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
     elif isinstance(frame, Hello):
         out.update(nonce=frame.nonce, server=frame.server,
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
+        if frame.caps:
+            out["caps"] = list(frame.caps)
     elif isinstance(frame, Ok):
         out["rid"] = frame.rid
         if frame.username is not None:
@@ -350,7 +357,7 @@ def _send(f: _Fields) -> Send:
     rid = f.as_int("rid")
     kind = f.as_str("kind", max_len=16)
     if kind not in MESSAGE_KINDS:
-        raise f.fail("'kind' must be 'msg' or 'pake'")
+        raise f.fail("'kind' must be one of " + ", ".join(sorted(MESSAGE_KINDS)))
     return Send(rid=rid, to=f.as_str("to", max_len=MAX_NAME_FIELD),
                 id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN), kind=kind,
                 body=f.as_bytes("body", max_len=DEFAULT_MAX_FRAME))
@@ -383,8 +390,11 @@ def _ping(f: _Fields) -> Ping:
 
 def _hello(f: _Fields) -> Hello:
     limits = _Fields("hello.limits", f.as_map("limits"), None)
+    caps = tuple(f.as_str("caps[]", max_len=MAX_CAP_LEN, value=c, present=True)
+                 for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True))
     return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
-                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")))
+                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")),
+                 caps=caps)
 
 
 def _counts(f: _Fields, m: dict[Any, Any]) -> PrekeyCounts:
