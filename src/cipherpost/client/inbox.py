@@ -34,7 +34,7 @@ from ..crypto.encoding import expect_array, unpack
 from ..crypto.errors import CryptoError, DuplicateMessage
 from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
-from ..crypto.session import Session, accept_session, decrypt, inspect_envelope
+from ..crypto.session import Session, accept_session, decrypt, envelope_session_id, inspect_envelope
 from .errors import ClientError, ConnectionFailed
 from .names import InvalidSenderName, check_sender, confusable_warning, shown_name
 from .profile import Contact, StoredMessage
@@ -260,15 +260,16 @@ class Receiver:
     def _decrypt_and_store(self, batch: _Batch, sender: str, msg_id: bytes, body: bytes,
                            ts: Any) -> _Stored:
         c = self._c
-        info = inspect_envelope(body)
-        entry = self._session(batch, info.session_id)
+        session_id = envelope_session_id(body)
+        entry = self._session(batch, session_id)
         new_store: PrekeyStore | None = None
-        if entry is not None and entry.contact == sender:
+        info = None if entry is not None and entry.contact == sender else inspect_envelope(body)
+        if info is None and entry is not None:
             before = entry.session
             plaintext, session = decrypt(before, body)
             gap = _new_skipped(before, session)
             with_psk = entry.with_psk
-        elif info.initial is not None:
+        elif info is not None and info.initial is not None:
             if info.session_id in batch.accepted or c.db.session_was_accepted(info.session_id):
                 raise DuplicateMessage("replayed initial message of an earlier session")
             known = self._contact(batch, sender)
@@ -434,7 +435,7 @@ def _new_skipped(before: Session, after: Session) -> int:
 
 def _session_id_of(body: bytes) -> bytes | None:
     try:
-        return inspect_envelope(body).session_id
+        return envelope_session_id(body)
     except CryptoError:
         return None
 

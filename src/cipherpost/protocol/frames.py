@@ -44,9 +44,9 @@ MAX_KEM_PER_UPLOAD: Final = 150
 MAX_ACK_SEQS: Final = 4096
 MAX_DELIVER_MESSAGES: Final = 4096
 MAX_TEXT_FIELD: Final = 1024
-MAX_RID: Final = (1 << 63) - 1
 MAX_CAPS: Final = 64
 MAX_CAP_LEN: Final = 32
+MAX_RID: Final = (1 << 63) - 1
 # "derr": a decryption-error report, sent in the clear to the sender of a message that could not
 # be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
 MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
@@ -130,7 +130,7 @@ class Hello:
     nonce: bytes
     server: str
     limits: Limits
-    caps: tuple[str, ...] = ()   # capability flags (docs/contracts.md section 5); absent = none
+    caps: list[str] = field(default_factory=list)  # capabilities (docs/contracts.md 5); absent: none
     t: ClassVar[str] = "hello"
 
 
@@ -390,8 +390,8 @@ def _ping(f: _Fields) -> Ping:
 
 def _hello(f: _Fields) -> Hello:
     limits = _Fields("hello.limits", f.as_map("limits"), None)
-    caps = tuple(f.as_str("caps[]", max_len=MAX_CAP_LEN, value=c, present=True)
-                 for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True))
+    caps = [f.as_str("caps[]", max_len=MAX_CAP_LEN, value=c, present=True)
+            for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True)]
     return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
                  limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")),
                  caps=caps)
