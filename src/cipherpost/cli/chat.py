@@ -207,19 +207,20 @@ class Chat:
         contacts = self.client.contacts()
         if not contacts:
             print("no contacts yet: /to NAME, then type a message")
-        width = max((len(c.name) for c in contacts), default=0)
+        width = max((len(printable(c.name)) for c in contacts), default=0)
         for c in contacts:
-            state = "verified" if c.verified else f"unverified (compare: /safety {c.name})"
+            name = printable(c.name)   # a profile from before names were checked may hold any
+            state = "verified" if c.verified else f"unverified (compare: /safety {name})"
             if c.pending_identity:
-                state = f"KEY CHANGED - check it: /verify {c.name}"
-            print(f"  {c.name:<{width}}  {state}")
+                state = f"KEY CHANGED - check it: /verify {name}"
+            print(f"  {name:<{width}}  {state}")
 
     def show_history(self, name: str) -> None:
         messages = self.client.history(name)
         if not messages:
             print(f"no messages with {name}")
         for m in messages:
-            who = "you" if m.direction == "out" else m.contact
+            who = "you" if m.direction == "out" else printable(m.contact)
             mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
             prefix = "!! " if m.direction == "event" else ""
             print(f"  [{clock(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")

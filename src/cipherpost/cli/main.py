@@ -228,9 +228,9 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
         elif not rows:
             print("no contacts yet: `cipherpost send NAME TEXT` starts a conversation")
         else:
-            width = max(len(r["name"]) for r in rows)
+            width = max(len(printable(r["name"])) for r in rows)
             for row in rows:
-                print(f"{row['name']:<{width}}  {row['state']}")
+                print(f"{printable(row['name']):<{width}}  {row['state']}")
         return 0
     return _run(args, body)
 
