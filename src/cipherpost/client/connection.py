@@ -22,7 +22,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from ..crypto.encoding import pack
+from ..crypto.encoding import is_one_msgpack_value, pack
 from ..crypto.identity import IdentityKeyPair
 from ..protocol.addresses import is_loopback
 from ..protocol.errors import ProtocolError
@@ -288,7 +288,7 @@ def check_reply(request: dict[str, Any], reply: dict[str, Any]) -> None:
 
 def _lenient_rid(raw: bytes | str) -> int | None:
     """The ``rid`` of a frame that failed strict decoding, if one can still be read from it."""
-    if not isinstance(raw, bytes):
+    if not isinstance(raw, bytes) or not is_one_msgpack_value(raw):   # no allocation blow-up first
         return None
     try:
         m = msgpack.unpackb(raw, raw=False, strict_map_key=False)
