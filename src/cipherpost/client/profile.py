@@ -389,6 +389,12 @@ class ProfileDB:
             (contact, limit)).fetchall()
         return [self._message(r) for r in reversed(rows)]
 
+    def rows_with_status(self, status: str, *more: str) -> list[tuple[int, str]]:
+        """``(row, status)`` of the messages with one of these statuses, without decrypting them."""
+        marks = ",".join("?" * (1 + len(more)))
+        return [(r[0], r[1]) for r in self._db.execute(
+            f"SELECT id, status FROM messages WHERE status IN ({marks}) ORDER BY id", (status, *more))]  # noqa: S608
+
     def messages_with_status(self, status: str, *more: str) -> list[StoredMessage]:
         marks = ",".join("?" * (1 + len(more)))
         rows = self._db.execute(
