@@ -207,8 +207,7 @@ class Receiver:
         if kind != "msg" or c.db.has_message(sender, "in", msg_id):
             return   # unknown kind, or a redelivery of something already stored: just ack it again
         try:
-            with c.db.savepoint():
-                stored = self._decrypt_and_store(batch, sender, msg_id, body, m.get("ts"))
+            stored = self._decrypt_and_store(batch, sender, msg_id, body, m.get("ts"))
         except DuplicateMessage:
             batch.contacts.clear()
             return
@@ -304,51 +303,55 @@ class Receiver:
         text, sent_at = _parse_payload(plaintext, sender=sender, me=c.username)
         peer = session.peer.encode()
         contact = self._contact(batch, sender)
-        received = now_ms()
-        warning: str | None = None
-        extra: dict[str, Any] | None = None
-        status = "new"
-        held = False
-        keep_only: tuple[str, list[bytes]] | None = None
-        if contact is None:
-            # A stranger: a request, shown apart; nothing is pinned until the user accepts it.
-            status = REQUEST
-            warning = request_warning(sender, confusable_warning(sender, c.db.contact_names()))
-            extra = {"warning": warning, "key": peer}
-        elif peer != contact.identity:
-            c.db.set_pending_identity(sender, peer)
-            batch.contacts.pop(sender, None)
-            warning = str(c._identity_changed(contact, peer))
-            extra = {"warning": warning, "key": peer}
-            # From a VERIFIED contact, text under an unverified new key is held back until the
-            # user accepts that key: it may be someone else writing in their name.
-            held = contact.verified
-            # Only the pinned key and the newest pending one keep sessions.
-            keep_only = (sender, [contact.identity, peer])
-            c.db.drop_sessions_except(sender, keep_only[1])
-        if new_store is not None:
-            c.db.mark_session_accepted(session.session_id)
-        shown: list[IncomingMessage] = []
-        if gap:
-            gap_id = hashlib.sha256(b"gap:" + msg_id).digest()[:16]
-            gap_text = (f"1 message from {sender} did not arrive (if it still comes, it is shown then)"
-                        if gap == 1 else f"{gap} messages from {sender} did not arrive (if they still "
-                        "come, they are shown then)")
-            row = c.db.add_message(sender, "event", gap_id, gap_text, sent_at=None, received_at=received,
-                                   status="new", extra={"warning": "gap", "missing": gap})
-            if row is not None:
-                shown.append(IncomingMessage(gap_id.hex(), sender, gap_text, None, received, "gap", row))
-        row = c.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
-                               status="held" if held else status, extra=extra)
-        if held:
-            notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
-                      f"was verified. It is shown once you accept the new key (verify {sender}).")
-            nrow = c.db.add_message(sender, "event", msg_id, notice, sent_at=None, received_at=received,
-                                    status="new", extra={"warning": warning})
-            shown.append(IncomingMessage(msg_id.hex(), sender, notice, None, received, warning, nrow))
-        elif row is not None:
-            shown.append(IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning, row,
-                                         status == REQUEST))
+        # One message's writes are one step: undone alone if any of them fails. The common case
+        # (a known contact, same key, no gap) is a single INSERT, atomic by itself.
+        simple = contact is not None and peer == contact.identity and new_store is None and not gap
+        with contextlib.nullcontext() if simple else c.db.savepoint():
+            received = now_ms()
+            warning: str | None = None
+            extra: dict[str, Any] | None = None
+            status = "new"
+            held = False
+            keep_only: tuple[str, list[bytes]] | None = None
+            if contact is None:
+                # A stranger: a request, shown apart; nothing is pinned until the user accepts it.
+                status = REQUEST
+                warning = request_warning(sender, confusable_warning(sender, c.db.contact_names()))
+                extra = {"warning": warning, "key": peer}
+            elif peer != contact.identity:
+                c.db.set_pending_identity(sender, peer)
+                batch.contacts.pop(sender, None)
+                warning = str(c._identity_changed(contact, peer))
+                extra = {"warning": warning, "key": peer}
+                # From a VERIFIED contact, text under an unverified new key is held back until the
+                # user accepts that key: it may be someone else writing in their name.
+                held = contact.verified
+                # Only the pinned key and the newest pending one keep sessions.
+                keep_only = (sender, [contact.identity, peer])
+                c.db.drop_sessions_except(sender, keep_only[1])
+            if new_store is not None:
+                c.db.mark_session_accepted(session.session_id)
+            shown: list[IncomingMessage] = []
+            if gap:
+                gap_id = hashlib.sha256(b"gap:" + msg_id).digest()[:16]
+                gap_text = (f"1 message from {sender} did not arrive (if it still comes, it is shown then)"
+                            if gap == 1 else f"{gap} messages from {sender} did not arrive (if they still "
+                            "come, they are shown then)")
+                row = c.db.add_message(sender, "event", gap_id, gap_text, sent_at=None, received_at=received,
+                                       status="new", extra={"warning": "gap", "missing": gap})
+                if row is not None:
+                    shown.append(IncomingMessage(gap_id.hex(), sender, gap_text, None, received, "gap", row))
+            row = c.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
+                                   status="held" if held else status, extra=extra)
+            if held:
+                notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
+                          f"was verified. It is shown once you accept the new key (verify {sender}).")
+                nrow = c.db.add_message(sender, "event", msg_id, notice, sent_at=None, received_at=received,
+                                        status="new", extra={"warning": warning})
+                shown.append(IncomingMessage(msg_id.hex(), sender, notice, None, received, warning, nrow))
+            elif row is not None:
+                shown.append(IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning, row,
+                                             status == REQUEST))
         entry = _SessionEntry(sender, peer, session, with_psk, dirty=True)
         return _Stored(session.session_id, entry, new_store, keep_only, shown,
                        ("decrypt", {"sender": sender, "msg_id": msg_id.hex(),
