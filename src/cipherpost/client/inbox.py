@@ -31,21 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..crypto.encoding import expect_array, unpack
 from ..crypto.errors import CryptoError, DuplicateMessage
 from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.session import Session, accept_session, decrypt, envelope_session_id, inspect_envelope
 from .errors import ClientError, ConnectionFailed
 from .names import InvalidSenderName, check_sender, confusable_warning, shown_name
+from .plaintext import parse_text_payload
 from .profile import Contact, StoredMessage
 from .requests import REQUEST, REQUEST_SHOWN, request_warning
 
 if TYPE_CHECKING:
     from .client import Client
 
-PLAINTEXT_VERSION = 1
-MAX_TIMESTAMP_MS = 1 << 53
 INVALID_NAMES = "\x00invalid"   # one collapsed notice for every refused sender name
 UNDECRYPTABLE = "undecryptable"
 
@@ -300,7 +298,7 @@ class Receiver:
                 "one_time": info.initial.one_time_prekey_id is not None}))
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
-        text, sent_at = _parse_payload(plaintext, sender=sender, me=c.username)
+        text, sent_at = parse_text_payload(plaintext, sender=sender, me=c.username)
         peer = session.peer.encode()
         contact = self._contact(batch, sender)
         # One message's writes are one step: undone alone if any of them fails. The common case
@@ -463,26 +461,3 @@ def _session_id_of(body: bytes) -> bytes | None:
         return envelope_session_id(body)
     except CryptoError:
         return None
-
-
-def _unpad(data: bytes) -> bytes:
-    end = len(data.rstrip(b"\x00"))
-    if end == 0 or data[end - 1] != 0x80:
-        raise ClientError("message padding is malformed")
-    return data[: end - 1]
-
-
-def _parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, int]:
-    """``(text, sent_at)`` of a decrypted payload, checked against who the relay named as sender
-    and recipient (``client/plaintext.py:parse_text_payload`` replaces this once it lands)."""
-    arr = expect_array(unpack(_unpad(plaintext), what="message"), what="message",
-                       version=PLAINTEXT_VERSION, length=6)
-    _, kind, text, sent_at, written_by, written_for = arr
-    if kind != "text" or not isinstance(text, str):
-        raise ClientError("message of an unknown kind")
-    if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
-        raise ClientError("message carries an invalid time")
-    if written_by != sender or written_for != me:
-        raise ClientError(f"the relay delivered it as from {sender} to you, but it was written by "
-                          f"{written_by!r} for {written_for!r}; not shown")
-    return text, sent_at
