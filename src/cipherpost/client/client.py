@@ -31,6 +31,8 @@ from ..crypto.records import RecordCipher
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.usernames import normalize_username
+from .attachments import FileOffer
+from .backoff import reconnect_delay
 from .blocks import BlockList
 from .connection import Connection, format_fingerprint
 from .decryption_errors import Retries
@@ -47,7 +49,7 @@ from .errors import (
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .inbox import IncomingMessage, Receiver
-from .plaintext import build_text_payload
+from .plaintext import build_file_payload, build_text_payload
 from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
 from .prekeys_low import PrekeysLowGate
 from .profile import Contact, ProfileDB, StoredMessage
@@ -251,14 +253,16 @@ class Client:
         return self._conn
 
     async def stay_connected(self, on_status: Callable[[str], None] | None = None) -> None:
-        """Keep a connection up, reconnecting with exponential backoff (for the interactive chat)."""
-        delay = 0.5
+        """Keep a connection up, reconnecting with exponential backoff and full jitter (for the
+        interactive chat): clients dropped together by a relay restart do not return together."""
+        attempt = 0
         while True:
+            delay = reconnect_delay(attempt)
             try:
                 await self.connect()
                 if on_status:
                     on_status("connected")
-                delay = 0.5
+                attempt, delay = 0, reconnect_delay(0)
                 assert self._conn is not None
                 await self._conn.closed.wait()
                 reason = self._conn.close_reason
@@ -270,7 +274,7 @@ class Client:
                 if on_status:
                     on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            attempt += 1
 
     # ------------------------------------------------------------------ prekeys
     def _load_prekeys(self) -> PrekeyStore:
@@ -417,14 +421,18 @@ class Client:
         return True
 
     # ------------------------------------------------------------------ sending
-    async def send(self, name: str, text: str) -> bytes:
-        """Encrypt and queue ``text`` for ``name``, then transmit. Returns the message id."""
+    async def send(self, name: str, text: str, *, file: FileOffer | None = None) -> bytes:
+        """Encrypt and queue ``text`` (or a ``file`` offer) for ``name``, then transmit; the message id."""
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
+        extra = None if file is None else {"file": file.to_map()}
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
-        payload = build_text_payload(text, now_ms(), self.username, name,
-                                     self._conn.limits.get("max_body") if self._conn else None)
+        if file is None:
+            payload = build_text_payload(text, now_ms(), self.username, name,
+                                         self._conn.limits.get("max_body") if self._conn else None)
+        else:   # issue 13: a file offer (a few hundred bytes), no text limit to check
+            payload = build_file_payload(file.to_map(), now_ms(), self.username, name)
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
@@ -433,7 +441,7 @@ class Client:
                 self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
                                      now_ms(), with_psk=with_psk)
                 self.db.add_message(name, "out", msg_id, text, sent_at=now_ms(), received_at=None,
-                                    status="queued")
+                                    status="queued", extra=extra)
                 self.db.add_outbox(msg_id, name, "msg", envelope, now_ms())
         self._emit("encrypt", to=name, msg_id=msg_id.hex(), envelope_bytes=len(envelope),
                    session=session.session_id.hex()[:8])

@@ -35,9 +35,11 @@ from ..crypto.errors import CryptoError, DuplicateMessage
 from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.session import Session, accept_session, decrypt, envelope_session_id, inspect_envelope
+from . import attachments
+from .attachments import FileOffer
 from .errors import ClientError, ConnectionFailed
 from .names import InvalidSenderName, check_sender, confusable_warning, shown_name
-from .plaintext import parse_text_payload
+from .plaintext import parse_payload
 from .profile import Contact, StoredMessage
 from .requests import REQUEST, REQUEST_SHOWN, request_warning
 
@@ -64,13 +66,14 @@ class IncomingMessage:
     warning: str | None = None
     row: int | None = field(default=None, compare=False, repr=False)   # for mark_shown
     request: bool = field(default=False, compare=False)   # from a stranger: not a contact yet
+    file: FileOffer | None = None  # an attachment (client/attachments.py), not yet downloaded
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> IncomingMessage:
         warning = m.extra.get("warning")
         return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
                    warning if isinstance(warning, str) else None, m.row,
-                   m.status in (REQUEST, REQUEST_SHOWN))
+                   m.status in (REQUEST, REQUEST_SHOWN), attachments.offer_of(m.extra))
 
 
 @dataclass
@@ -298,7 +301,8 @@ class Receiver:
                 "one_time": info.initial.one_time_prekey_id is not None}))
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
-        text, sent_at = parse_text_payload(plaintext, sender=sender, me=c.username)
+        kind, content, sent_at = parse_payload(plaintext, sender=sender, me=c.username)
+        text, file_extra = attachments.read_content(kind, content)
         peer = session.peer.encode()
         contact = self._contact(batch, sender)
         # One message's writes are one step: undone alone if any of them fails. The common case
@@ -339,6 +343,8 @@ class Receiver:
                                        status="new", extra={"warning": "gap", "missing": gap})
                 if row is not None:
                     shown.append(IncomingMessage(gap_id.hex(), sender, gap_text, None, received, "gap", row))
+            if file_extra:
+                extra = {**(extra or {}), **file_extra}
             row = c.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
                                    status="held" if held else status, extra=extra)
             if held:
@@ -349,7 +355,7 @@ class Receiver:
                 shown.append(IncomingMessage(msg_id.hex(), sender, notice, None, received, warning, nrow))
             elif row is not None:
                 shown.append(IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning, row,
-                                             status == REQUEST))
+                                             status == REQUEST, attachments.offer_of(file_extra or {})))
         entry = _SessionEntry(sender, peer, session, with_psk, dirty=True)
         return _Stored(session.session_id, entry, new_store, keep_only, shown,
                        ("decrypt", {"sender": sender, "msg_id": msg_id.hex(),

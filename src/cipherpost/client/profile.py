@@ -446,6 +446,11 @@ class ProfileDB:
             (contact, limit)).fetchall()
         return [self._message(r) for r in reversed(rows)]
 
+    def message_by_id(self, msg_id: bytes, direction: str = "in") -> StoredMessage | None:
+        row = self._db.execute(f"SELECT {self._COLUMNS} FROM messages WHERE msg_id=? AND direction=? "  # noqa: S608
+                               "ORDER BY id LIMIT 1", (msg_id, direction)).fetchone()
+        return None if row is None else self._message(row)
+
     def rows_with_status(self, status: str, *more: str) -> list[tuple[int, str]]:
         """``(row, status)`` of the messages with one of these statuses, without decrypting them."""
         marks = ",".join("?" * (1 + len(more)))

@@ -32,7 +32,7 @@ class ServerConfig:
     tls_key: Path | None = None
     insecure_plaintext_dev: bool = False  # ws:// on loopback only, for development
     registration: str = "open"
-    max_connections: int = 1000
+    max_connections: int = 10_000  # all TCP connections, counted from accept (server/admission.py)
     max_frame: int = DEFAULT_MAX_FRAME
     max_body: int = DEFAULT_MAX_BODY
     max_queue: int = 10_000  # messages waiting per recipient
@@ -53,6 +53,11 @@ class ServerConfig:
     store_url: str | None = None  # None: SQLite in data_dir; "sqlite:PATH"; "postgresql://...?schema=NAME"
     bus_url: str | None = None  # None: in-process; "redis://host:port/db?prefix=NAME" (scale-out)
     server_name: str = "cipherpost-relay/0.1"
+    # --- connections at accept time (server/admission.py, docs/server.md "Connections") ---
+    max_pending_connections: int = 2048  # not yet authenticated, all addresses together
+    max_pending_per_prefix: int = 64  # per IPv4 /24 or IPv6 /64; also each prefix's share when full
+    tls_handshake_timeout_s: float = 3.0  # from accept to the end of the TLS handshake
+    open_files_reserve: int = 256  # open files kept for the store, logs and certificates
     # --- bounded state, mailboxes, metrics and logs (issue 9; docs/server.md "Limits") ---------
     one_time_prekeys_per_target_per_hour: int = 60  # all requesters together; then last-resort keys
     registrations_per_prefix_per_hour: int = 20  # per IPv4 /24 or IPv6 /64
@@ -68,6 +73,9 @@ class ServerConfig:
     max_stored_bytes: int = 256 * 1024 * 1024  # queued mail (and blobs) per recipient account
     disk_budget_bytes: int | None = None  # the whole store; None: no budget
     metrics_listen: str | None = None  # "HOST:PORT" of the /metrics listener; None: none
+    max_blob_bytes: int = 100 * 1024 * 1024  # largest attachment blob (padded size), issue 13
+    blob_dir: Path | None = None  # blob files; None: data_dir / "blobs" (N instances: a shared volume)
+    blob_bytes_per_hour: int = 4 * 1024 ** 3  # blob bytes uploaded + downloaded per account
     log_peer_addresses: bool = False  # info logs tie usernames to IP:port only when set
 
     def validate(self) -> None:
@@ -89,7 +97,8 @@ class ServerConfig:
             raise ValueError("max_body must be smaller than max_frame")
         for name in ("max_connections", "max_frame", "max_body", "max_queue", "max_prekey_pool",
                      "rate_burst", "max_connections_per_ip", "max_connections_per_account",
-                     "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour"):
+                     "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour",
+                     "max_pending_connections", "max_pending_per_prefix", "open_files_reserve"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_outbound_bytes < 2 * self.max_frame:
@@ -97,7 +106,8 @@ class ServerConfig:
         for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
                      "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
-                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes"):
+                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes", "max_blob_bytes",
+                     "blob_bytes_per_hour"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.disk_budget_bytes is not None and self.disk_budget_bytes < 1:
@@ -106,6 +116,8 @@ class ServerConfig:
             metrics_address(self.metrics_listen)
         if self.auth_timeout_s <= 0:
             raise ValueError("auth_timeout_s must be positive")
+        if self.tls_handshake_timeout_s <= 0:
+            raise ValueError("tls_handshake_timeout_s must be positive")
         if self.rate_per_second <= 0:
             raise ValueError("rate_per_second must be positive")
         self._validate_backends()

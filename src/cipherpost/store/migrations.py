@@ -198,11 +198,39 @@ def _v2_epoch(conn: sqlite3.Connection) -> None:
                  (os.urandom(EPOCH_BYTES), int(time.time() * 1000)))
 
 
+# Version 3: blob metadata and the blob half of the quota ledger (issue 13, docs/attachments.md).
+# The bytes are files (store/blobs.py), never rows: the same tables in PostgreSQL, bytes on a volume.
+_V3_SQLITE = """
+CREATE TABLE blobs (
+    id BLOB PRIMARY KEY,
+    owner TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    committed INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX blobs_by_owner ON blobs (owner);
+CREATE INDEX blobs_by_created ON blobs (created_ms);
+CREATE TABLE blob_readers (
+    blob_id BLOB NOT NULL,
+    reader TEXT NOT NULL,
+    PRIMARY KEY (blob_id, reader)
+) WITHOUT ROWID;
+"""
+_V3_POSTGRES = (
+    "CREATE TABLE blobs (id BYTEA PRIMARY KEY, owner TEXT NOT NULL, size BIGINT NOT NULL, "
+    "chunk_size INTEGER NOT NULL, created_ms BIGINT NOT NULL, committed BOOLEAN NOT NULL DEFAULT FALSE)",
+    "CREATE INDEX blobs_by_owner ON blobs (owner)",
+    "CREATE INDEX blobs_by_created ON blobs (created_ms)",
+    "CREATE TABLE blob_readers (blob_id BYTEA NOT NULL, reader TEXT NOT NULL, PRIMARY KEY (blob_id, reader))",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "first slice (7e818ef)", (_V1_SQLITE,)),
     Migration(2, "store v2: fan-out bodies, caps, blocks, account states, usage, epoch",
               (_V2_SQLITE_ACCOUNTS, _v2_skeletons, _V2_SQLITE, _v2_epoch),
               postgres=POSTGRES_V2),  # PostgreSQL stores start here: the whole v2 schema
+    Migration(3, "blobs: attachment metadata and its share of the quota ledger", (_V3_SQLITE,), _V3_POSTGRES),
 )
 LATEST = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, LATEST + 1))
