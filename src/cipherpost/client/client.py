@@ -450,7 +450,8 @@ class Client:
 
     async def _sending_session(self, name: str) -> tuple[Session, bool]:
         """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
-        contact = self.db.get_contact(name)
+        # Writing back to a stranger accepts their request: the reply uses their session.
+        contact = self.db.get_contact(name) or self.requests.accept_if_pending(name)
         if contact is not None and contact.pending_identity is not None:
             raise self._identity_changed(contact, contact.pending_identity)
         if contact is not None and contact.blocked:
