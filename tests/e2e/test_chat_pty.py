@@ -510,6 +510,8 @@ def test_a_cancelled_verification_is_withdrawn_on_the_peers_screen(make_user, re
         _, err = peer.communicate(timeout=60)
         assert peer.returncode == 130 and "Traceback" not in err
         alice.wait_for(r"-- bob cancelled the password verification they started; nothing to do")
+        alice.line("/accept bob")                           # bob's "hi" was a message request
+        alice.wait_for(r"-- bob is now a contact")
         alice.line("/contacts")
         alice.wait_for(r"  bob  unverified")
         alice.line("/quit")
