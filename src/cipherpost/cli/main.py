@@ -22,6 +22,9 @@ from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
+from .account_cmd import print_recovery_code
+from .account_cmd import register as register_account_commands
+from .admin_cmd import register as register_admin_commands
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     register_server_commands(sub)  # `server` and `invite`: the relay's own flags live with it
+    register_admin_commands(sub)  # `admin`: operator tools on the relay's data
 
     p = sub.add_parser("client", help="interactive chat (creates or unlocks your profile)")
     p.add_argument("--server", default=None,
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="show what each side computes and exactly what the server stores")
     p.set_defaults(func=_cmd_demo)
+
+    register_account_commands(sub)  # `recover`, `recovery-key`, `delete-account`
     return parser
 
 
@@ -170,6 +176,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
             print(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
             how = "as given" if pin else "on first use - compare it with the fingerprint the server printed"
             print(f"server certificate pinned ({how}): {client.server_fingerprint}")
+            if client.recovery_code is not None:
+                print_recovery_code(client.username, client.recovery_code)
+            else:
+                print("this relay does not support recovery codes: if you lose this device or forget "
+                      "the passphrase, the name cannot be recovered")
         finally:
             await client.close()
         return 0

@@ -30,10 +30,12 @@ from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
+from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
 from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
+from . import accounts, login_counter
 from .connection import Connection, format_fingerprint
 from .errors import (
     ClientError,
@@ -42,6 +44,7 @@ from .errors import (
     IdentityChanged,
     ProfileError,
     ServerError,
+    StaleProfile,
     UnknownContact,
     VerificationError,
 )
@@ -104,14 +107,17 @@ class Client:
         self.pake_mailbox = PakeMailbox()
         self._pake_listeners: list[Callable[[str], None]] = []
         self.prekeys = self._load_prekeys()
+        self.recovery_code: str | None = None  # shown once after create; never stored
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     async def create(cls, home: Path, username: str, server_url: str, passphrase: str, *,
                      server_fingerprint: bytes | None = None, invite: str | None = None,
                      kdf: Argon2Params = RFC9106_SECOND_RECOMMENDED,
-                     observer: Observer | None = None) -> Client:
-        """Make a new identity, register it with the relay, publish prekeys."""
+                     observer: Observer | None = None, recovery: RecoveryKey | None = None) -> Client:
+        """Make a new identity, register it with the relay, publish prekeys. With ``recovery``, take
+        over the existing account ``username`` instead (docs/accounts.md); otherwise the new
+        account's recovery code is in ``client.recovery_code``, to show once."""
         try:
             username = normalize_username(username)
         except Exception as exc:
@@ -136,7 +142,8 @@ class Client:
                 db.set_secret_meta("server_url", server_url.encode())
             conn = await Connection.open(server_url, server_fingerprint)
             try:
-                reply = await conn.register(identity, username, invite)
+                reply, client.recovery_code = await accounts.register_or_recover(
+                    conn, identity, username, invite, recovery)
                 if reply.get("username") != username:
                     raise ClientError("the server registered a different name than asked")
                 with db.transaction():
@@ -234,7 +241,7 @@ class Client:
         conn = await Connection.open(self.server_url, pinned)
         conn.on_push(self._on_push)
         try:
-            reply = await conn.authenticate(self.identity, self.username)
+            reply = await login_counter.authenticate(conn, self.db, self.identity, self.username)
         except BaseException:
             await conn.close()
             raise
@@ -273,6 +280,10 @@ class Client:
                 self._conn = None
                 if on_status:
                     on_status(f"disconnected ({reason}); reconnecting")
+            except StaleProfile as exc:   # retrying would displace the live copy: stop (docs/accounts.md)
+                if on_status:
+                    on_status(f"stopped: {exc}")
+                return
             except (ClientError, OSError) as exc:   # never let the reconnect loop die
                 if on_status:
                     on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")

@@ -71,8 +71,10 @@ class ServerInfo:
 class Connection:
     """Use :meth:`open`; then :meth:`register` or :meth:`authenticate`; then :meth:`request`."""
 
-    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int]):
+    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int],
+                 caps: frozenset[str] = frozenset()):
         self._ws = ws
+        self.caps = caps  # what the relay announced in hello (docs/contracts.md section 5)
         self.channel = channel
         self._nonce = nonce
         self.limits = limits
@@ -142,7 +144,8 @@ class Connection:
             await ws.close()
             raise ConnectionFailed(f"{url} does not speak the cipherpost protocol")
         limits = hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
-        conn = cls(ws, channel, nonce, dict(limits or {}))
+        caps = hello.get("caps")
+        conn = cls(ws, channel, nonce, dict(limits or {}), frozenset(caps if isinstance(caps, list) else ()))
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())
         return conn
@@ -153,14 +156,26 @@ class Connection:
     def _proof(self, identity: IdentityKeyPair, label: str, username: str) -> bytes:
         return identity.sign(label, pack([self._nonce, self.channel, username]))
 
-    async def register(self, identity: IdentityKeyPair, username: str, invite: str | None) -> dict[str, Any]:
-        return await self.request({
-            "t": "register", "username": username, "identity": identity.public.encode(),
-            "sig": self._proof(identity, "register", username), "invite": invite})
+    def bound_payload(self, *items: bytes | str) -> bytes:
+        """``pack([nonce, channel, *items])``: what a request signed for this connection covers."""
+        return pack([self._nonce, self.channel, *items])
 
-    async def authenticate(self, identity: IdentityKeyPair, username: str) -> dict[str, Any]:
-        return await self.request({"t": "auth", "username": username,
-                                   "sig": self._proof(identity, "auth", username)})
+    async def register(self, identity: IdentityKeyPair, username: str, invite: str | None,
+                       recovery_public: bytes | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {
+            "t": "register", "username": username, "identity": identity.public.encode(),
+            "sig": self._proof(identity, "register", username), "invite": invite}
+        if recovery_public is not None:
+            frame["recovery_public"] = recovery_public
+        return await self.request(frame)
+
+    async def authenticate(self, identity: IdentityKeyPair, username: str,
+                           counter: int | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"t": "auth", "username": username,
+                                 "sig": self._proof(identity, "auth", username)}
+        if counter is not None:
+            frame["counter"] = counter
+        return await self.request(frame)
 
     async def request(self, frame: dict[str, Any], *, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
         """Send a request and wait for its reply; error frames raise :class:`ServerError`."""

@@ -46,3 +46,7 @@ class WrongPassphrase(CryptoError):
 
 class VerificationFailed(CryptoError):
     """A contact verification (PAKE key confirmation or safety-number comparison) failed."""
+
+
+class RecoveryCodeError(CryptoError):
+    """A typed recovery code is malformed or mistyped (its check characters do not match)."""

@@ -24,11 +24,17 @@ BAD_PREKEY: Final = "bad_prekey"
 MAILBOX_FULL: Final = "mailbox_full"
 RATE_LIMITED: Final = "rate_limited"
 INTERNAL: Final = "internal"
+STALE_PROFILE: Final = "stale_profile"      # login counter not above the stored one: an old copy
+SUSPENDED: Final = "suspended"              # the account (or the recipient) is suspended
+NAME_RESERVED: Final = "name_reserved"      # registration: the name is reserved or was deleted
+NAME_CONFUSABLE: Final = "name_confusable"  # registration: looks like an existing or reserved name
+BAD_RECOVERY: Final = "bad_recovery"        # recover: no recovery key, or the proof does not verify
 
 ERROR_CODES: Final = frozenset({
     BAD_FRAME, UNSUPPORTED_VERSION, UNKNOWN_TYPE, TOO_LARGE, NOT_AUTHENTICATED, AUTH_FAILED,
     ALREADY_AUTHENTICATED, INVALID_USERNAME, USERNAME_TAKEN, REGISTRATION_CLOSED, BAD_INVITE,
     UNKNOWN_USER, NO_PREKEYS, BAD_SIGNATURE, BAD_PREKEY, MAILBOX_FULL, RATE_LIMITED, INTERNAL,
+    STALE_PROFILE, SUSPENDED, NAME_RESERVED, NAME_CONFUSABLE, BAD_RECOVERY,
 })
 
 

@@ -2,7 +2,8 @@
 
 Every frame is one binary WebSocket message holding a msgpack map with ``v`` (version) and ``t``
 (type). Client -> server frames: :class:`Register`, :class:`Auth`, :class:`UploadPrekeys`,
-:class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`. Server -> client frames:
+:class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`; behind the ``accounts``
+capability :class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount` (docs/accounts.md). Server -> client frames:
 :class:`Hello`, :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver`
 (of :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`.
 
@@ -46,6 +47,9 @@ MAX_DELIVER_MESSAGES: Final = 4096
 MAX_TEXT_FIELD: Final = 1024
 MAX_RID: Final = (1 << 63) - 1
 MESSAGE_KINDS: Final = frozenset({"msg", "pake"})
+RECOVERY_PUBLIC_LEN: Final = 32
+MAX_CAPS: Final = 64
+MAX_CAP_LEN: Final = 32
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -57,6 +61,7 @@ class Register:
     identity: bytes
     sig: bytes
     invite: str | None = None
+    recovery_public: bytes | None = None  # the account's recovery key, set with it (``accounts``)
     t: ClassVar[str] = "register"
 
 
@@ -65,6 +70,7 @@ class Auth:
     rid: int
     username: str
     sig: bytes
+    counter: int | None = None  # login counter, sent when the relay announces ``login_counter``
     t: ClassVar[str] = "auth"
 
 
@@ -107,6 +113,36 @@ class Ping:
     t: ClassVar[str] = "ping"
 
 
+@dataclass(frozen=True, slots=True)
+class SetRecovery:
+    """Set (or replace) the account's recovery public key; ``sig`` by the identity key."""
+
+    rid: int
+    recovery_public: bytes
+    sig: bytes
+    t: ClassVar[str] = "set_recovery"
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Rebind ``username`` to ``identity``: ``recovery_sig`` by the recovery key, ``sig`` by the new
+    identity, both over the connection's nonce and channel (docs/accounts.md)."""
+
+    rid: int
+    username: str
+    identity: bytes
+    recovery_sig: bytes
+    sig: bytes
+    t: ClassVar[str] = "recover"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAccount:
+    rid: int
+    sig: bytes
+    t: ClassVar[str] = "delete_account"
+
+
 # --- server -> client -------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +162,7 @@ class Hello:
     nonce: bytes
     server: str
     limits: Limits
+    caps: tuple[str, ...] = ()  # capability flags (docs/contracts.md section 5); absent = none
     t: ClassVar[str] = "hello"
 
 
@@ -194,10 +231,12 @@ class Error:
     t: ClassVar[str] = "error"
 
 
-ClientFrame = Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping
+ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | SetRecovery | Recover
+               | DeleteAccount)
 ServerFrame = Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error
 Frame = ClientFrame | ServerFrame
-CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping)
+CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, SetRecovery,
+                             Recover, DeleteAccount)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -214,6 +253,12 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
     elif isinstance(frame, Hello):
         out.update(nonce=frame.nonce, server=frame.server,
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
+        if frame.caps:
+            out["caps"] = list(frame.caps)
+    elif isinstance(frame, Auth):
+        out.update(rid=frame.rid, username=frame.username, sig=frame.sig)
+        if frame.counter is not None:
+            out["counter"] = frame.counter
     elif isinstance(frame, Ok):
         out["rid"] = frame.rid
         if frame.username is not None:
@@ -323,12 +368,33 @@ def _register(f: _Fields) -> Register:
     return Register(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
                     identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
                     sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
-                    invite=f.opt_str("invite", max_len=128))
+                    invite=f.opt_str("invite", max_len=128),
+                    recovery_public=f.opt_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN))
 
 
 def _auth(f: _Fields) -> Auth:
+    counter = f.m.get("counter")
     return Auth(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
-                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                counter=None if counter is None else f.as_int("counter", value=counter, present=True))
+
+
+def _set_recovery(f: _Fields) -> SetRecovery:
+    return SetRecovery(rid=f.as_int("rid"),
+                       recovery_public=f.as_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN,
+                                                  exact=RECOVERY_PUBLIC_LEN),
+                       sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _recover(f: _Fields) -> Recover:
+    return Recover(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                   identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
+                   recovery_sig=f.as_bytes("recovery_sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                   sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _delete_account(f: _Fields) -> DeleteAccount:
+    return DeleteAccount(rid=f.as_int("rid"), sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
 
 
 def _upload_prekeys(f: _Fields) -> UploadPrekeys:
@@ -383,8 +449,11 @@ def _ping(f: _Fields) -> Ping:
 
 def _hello(f: _Fields) -> Hello:
     limits = _Fields("hello.limits", f.as_map("limits"), None)
+    caps = tuple(f.as_str("caps[]", max_len=MAX_CAP_LEN, value=c, present=True)
+                 for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True))
     return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
-                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")))
+                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")),
+                 caps=caps)
 
 
 def _counts(f: _Fields, m: dict[Any, Any]) -> PrekeyCounts:
@@ -441,6 +510,7 @@ def _error(f: _Fields) -> Error:
 _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
     "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping,
+    "set_recovery": _set_recovery, "recover": _recover, "delete_account": _delete_account,
     "hello": _hello, "ok": _ok, "bundle": _bundle, "accepted": _accepted, "pong": _pong,
     "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
 }

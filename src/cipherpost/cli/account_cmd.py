@@ -1,0 +1,147 @@
+"""``cipherpost recover``, ``recovery-key`` and ``delete-account``: an account over its whole life.
+
+``register(subparsers)`` adds the three commands to the main CLI (docs/accounts.md explains the
+design; README lists the commands). The recovery code is read from ``CIPHERPOST_RECOVERY_CODE`` or
+the terminal (not echoed); it is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ..client import accounts
+from ..client.client import Client
+from ..client.connection import parse_fingerprint
+from ..client.home import ProfilePaths, default_home, resolve_username
+from ..crypto.recovery import RecoveryKey
+from .common import UsageError, read_passphrase
+
+RECOVERY_CODE_ENV = "CIPHERPOST_RECOVERY_CODE"
+USER_ENV = "CIPHERPOST_USER"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "recover", help="take your account back on a new device with its recovery code",
+        description="Make a new identity for NAME and rebind the account to it with the recovery code "
+                    "shown at `init`. Your contacts see a key change (verified ones hold your messages "
+                    f"back until they verify you again). The code comes from {RECOVERY_CODE_ENV} or "
+                    "the terminal.")
+    p.add_argument("name", help="the account to recover")
+    p.add_argument("--server", required=True, help="the relay of the account, e.g. wss://chat.example.org:8765")
+    p.add_argument("--server-fingerprint", default=None,
+                   help="pin this certificate (SHA256:...) instead of trusting the first one seen")
+    p.set_defaults(func=_cmd_recover)
+
+    p = subparsers.add_parser(
+        "recovery-key", help="make a new recovery code for your account (the old one stops working)",
+        description="Profiles made before recovery codes existed, or whose code was lost or seen by "
+                    "someone else, get a new one here. It is shown once and never stored.")
+    p.add_argument("--new", action="store_true", required=True,
+                   help="make a new recovery key (the old code cannot be shown: it was never stored)")
+    p.set_defaults(func=_cmd_recovery_key)
+
+    p = subparsers.add_parser(
+        "delete-account", help="delete your account on the relay and this profile (asks you to type the name)",
+        description="Deletes the account on the relay (queued messages, prekeys, the account; the name "
+                    "stays reserved so nobody can take it over) and then the local profile (keys, "
+                    "contacts, history). Cannot be undone. Confirm by typing the account name.")
+    p.set_defaults(func=_cmd_delete_account)
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home) if args.home else default_home()
+
+
+def _read_code() -> str:
+    env = os.environ.get(RECOVERY_CODE_ENV)
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise UsageError(f"no terminal to ask for the recovery code: set {RECOVERY_CODE_ENV}")
+    return getpass.getpass("Recovery code: ")
+
+
+def print_recovery_code(name: str, code: str) -> None:
+    print(f"recovery code for {name} (write it down now and keep it safe; it is shown only this once "
+          "and is the only way to take the account back on a new device):")
+    print(f"    {code}")
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    pin = parse_fingerprint(args.server_fingerprint) if args.server_fingerprint else None
+    key = RecoveryKey.from_code(_read_code())   # a mistyped code fails here, before any attempt
+    passphrase = read_passphrase(f"New passphrase for {args.name}: ", confirm=True)
+
+    async def go() -> int:
+        client = await Client.create(_home(args), args.name, args.server, passphrase,
+                                     server_fingerprint=pin, recovery=key)
+        try:
+            print(f"recovered {client.username} on {client.server_url} with a new identity key")
+            print(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
+            print("your contacts will see that your key changed; verify again with those who had "
+                  "verified you. Messages queued for the old key cannot be read with the new one.")
+            print("your recovery code stays the same; if anyone else may have seen it, run "
+                  "`cipherpost recovery-key --new`")
+        finally:
+            await client.close()
+        return 0
+    return asyncio.run(go())
+
+
+def _open(args: argparse.Namespace) -> Client:
+    home = _home(args)
+    username = resolve_username(home, args.user or os.environ.get(USER_ENV))
+    return Client.open(home, username, read_passphrase(f"Passphrase for {username}: "))
+
+
+def _cmd_recovery_key(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        client = _open(args)
+        try:
+            await client.connect()
+            code = await accounts.set_recovery_key(client._require_conn(), client.identity, client.username)
+            print_recovery_code(client.username, code)
+            print("the previous recovery code no longer works")
+        finally:
+            await client.close()
+        return 0
+    return asyncio.run(go())
+
+
+def _cmd_delete_account(args: argparse.Namespace) -> int:
+    home = _home(args)
+    username = resolve_username(home, args.user or os.environ.get(USER_ENV))
+    paths = ProfilePaths(home, username)
+    print(f"This DELETES the account '{username}' on its relay: queued messages, prekeys and the account. "
+          "The name stays reserved there: nobody, you included, can register it again.", file=sys.stderr)
+    print(f"Then it deletes this profile ({paths.dir}): your keys, contacts and history. "
+          "This cannot be undone.", file=sys.stderr)
+    print("Type the account name to confirm: ", end="", file=sys.stderr, flush=True)
+    typed = sys.stdin.readline().strip()
+    if typed != username:
+        print(f"cipherpost: not deleted ('{typed}' is not '{username}')", file=sys.stderr)
+        return 1
+
+    async def go() -> None:
+        client = Client.open(home, username, read_passphrase(f"Passphrase for {username}: "))
+        try:
+            await client.connect()
+            await accounts.delete_account(client._require_conn(), client.identity, client.username)
+        finally:
+            await client.close()
+    asyncio.run(go())
+    try:
+        shutil.rmtree(paths.dir)
+    except OSError as exc:
+        print(f"cipherpost: the account is deleted on the relay, but the profile could not be removed "
+              f"({exc.strerror}); delete {paths.dir} yourself", file=sys.stderr)
+        return 1
+    print(f"deleted the account {username} and its local profile")
+    return 0
