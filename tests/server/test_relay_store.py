@@ -27,9 +27,9 @@ def test_one_refused_send_does_not_spoil_its_group_commit(tmp_path: Path) -> Non
         store = SqliteRelayStore(tmp_path / "r.db")
         await store.open()
         await store.create_account("bob", b"id", 0)
-        futures = [store.enqueue(_msg("bob", i), max_queue=3) for i in range(5)]
-        futures.insert(2, store.enqueue(_msg("nobody", 99), max_queue=3))
-        futures.insert(3, store.enqueue(_msg("bob", 0), max_queue=3))  # duplicate of the first
+        futures = [store.enqueue(_msg("bob", i), 3) for i in range(5)]
+        futures.insert(2, store.enqueue(_msg("nobody", 99), 3))
+        futures.insert(3, store.enqueue(_msg("bob", 0), 3))  # duplicate of the first
         results = await asyncio.gather(*futures, return_exceptions=True)
         await store.close()
         assert store.batches < len(futures)  # they really shared commits

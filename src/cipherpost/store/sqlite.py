@@ -25,18 +25,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .base import (
+    AccountInfo,
+    AccountState,
     BundleParts,
+    Delivery,
+    EnqueueManyCallback,
     EnqueueResult,
     InvalidInvite,
     MailboxFull,
+    MailboxPolicy,
     NewMessage,
     NoPrekeys,
     PoolCounts,
     PrekeyPoolFull,
+    RecipientResult,
     StoredMessage,
     StoreError,
     StoreStats,
     UnknownAccount,
+    UsageRow,
     UsernameTaken,
 )
 
@@ -101,6 +108,10 @@ class _Op:
 
 
 EnqueueCallback = Callable[[EnqueueResult | None, StoreError | None], None]
+
+
+def _max_queue(policy: MailboxPolicy | int) -> int:
+    return policy if isinstance(policy, int) else policy.max_queue
 
 
 class _EnqueueOp:
@@ -310,7 +321,7 @@ class SqliteRelayStore:
     # --- accounts ---------------------------------------------------------------------------
 
     async def create_account(self, username: str, identity: bytes, now_ms: int,
-                             invite_hash: bytes | None = None) -> None:
+                             invite_hash: bytes | None = None, recovery_public: bytes | None = None) -> None:
         def op(conn: sqlite3.Connection) -> None:
             if invite_hash is not None:
                 row = conn.execute("SELECT expires_ms FROM invites WHERE token_hash=?",
@@ -418,17 +429,18 @@ class SqliteRelayStore:
             self._queue_len[recipient] = n
         return n
 
-    def enqueue(self, message: NewMessage, max_queue: int) -> asyncio.Future[EnqueueResult]:
+    def enqueue(self, message: NewMessage, policy: MailboxPolicy | int) -> asyncio.Future[EnqueueResult]:
         if self._loop is None or self._closed:
             raise StoreError("store is not open")
         future: asyncio.Future[EnqueueResult] = self._loop.create_future()
-        self._queue.put(_EnqueueOp(message, max_queue, partial(_resolve, future)))
+        self._queue.put(_EnqueueOp(message, _max_queue(policy), partial(_resolve, future)))
         return future
 
-    def enqueue_then(self, message: NewMessage, max_queue: int, callback: EnqueueCallback) -> None:
+    def enqueue_then(self, message: NewMessage, policy: MailboxPolicy | int,
+                     callback: EnqueueCallback) -> None:
         if self._closed:
             raise StoreError("store is not open")
-        self._queue.put(_EnqueueOp(message, max_queue, callback))
+        self._queue.put(_EnqueueOp(message, _max_queue(policy), callback))
 
     def _enqueue_run(self, conn: sqlite3.Connection, ops: list[_EnqueueOp]) -> None:
         """Check and insert consecutive sends with a few statements instead of three per message."""
@@ -506,6 +518,60 @@ class SqliteRelayStore:
 
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         return await self.ack_nowait(recipient, seqs)
+
+    # --- store v2 (docs/contracts.md 1.1-1.5): interface committed first, implementation follows ---
+
+    async def get_account(self, username: str) -> AccountInfo | None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def set_state(self, username: str, state: AccountState, by: str, reason: str) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def delete_account(self, username: str, by: str, reason: str) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def rebind_identity(self, username: str, identity: bytes, recovery_public: bytes | None) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def set_recovery_public(self, username: str, recovery_public: bytes) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def bump_login(self, username: str, counter: int) -> bool:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def reserve(self, names: Sequence[str]) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def unreserve(self, names: Sequence[str]) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def reserved(self) -> list[str]:
+        raise NotImplementedError("store v2: not built yet")
+
+    def enqueue_many_then(self, delivery: Delivery, policy: MailboxPolicy,
+                          callback: EnqueueManyCallback) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def enqueue_many(self, delivery: Delivery, policy: MailboxPolicy) -> list[RecipientResult]:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def set_block(self, owner: str, blocked: str, blocked_on: bool) -> None:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def blocked(self, owner: str) -> list[str]:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def usage(self, since_ms: int) -> list[UsageRow]:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def epoch(self) -> bytes:
+        raise NotImplementedError("store v2: not built yet")
+
+    async def renew_epoch(self) -> bytes:
+        raise NotImplementedError("store v2: not built yet")
 
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
