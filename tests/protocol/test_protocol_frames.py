@@ -83,7 +83,8 @@ def test_wire_keys_match_the_contract() -> None:
 
 def test_client_frame_types() -> None:
     assert {t.t for t in CLIENT_FRAME_TYPES} == {
-        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping"}
+        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping", "set_recovery",
+        "recover", "delete_account"}
 
 
 def _code(data: bytes, max_size: int = 1 << 18) -> tuple[str, int | None]:

@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(func=_cmd_recovery_key)
 
     p = subparsers.add_parser(
-        "delete-account", help="delete your account on the relay and this profile (asks you to type the name)",
+        "delete-account", help="delete your account on the relay and this profile (type the name to confirm)",
         description="Deletes the account on the relay (queued messages, prekeys, the account; the name "
                     "stays reserved so nobody can take it over) and then the local profile (keys, "
                     "contacts, history). Cannot be undone. Confirm by typing the account name.")

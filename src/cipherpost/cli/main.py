@@ -21,10 +21,10 @@ from ..client.errors import ClientError, ConnectionFailed
 from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
-from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
 from .account_cmd import print_recovery_code
 from .account_cmd import register as register_account_commands
 from .admin_cmd import register as register_admin_commands
+from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 

@@ -3,9 +3,9 @@
 Every frame is one binary WebSocket message holding a msgpack map with ``v`` (version) and ``t``
 (type). Client -> server frames: :class:`Register`, :class:`Auth`, :class:`UploadPrekeys`,
 :class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`; behind the ``accounts``
-capability :class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount` (docs/accounts.md). Server -> client frames:
-:class:`Hello`, :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver`
-(of :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`.
+capability :class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount` (docs/accounts.md).
+Server -> client frames: :class:`Hello`, :class:`Ok`, :class:`Bundle`, :class:`Accepted`,
+:class:`Pong`, :class:`Deliver` (of :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`.
 
 Decoding is strict: every field is checked for type and size, and any failure raises
 :class:`~cipherpost.protocol.errors.ProtocolError` with a wire error code (``bad_frame``,
@@ -394,7 +394,8 @@ def _recover(f: _Fields) -> Recover:
 
 
 def _delete_account(f: _Fields) -> DeleteAccount:
-    return DeleteAccount(rid=f.as_int("rid"), sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+    return DeleteAccount(rid=f.as_int("rid"),
+                         sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
 
 
 def _upload_prekeys(f: _Fields) -> UploadPrekeys:

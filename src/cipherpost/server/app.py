@@ -30,6 +30,8 @@ from .config import ServerConfig
 from .connection import Connection
 from .limits import WindowLimiter
 from .metrics import Metrics
+from .operator_watch import OperatorWatch
+from .recovery_limits import RecoveryLimits
 from .transport import BatchingServerConnection
 
 log = logging.getLogger("cipherpost.server")
@@ -50,6 +52,9 @@ class RelayServer:
         # fetch_bundle spends the target's one-time prekeys: limited per requester and per pair
         self.fetch_limiter = WindowLimiter(config.bundle_fetches_per_hour, 3600.0)
         self.fetch_pair_limiter = WindowLimiter(config.bundle_fetches_per_target_per_hour, 3600.0)
+        self.recovery_limits = RecoveryLimits(config.recovery_attempts_per_account_per_hour,
+                                              config.recovery_attempts_per_prefix_per_hour)
+        self.operator_watch = OperatorWatch(self)
         self._per_ip: dict[str, int] = {}  # open connections per source address
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
@@ -60,6 +65,7 @@ class RelayServer:
         self._identities: dict[str, PublicIdentity] = {}
         self._server: Server | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._dirty: list[Connection] = []  # connections with frames queued in this loop iteration
         self._flush_scheduled = False
@@ -81,6 +87,7 @@ class RelayServer:
             ssl_context = tls.server_context(cert_path, key_path)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
+        await self.operator_watch.skip_history()
         self._server = await serve(
             self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
             # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
@@ -94,6 +101,7 @@ class RelayServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{scheme}://{host}:{self.port}"
         self._prune_task = asyncio.create_task(self._prune_loop())
+        self._watch_task = asyncio.create_task(self.operator_watch.run())
         log.info("event=listening url=%s data=%s registration=%s fingerprint=%s", self.url, cfg.data_dir,
                  cfg.registration, self.cert_fingerprint or "none")
 
@@ -101,8 +109,9 @@ class RelayServer:
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._prune_task is not None:
-            self._prune_task.cancel()
+        for task in (self._prune_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         server.close(close_connections=True)
         await server.wait_closed()
         await self.store.close()  # commits everything already submitted
@@ -212,6 +221,9 @@ class RelayServer:
         if len(self._identities) >= IDENTITY_CACHE_MAX:
             self._identities.clear()
         self._identities[username] = identity
+
+    def forget_identity(self, username: str) -> None:
+        self._identities.pop(username, None)
 
     async def identity_of(self, username: str) -> PublicIdentity | None:
         identity = self._identities.get(username)

@@ -46,6 +46,7 @@ from ..protocol.frames import (
     Ack,
     Auth,
     Bundle,
+    DeleteAccount,
     DeliveredMessage,
     Error,
     FetchBundle,
@@ -56,8 +57,10 @@ from ..protocol.frames import (
     Pong,
     PrekeyCounts,
     PrekeysLow,
+    Recover,
     Register,
     Send,
+    SetRecovery,
     UploadPrekeys,
     decode_frame,
     encode_accepted,
@@ -66,8 +69,9 @@ from ..protocol.frames import (
 )
 from ..protocol.usernames import require_normalized
 from ..store.base import (
+    AccountDeleted,
+    AccountSuspended,
     EnqueueResult,
-    InvalidInvite,
     MailboxFull,
     NewMessage,
     NoPrekeys,
@@ -75,8 +79,8 @@ from ..store.base import (
     PrekeyPoolFull,
     StoreError,
     UnknownAccount,
-    UsernameTaken,
 )
+from .handlers import accounts
 from .limits import TokenBucket
 from .transport import BatchingServerConnection
 
@@ -104,6 +108,7 @@ class Connection:
         self.auth_failures = 0
         self.closed = False
         self._abort_reason: str | None = None
+        self._close_code = 1008  # with _abort_reason
         self.bucket = TokenBucket(self.config.rate_per_second, self.config.rate_burst, time.monotonic())
         self._frames: list[bytes] = []
         self._frame_bytes = 0  # sum of len(self._frames)
@@ -123,6 +128,7 @@ class Connection:
         self._writer_busy = False  # the writer task is inside send_frames (possibly draining)
         peer = ws.remote_address
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) else "?"
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -132,7 +138,8 @@ class Connection:
         try:
             cfg = self.config
             self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
-                                                 limits=Limits(cfg.max_frame, cfg.max_body))))
+                                                 limits=Limits(cfg.max_frame, cfg.max_body),
+                                                 caps=accounts.CAPS)))
             async for data in self.ws:
                 self.metrics.frames_received += 1
                 await self._handle(data)
@@ -148,7 +155,7 @@ class Connection:
                     self._wake.set()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._flushed.wait(), 5)
-                await self.ws.close(1008, self._abort_reason[:120])
+                await self.ws.close(self._close_code, self._abort_reason[:120])
         except ConnectionClosed:
             pass
         finally:
@@ -209,6 +216,16 @@ class Connection:
         log.warning("event=connection_aborted peer=%s reason=%s", self.peer, reason.replace(" ", "_"))
         self.closed = True
         self._spawn(self.ws.close(1008, reason[:120]))
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Close at once with ``code`` (handlers/accounts.py: displaced, recovered, deleted)."""
+        self.closed = True
+        self._spawn(self.ws.close(code, reason[:120]))
+
+    def close_after_flush(self, code: int, reason: str) -> None:
+        """Close with ``code`` once the frames queued so far are sent (see ``run``)."""
+        self._close_code = code
+        self._abort_reason = reason
 
     def push(self, message: DeliveredMessage) -> None:
         """Route one committed message to this (authenticated) connection.
@@ -384,6 +401,7 @@ class Connection:
         if mode == "closed":
             raise ProtocolError(E.REGISTRATION_CLOSED, "this server does not accept new accounts")
         username = require_normalized(frame.username)
+        accounts.check_recovery_public(frame.recovery_public)
         try:
             identity = PublicIdentity.decode(frame.identity)
         except InvalidSignature:
@@ -398,12 +416,8 @@ class Connection:
         if not self._check_proof("register", identity, username, frame.sig):
             raise self._auth_failed("register: proof of possession does not verify (wrong key, nonce "
                                     "or server certificate)")
-        try:
-            await self.store.create_account(username, frame.identity, _now_ms(), invite_hash)
-        except UsernameTaken:
-            raise ProtocolError(E.USERNAME_TAKEN, f"username {username!r} is taken") from None
-        except InvalidInvite:
-            raise ProtocolError(E.BAD_INVITE, "invite token is unknown, already used or expired") from None
+        await accounts.create_account(self, username, frame.identity, _now_ms(), invite_hash,
+                                      frame.recovery_public)
         self.metrics.registrations += 1
         self.server.remember_identity(username, identity)
         log.info("event=registered user=%s identity=%s peer=%s", username, identity.short_id(), self.peer)
@@ -414,14 +428,14 @@ class Connection:
         if self.username is not None:
             raise ProtocolError(E.ALREADY_AUTHENTICATED, f"already authenticated as {self.username}")
         username = require_normalized(frame.username)
-        identity = await self.server.identity_of(username)
-        if identity is None:
-            raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r} on this server")
+        identity, info = await accounts.login_identity(self, username)  # state, current identity
         if not self._check_proof("auth", identity, username, frame.sig):
             raise self._auth_failed("signature does not verify for this account, nonce and server "
                                     "certificate")
+        await accounts.check_counter(self, username, info, frame.counter)
         counts = await self.store.prekey_counts(username)
         # checked after the last await, so that concurrent logins cannot both pass it
+        accounts.displace_older(self, username, frame.counter)
         per_account = self.config.max_connections_per_account
         if sum(1 for c in self.server.connections_of(username) if not c.closed) >= per_account:
             self._abort(f"too many connections for account {username!r}")
@@ -434,6 +448,12 @@ class Connection:
         low = self.config.prekeys_low_threshold
         if counts.one_time < low or counts.kem < low:
             self._queue_frame(encode_frame(PrekeysLow(one_time=counts.one_time, kem=counts.kem)))
+
+    def count_auth_failure(self, message: str) -> None:  # for handlers/
+        self._auth_failed(message)
+
+    def authenticated_as(self, username: str) -> None:  # for handlers/
+        self._authenticated(username)
 
     def _authenticated(self, username: str) -> None:
         self.username = username
@@ -568,7 +588,10 @@ class Connection:
         if self._in_flight < MAX_IN_FLIGHT_SENDS:
             self._send_slot.set()
         if exc is not None:
-            if isinstance(exc, UnknownAccount):
+            if isinstance(exc, AccountSuspended | AccountDeleted):
+                self.send_error(rid, E.SUSPENDED, f"the account {message.recipient!r} is suspended or "
+                                                  "deleted: it cannot receive messages")
+            elif isinstance(exc, UnknownAccount):
                 self.send_error(rid, E.UNKNOWN_USER, f"no account named {message.recipient!r}")
             elif isinstance(exc, MailboxFull):
                 self.send_error(rid, E.MAILBOX_FULL, f"the mailbox of {message.recipient!r} is full "
@@ -610,5 +633,6 @@ _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     Register: Connection._register, Auth: Connection._auth, UploadPrekeys: Connection._upload_prekeys,
     FetchBundle: Connection._fetch_bundle, Send: Connection._send, Ack: Connection._ack,
     Ping: Connection._ping,
+    SetRecovery: accounts.set_recovery, Recover: accounts.recover, DeleteAccount: accounts.delete_account,
 }
-_UNAUTHENTICATED = frozenset({Register, Auth, Ping})
+_UNAUTHENTICATED = frozenset({Register, Auth, Ping, Recover})

@@ -15,6 +15,7 @@ thread and are valid because this process is the only writer of messages and acc
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import sqlite3
@@ -36,6 +37,7 @@ from .base import (
     MailboxPolicy,
     NewMessage,
     NoPrekeys,
+    OperatorAction,
     PoolCounts,
     PrekeyPoolFull,
     RecipientResult,
@@ -86,6 +88,14 @@ CREATE TABLE IF NOT EXISTS messages (
     ts INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_recipient ON messages (recipient, seq);
+CREATE TABLE IF NOT EXISTS operator_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms INTEGER NOT NULL,
+    operator TEXT NOT NULL,
+    action TEXT NOT NULL,
+    names TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS recent_ids (
     recipient TEXT NOT NULL,
     sender TEXT NOT NULL,
@@ -572,6 +582,24 @@ class SqliteRelayStore:
 
     async def renew_epoch(self) -> bytes:
         raise NotImplementedError("store v2: not built yet")
+
+    # --- operator log -----------------------------------------------------------------------
+
+    async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
+                                  now_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO operator_log(ts_ms, operator, action, names, reason) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (now_ms, operator, action, json.dumps(list(names)), reason))
+        await self._submit(op)
+
+    async def operator_log(self, after_id: int, limit: int) -> list[OperatorAction]:
+        def op(conn: sqlite3.Connection) -> list[OperatorAction]:
+            rows = conn.execute("SELECT id, ts_ms, operator, action, names, reason FROM operator_log "
+                                "WHERE id>? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            return [OperatorAction(id=r[0], ts_ms=r[1], operator=r[2], action=r[3],
+                                   names=tuple(json.loads(r[4])), reason=r[5]) for r in rows]
+        return await self._submit(op)
 
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
