@@ -58,6 +58,7 @@ def test_suspend_closes_live_connections_refuses_login_and_senders_until_unsuspe
     assert result.returncode == 1 and "suspended" in result.stderr and "Traceback" not in result.stderr
     result = alice.run("send", "bob", "during")
     assert result.returncode == 1 and "suspended" in result.stderr, result.stderr
+    assert "(failed: suspended)" in alice.ok("history", "bob")   # refused, not left to retry
     # Suspending twice says so; unsuspending restores everything.
     again = _admin(relay, "suspend", "bob")
     assert again.returncode == 1 and "already suspended" in again.stderr
@@ -76,9 +77,11 @@ def test_suspend_closes_live_connections_refuses_login_and_senders_until_unsuspe
 def test_operator_delete_reserve_unreserve_list_and_top(make_user, relay: RelayProcess,
                                                        tmp_path: Path) -> None:
     alice, bob = make_user("alice"), make_user("bob")
-    for i in range(3):
-        alice.ok("send", "bob", f"m{i}")
     bob.ok("send", "alice", "reply")
+    for i in range(3):
+        alice.ok("send", "bob", f"m{i}")      # queued: bob is offline
+    relay.stop()              # the relay writes its usage counters every 10 s, and when it stops
+    relay.start(port=relay.port)
     top = [json.loads(line) for line in _admin_ok(relay, "top", "--json").splitlines()]
     by_sender = {r["sender"]: r for r in top}
     assert by_sender["alice"]["messages_1h"] == 3 and by_sender["alice"]["messages_24h"] == 3

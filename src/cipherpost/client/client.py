@@ -496,7 +496,7 @@ class Client:
                     await conn.request({"t": "send", "to": item.contact, "id": item.msg_id,
                                         "kind": item.kind, "body": item.envelope})
                 except ServerError as exc:
-                    if exc.code in ("unknown_user", "bad_frame", "too_large"):
+                    if exc.code in ("unknown_user", "bad_frame", "too_large", "suspended"):
                         # Permanent: retrying cannot help. Say so in the history, drop from outbox.
                         with self.db.transaction():
                             self.db.remove_outbox(item.msg_id)
