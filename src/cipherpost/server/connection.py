@@ -606,6 +606,8 @@ class Connection:
         if result.duplicate:
             self.metrics.messages_duplicate += 1
             return
+        if result.dropped:  # the recipient blocks the sender: reads as accepted, delivers nothing
+            return
         self.metrics.messages_accepted += 1
         self.server.route(message.recipient, DeliveredMessage(
             seq=result.seq, sender=message.sender, id=message.msg_id, kind=message.kind, body=message.body,
