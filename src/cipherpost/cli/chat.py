@@ -29,6 +29,7 @@ from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
+from .account_cmd import print_recovery_code
 from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
@@ -369,8 +370,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             client = await Client.create(home, username, url, passphrase, server_fingerprint=fingerprint,
                                          invite=invite)
         except ServerError as exc:
-            if exc.code == "username_taken":
-                print(f"!! '{username}' is already taken on this server")
+            if exc.code in ("username_taken", "name_reserved", "name_confusable"):
+                print(f"!! {exc.server_message}")
                 username = await _ask_username(prompt, [])
             elif exc.code in ("registration_closed", "bad_invite"):
                 print(f"!! {exc.server_message or exc}")
@@ -380,6 +381,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             continue
         print(f"registered {username}. Your identity fingerprint:\n"
               f"  {client.identity.public.fingerprint_text()}")
+        if client.recovery_code is not None:
+            print_recovery_code(username, client.recovery_code)
         return client
     raise SetupCancelled("registration did not succeed; nothing was created")
 
