@@ -59,6 +59,9 @@ def test_suspend_closes_live_connections_refuses_login_and_senders_until_unsuspe
     result = alice.run("send", "bob", "during")
     assert result.returncode == 1 and "suspended" in result.stderr, result.stderr
     assert "(failed: suspended)" in alice.ok("history", "bob")   # refused, not left to retry
+    carol = make_user("carol")                                    # a first contact is told too
+    result = carol.run("send", "bob", "hello?")
+    assert result.returncode == 1 and "is suspended" in result.stderr, result.stderr
     # Suspending twice says so; unsuspending restores everything.
     again = _admin(relay, "suspend", "bob")
     assert again.returncode == 1 and "already suspended" in again.stderr

@@ -555,7 +555,7 @@ class Connection:
         try:
             parts = await self.store.take_bundle(username)
         except UnknownAccount:
-            raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r}") from None
+            raise await accounts.not_active(self, username) from None  # unknown, suspended or deleted
         except NoPrekeys:
             raise ProtocolError(E.NO_PREKEYS, f"{username!r} has not published prekeys yet") from None
         self.metrics.bundles_served += 1

@@ -75,6 +75,13 @@ def _state_error(username: str, info: AccountInfo | None) -> ProtocolError | Non
     return None
 
 
+async def not_active(conn: Connection, username: str) -> ProtocolError:
+    """The error for a request about an account the store says is not ACTIVE (a sender's first
+    contact with a suspended account is told so, not "no account")."""
+    info = await conn.store.get_account(username)
+    return _state_error(username, info) or ProtocolError(E.UNKNOWN_USER, f"no account named {username!r}")
+
+
 # --- login: state, one live copy -----------------------------------------------------------------
 
 async def login_identity(conn: Connection, username: str) -> tuple[PublicIdentity, AccountInfo]:
