@@ -115,6 +115,14 @@ def test_delete_account_reserves_the_name(make_user, relay: RelayProcess, tmp_pa
     result = bob.run("delete-account", stdin="yes\n")
     assert result.returncode == 1 and "not deleted" in result.stderr
     assert profile.exists()
+    # Nothing local is deleted unless the relay deleted the account first.
+    relay.stop()
+    result = bob.run("delete-account", stdin="bob\n")
+    assert result.returncode == 1 and "cannot reach" in result.stderr and "Traceback" not in result.stderr
+    assert profile.exists()
+    relay.start(port=relay.port)
+    result = bob.run("delete-account", stdin="bob\n", passphrase="wrong passphrase")
+    assert result.returncode == 1 and "wrong passphrase" in result.stderr and profile.exists()
     result = bob.run("delete-account", stdin="bob\n")
     assert result.returncode == 0, result.stderr
     assert "cannot be undone" in result.stderr and "deleted the account bob" in result.stdout
