@@ -230,6 +230,7 @@ async def delete_account(conn: Connection, frame: DeleteAccount) -> None:
         raise ProtocolError(E.BAD_SIGNATURE, "delete_account: signature does not verify for this "
                                              "account, nonce and server certificate") from None
     await conn.store.delete_account(username, "user", "deleted by its owner")
+    conn.server.forget_identity(username)
     log.warning("event=account_deleted user=%s by=user peer=%s", username, conn.peer)
     conn.push_frame(encode_frame(Ok(rid=frame.rid)))
     close_account_connections(conn, username, CLOSE_ACCOUNT_GONE, "account deleted")
