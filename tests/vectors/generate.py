@@ -16,16 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from cipherpost.crypto import pqxdh
+from cipherpost.crypto import pqxdh, sender_keys
 from cipherpost.crypto import session as sessions
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.crypto.prekey_store import PrekeyStore
 from cipherpost.crypto.prekeys import PrekeyBundle
 
 VECTOR_FILE = Path(__file__).with_name("pqxdh_ratchet.json")
+SENDER_KEYS_FILE = Path(__file__).with_name("sender_keys.json")
 FORMAT = 1
 SEED = b"cipherpost/v1 known-answer vectors"
 CREATED_AT = 1_700_000_000
@@ -37,15 +39,21 @@ class ScriptedEntropy:
     """Hands out recorded values in order; fails loudly if the code draws more or other values."""
 
     def __init__(self, x25519: list[bytes], encapsulations: list[tuple[bytes, bytes]] | None = None,
-                 random: list[bytes] | None = None) -> None:
+                 random: list[bytes] | None = None, ed25519: list[bytes] | None = None) -> None:
         self.x25519 = list(x25519)
         self.encapsulations = list(encapsulations or [])
         self.random = list(random or [])
+        self.ed25519 = list(ed25519 or [])
 
     def x25519_private(self) -> X25519PrivateKey:
         if not self.x25519:
             raise AssertionError("scripted entropy: no X25519 key left")
         return X25519PrivateKey.from_private_bytes(self.x25519.pop(0))
+
+    def ed25519_private(self) -> Ed25519PrivateKey:
+        if not self.ed25519:
+            raise AssertionError("scripted entropy: no Ed25519 key left")
+        return Ed25519PrivateKey.from_private_bytes(self.ed25519.pop(0))
 
     def mlkem_encapsulate(self, public: MLKEM768PublicKey) -> tuple[bytes, bytes]:
         if not self.encapsulations:
@@ -58,7 +66,7 @@ class ScriptedEntropy:
         return self.random.pop(0)
 
     def exhausted(self) -> bool:
-        return not (self.x25519 or self.encapsulations or self.random)
+        return not (self.x25519 or self.encapsulations or self.random or self.ed25519)
 
 
 def derive(label: str, n: int = 32) -> bytes:
@@ -210,10 +218,87 @@ def generate(*, fresh: bool = False) -> dict[str, Any]:
     }
 
 
+# --- group sender keys (tests/vectors/sender_keys.json) -------------------------------------------
+
+# Which chain each message is sent on (0: the first, 1: after the sender rotated) and the order in
+# which the member receives them: in order, out of order within a chain, and a message of the old
+# chain arriving after the rotation (in flight, kept by the record's earlier states).
+SENDER_KEY_CASES = [
+    ("in-order", {"chains": [0, 0, 0, 0], "delivery": [0, 1, 2, 3]}),
+    ("out-of-order-and-rotation", {"chains": [0, 0, 0, 1, 1], "delivery": [1, 3, 0, 4, 2]}),
+]
+
+
+def sender_key_inputs(name: str, chains: list[int], delivery: list[int]) -> dict[str, Any]:
+    h = lambda label, n=32: derive(f"sender-keys/{name}/{label}", n).hex()  # noqa: E731
+    rotations = max(chains) + 1
+    return {
+        "distribution_id": h("distribution-id", 16),
+        "ad": h("group-id-and-sender", 40),
+        "signing_privates": [h(f"signing-{i}") for i in range(rotations)],
+        "chain_keys": [h(f"chain-key-{i}") for i in range(rotations)],
+        "chain_id_bytes": [h(f"chain-id-{i}", 4) for i in range(rotations)],
+        "messages": [{"chain": c, "plaintext": f"{name} group message {i}".encode().hex()}
+                     for i, c in enumerate(chains)],
+        "delivery": delivery,
+    }
+
+
+def compute_sender_keys(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Replay one sender-key case: the sender's distributions and messages, then one member
+    receiving them in the recorded order; returns every output as hex."""
+    b = bytes.fromhex
+    ad = b(inputs["ad"])
+    rotations = len(inputs["signing_privates"])
+    entropy = ScriptedEntropy([], ed25519=[b(k) for k in inputs["signing_privates"]],
+                              random=[v for i in range(rotations)
+                                      for v in (b(inputs["chain_keys"][i]), b(inputs["chain_id_bytes"][i]))])
+    sender = sender_keys.create_sender_key(b(inputs["distribution_id"]), entropy=entropy)
+    distributions = [sender_keys.distribution_message(sender)]
+    messages: list[bytes] = []
+    for message in inputs["messages"]:
+        while message["chain"] >= len(distributions):
+            sender = sender_keys.rotate_sender_key(sender, entropy=entropy)
+            distributions.append(sender_keys.distribution_message(sender))
+        out, sender = sender_keys.group_encrypt(sender, b(message["plaintext"]), ad)
+        messages.append(out)
+    assert entropy.exhausted()
+
+    member: sender_keys.SenderKeyRecord | None = None
+    for d in distributions:   # the member processes every distribution before any message
+        member = sender_keys.process_distribution(member, d)
+    assert member is not None
+    for i in inputs["delivery"]:
+        plaintext, member = sender_keys.group_decrypt(member, messages[i], ad)
+        assert plaintext == b(inputs["messages"][i]["plaintext"])
+    return {
+        "distributions": [d.encode().hex() for d in distributions],
+        "messages": [m.hex() for m in messages],
+        "sender_record": sender.serialize().hex(),
+        "member_record": member.serialize().hex(),
+    }
+
+
+def generate_sender_keys() -> dict[str, Any]:
+    cases = []
+    for name, options in SENDER_KEY_CASES:
+        inputs = sender_key_inputs(name, **options)
+        cases.append({"name": name, "inputs": inputs, "outputs": compute_sender_keys(inputs)})
+    return {
+        "format": FORMAT,
+        "description": "cipherpost/v1 group sender keys (Signal Sender Keys: HMAC-SHA256 chain, "
+                       "AES-256-GCM-SIV, Ed25519); all byte strings hex; see docs/protocol.md",
+        "cases": cases,
+    }
+
+
 def main() -> None:
     data = generate(fresh="--fresh" in sys.argv[1:])
     VECTOR_FILE.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {VECTOR_FILE} ({len(data['cases'])} cases)")
+    groups = generate_sender_keys()
+    SENDER_KEYS_FILE.write_text(json.dumps(groups, indent=2) + "\n")
+    print(f"wrote {SENDER_KEYS_FILE} ({len(groups['cases'])} cases)")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,34 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def is_one_msgpack_value(data: bytes) -> bool:
+    """True if ``data`` is exactly one complete msgpack value, checked without building it.
+
+    Run before ``msgpack.unpackb`` on untrusted bytes: unpackb allocates every array and map at its
+    declared length before reading the items, so an *incomplete* input of nested ``array32``
+    headers (5 bytes each, up to msgpack's depth limit of 1024) made a 64 KiB frame cost ~60 ms and
+    ~68 MiB before failing (found by bench/fuzz.py; tests/fuzz/test_fuzz_amplification.py).
+    ``Unpacker.skip`` walks the same bytes without allocating, and a complete value cannot declare
+    more items than it has bytes, so what unpackb then allocates stays linear in the input.
+    """
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        unpacker.skip()
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return False
+    consumed: int = unpacker.tell()
+    return consumed == len(data)
+
+
 def unpack(data: bytes, *, what: str, max_size: int = 1 << 20) -> Any:
     """Decode msgpack strictly: no trailing bytes, no str where bytes expected is checked by callers."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EncodingError(f"{what}: expected bytes")
     if len(data) > max_size:
         raise EncodingError(f"{what}: too large ({len(data)} bytes)")
+    if not is_one_msgpack_value(bytes(data)):
+        raise EncodingError(f"{what}: not one complete msgpack value")
     try:
         return msgpack.unpackb(
             bytes(data), raw=False, strict_map_key=True, use_list=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -20,6 +21,10 @@ class Entropy(Protocol):
 
     def x25519_private(self) -> X25519PrivateKey:
         """A fresh X25519 private key (ephemeral, ratchet or prekey)."""
+        ...
+
+    def ed25519_private(self) -> Ed25519PrivateKey:
+        """A fresh Ed25519 signing key (a group sender key's signing key)."""
         ...
 
     def mlkem_encapsulate(self, public: MLKEM768PublicKey) -> tuple[bytes, bytes]:
@@ -38,6 +43,9 @@ class SystemEntropy:
 
     def x25519_private(self) -> X25519PrivateKey:
         return X25519PrivateKey.generate()
+
+    def ed25519_private(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.generate()
 
     def mlkem_encapsulate(self, public: MLKEM768PublicKey) -> tuple[bytes, bytes]:
         shared_secret, ciphertext = public.encapsulate()

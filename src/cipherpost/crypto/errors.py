@@ -36,6 +36,11 @@ class TooManySkipped(DecryptionError):
     """Decrypting would skip more message keys than the bound allows. State is unchanged."""
 
 
+class UnknownSenderKey(DecryptionError):
+    """A group message names a sender-key chain we do not hold (a missed or not yet processed
+    distribution, or one rotated out): ask the sender to resend its key. State is unchanged."""
+
+
 class StateCorrupt(CryptoError):
     """A serialized state blob is truncated, corrupted, or of an unknown version."""
 
@@ -50,3 +55,16 @@ class VerificationFailed(CryptoError):
 
 class RecoveryCodeError(CryptoError):
     """A typed recovery code is malformed or mistyped (its check characters do not match)."""
+
+
+class StreamError(CryptoError):
+    """A file stream (crypto/stream.py) failed: a chunk is tampered with, reordered, of the wrong
+    size or from another stream, or the stream was used out of order. State is unchanged."""
+
+
+class StreamTruncated(StreamError):
+    """The stream ended without a valid final chunk (a truncated file). State is unchanged."""
+
+
+class StreamExtended(StreamError):
+    """Data follows the final chunk, or a chunk was offered after the stream finished."""

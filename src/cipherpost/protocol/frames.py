@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Final
 
 import msgpack
 
+from ..crypto.encoding import is_one_msgpack_value
 from .errors import (
     BAD_FRAME,
     PROTOCOL_VERSION,
@@ -528,6 +529,8 @@ def decode_frame(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> Frame:
         raise ProtocolError(BAD_FRAME, "frames must be binary")
     if len(data) > max_size:
         raise ProtocolError(TOO_LARGE, f"frame of {len(data)} bytes exceeds the limit of {max_size}")
+    if not is_one_msgpack_value(data):  # before unpackb: see is_one_msgpack_value
+        raise ProtocolError(BAD_FRAME, "frame is not a single valid msgpack value")
     try:
         m = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except Exception:  # msgpack raises many unrelated types on bad input; none is a server fault
