@@ -23,7 +23,7 @@ SIG = b"\x07" * 64
 PUB = b"\x05" * 32
 
 EXAMPLES: list[Frame] = [
-    Hello(nonce=b"\x02" * 32, server="relay", limits=Limits(1000, 500), caps=("accounts", "login_counter")),
+    Hello(nonce=b"\x02" * 32, server="relay", limits=Limits(1000, 500), caps=["accounts", "login_counter"]),
     Auth(rid=1, username="alice", sig=SIG, counter=7),
     Auth(rid=2, username="alice", sig=SIG, counter=0),
     Register(rid=3, username="alice", identity=b"\x01" * 100, sig=SIG, recovery_public=PUB),
@@ -45,7 +45,7 @@ def _raw(**m: object) -> bytes:
 def test_old_peers_interoperate_hello_without_caps_and_auth_without_counter() -> None:
     hello = decode_frame(_raw(t="hello", nonce=b"\x02" * 32, server="s",
                               limits={"max_frame": 1, "max_body": 1}))
-    assert isinstance(hello, Hello) and hello.caps == ()
+    assert isinstance(hello, Hello) and hello.caps == []
     assert "caps" not in msgpack.unpackb(encode_frame(hello))
     auth = decode_frame(_raw(t="auth", rid=1, username="a", sig=SIG))
     assert isinstance(auth, Auth) and auth.counter is None

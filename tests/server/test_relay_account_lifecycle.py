@@ -22,7 +22,6 @@ from cipherpost.protocol.frames import (
     Register,
     SetRecovery,
 )
-from cipherpost.server.recovery_limits import FailClosedWindow, RecoveryLimits, address_prefix
 
 
 def _bound(client: RelayClient, *items: bytes | str) -> bytes:
@@ -225,26 +224,17 @@ def test_register_refuses_an_invalid_recovery_key_and_look_alikes(tmp_path: Path
     run(scenario())
 
 
-def test_recovery_windows_are_bounded_and_fail_closed() -> None:
-    window = FailClosedWindow(limit=2, window_s=10.0, max_keys=2)
-    assert window.allows("a", 0.0)
-    window.spend("a", 0.0)
-    window.spend("b", 0.0)
-    assert not window.allows("c", 1.0)      # full: a new key is refused, not an old one evicted
-    window.spend("a", 1.0)
-    assert not window.allows("a", 2.0)      # two in the window
-    assert window.allows("a", 10.5)         # the first left the window
-    assert window.allows("c", 11.0)         # "b" ended: room again
-    limits = RecoveryLimits(per_account=5, per_prefix=2)
-    assert limits.attempt("alice", "10.0.0.0/24", 0.0).allowed
-    assert limits.attempt("bob", "10.0.0.0/24", 0.0).allowed
-    refused = limits.attempt("carol", "10.0.0.0/24", 0.0)
-    assert not refused.allowed and "network" in refused.reason
-    assert limits.attempt("carol", "10.0.1.0/24", 0.0).allowed
-
-
-def test_address_prefixes() -> None:
-    assert address_prefix("192.0.2.77") == "192.0.2.0/24"
-    assert address_prefix("::ffff:192.0.2.77") == "192.0.2.0/24"
-    assert address_prefix("2001:db8:1:2:3::1") == "2001:db8:1::/56"
-    assert address_prefix("?") == "?"
+def test_recovery_attempts_are_limited_per_network(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with harness(tmp_path, recovery_attempts_per_prefix_per_hour=2) as h:
+            keys = {name: (await _register(h, name))[2] for name in ("alice", "bob", "carol")}
+            new = IdentityKeyPair.generate()
+            wrong, _ = RecoveryKey.generate()
+            c = await h.connect()
+            for name in ("alice", "bob"):       # one wrong attempt each: two from this network
+                assert _code(await c.request(_recover_frame(c, name, new, wrong))) == "bad_recovery"
+            c = await h.connect()
+            reply = await c.request(_recover_frame(c, "carol", new, keys["carol"]))
+            assert _code(reply) == "rate_limited" and "your network" in reply.message  # type: ignore[attr-defined]
+            assert h.server.limiters.recovery_prefix.fail_closed  # type: ignore[attr-defined]
+    run(scenario())

@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from relay_harness import run
+from relay_harness import harness, run
 
+from cipherpost.crypto.identity import IdentityKeyPair
+from cipherpost.protocol.frames import Accepted, Error, Ok
 from cipherpost.store.base import (
     MailboxPolicy,
     NameConfusable,
@@ -189,5 +191,36 @@ def test_postgres_runner_runs_each_version_once_when_instances_start_together() 
         finally:
             await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')  # type: ignore[attr-defined]
             await admin.close()  # type: ignore[attr-defined]
+
+    run(scenario())
+
+
+def test_a_relay_serves_a_first_slice_data_dir(tmp_path: Path) -> None:
+    """The real relay (TLS, auth, delivery) on a data dir whose relay.db the first slice made: the queued
+    mail is delivered byte for byte, the old names stay taken, new users register and send."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = v1_store(data / "relay.db")
+    queued = rows(path, "SELECT seq, sender, body FROM messages WHERE recipient='bob' ORDER BY seq")
+    bob = IdentityKeyPair.generate()
+
+    async def scenario() -> None:
+        store = SqliteRelayStore(path)  # the fixture's identities are made up: give bob a real one
+        await store.open()
+        await store.rebind_identity("bob", bob.public.encode(), None)
+        await store.close()
+        async with harness(data) as h:
+            client = await h.connect()
+            assert isinstance(await client.auth(bob, "bob"), Ok)
+            got = await client.receive_messages(len(queued))
+            assert [(m.seq, m.sender, m.body) for m in got] == queued
+            await client.ack([m.seq for m in got])
+            other = await h.connect()
+            taken = await other.register(IdentityKeyPair.generate(), "alice")
+            assert isinstance(taken, Error) and taken.code == "username_taken"
+            erin, _ = await h.user("erin")
+            reply = await erin.send("bob", b"after the migration")
+            assert isinstance(reply, Accepted)
+            assert [m.body for m in await client.receive_messages(1)] == [b"after the migration"]
 
     run(scenario())

@@ -347,9 +347,13 @@ class RelayStore(Protocol):
 
     async def prekey_counts(self, username: str) -> PoolCounts: ...
 
-    async def take_bundle(self, username: str) -> BundleParts:
+    async def take_bundle(self, username: str, *, one_time: bool = True) -> BundleParts:
         """Consume one one-time prekey of each kind atomically. Raises UnknownAccount (also for an
-        account that is not ACTIVE), NoPrekeys."""
+        account that is not ACTIVE), NoPrekeys.
+
+        ``one_time=False`` (the relay's per-target drain bound, issue 9) consumes none: no one-time
+        X25519 prekey, and the last-resort KEM prekey (a one-time KEM prekey only if the account
+        has published no last-resort one)."""
 
     # --- mailboxes ----------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ USAGE_BUCKET_MS = 3_600_000  # usage counters per sender and hour
 USAGE_KEEP_MS = 8 * 24 * USAGE_BUCKET_MS  # a day and a week for `admin top`, with a margin
 USAGE_FLUSH_S = 10.0  # usage counters are written at most this often (counts only: a crash loses <= 10 s)
 _CACHE_LIMIT = 100_000  # mailboxes cached by the writer; beyond it the cache starts again (all persisted)
-_RECENT_LIMIT = 50_000  # unacked messages whose row the writer remembers (~6 MiB); older ones are read
+_RECENT_LIMIT = 50_000  # unacked messages whose row the writer remembers (~9 MiB); older ones are read
 _X25519 = 0
 _KEM = 1
 _MAX_BATCH = 1024
@@ -546,7 +546,7 @@ class SqliteRelayStore:
     async def prekey_counts(self, username: str) -> PoolCounts:
         return await self._submit(lambda conn: self._counts(conn, username))
 
-    async def take_bundle(self, username: str) -> BundleParts:
+    async def take_bundle(self, username: str, *, one_time: bool = True) -> BundleParts:
         def take(conn: sqlite3.Connection, kind: int) -> bytes | None:
             row = conn.execute("SELECT key_id, data FROM one_time_prekeys WHERE username=? AND kind=? "
                                "ORDER BY key_id LIMIT 1", (username, kind)).fetchone()
@@ -562,10 +562,10 @@ class SqliteRelayStore:
                                    (username, _KEM)).fetchone() is not None
             if signed is None or (last_resort is None and not has_kem):
                 raise NoPrekeys(username)
-            one_time = take(conn, _X25519)
-            kem = take(conn, _KEM) or bytes(last_resort)
+            otpk = take(conn, _X25519) if one_time else None
+            kem = (take(conn, _KEM) if one_time or last_resort is None else None) or bytes(last_resort)
             return BundleParts(identity=bytes(identity), signed_prekey=bytes(signed), kem_prekey=kem,
-                               one_time_prekey=one_time, remaining=self._counts(conn, username))
+                               one_time_prekey=otpk, remaining=self._counts(conn, username))
         return await self._submit(op)
 
     # --- mailboxes --------------------------------------------------------------------------

@@ -13,7 +13,6 @@ its own label, so a signature is valid for one request on one connection only.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Final
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -36,7 +35,7 @@ from ...store.base import (
     UnknownAccount,
     UsernameTaken,
 )
-from ..recovery_limits import address_prefix
+from ..limits import retry_text
 
 if TYPE_CHECKING:
     from ..connection import Connection
@@ -51,6 +50,11 @@ CLOSE_ACCOUNT_GONE: Final = 4003  # deleted or suspended (by its owner or the op
 
 def _payload(conn: Connection, *items: bytes | str) -> bytes:
     return pack([conn.nonce, conn.server.channel_binding, *items])
+
+
+def _network(conn: Connection) -> str:
+    """`` prefix=...`` for logs, only when the operator logs addresses (docs/server.md "Logs")."""
+    return f" prefix={conn.prefix}" if conn.config.log_peer_addresses else ""
 
 
 def check_recovery_public(public: bytes | None) -> None:
@@ -90,6 +94,8 @@ async def login_identity(conn: Connection, username: str) -> tuple[PublicIdentit
     info = await conn.store.get_account(username)
     error = _state_error(username, info)
     if error is not None:
+        if error.code == E.UNKNOWN_USER:  # like a bad proof: probing names costs the same
+            raise await conn.count_auth_failure(error.message, E.UNKNOWN_USER)
         raise error
     assert info is not None
     identity = await conn.server.identity_of(username)
@@ -179,7 +185,7 @@ async def recover(conn: Connection, frame: Recover) -> None:
         raise ProtocolError(E.BAD_SIGNATURE, "identity binding signature does not verify") from None
     except CryptoError as exc:
         raise ProtocolError(E.BAD_FRAME, f"recover: bad identity ({exc})") from None
-    prefix = address_prefix(conn.peer_ip)
+    prefix = conn.prefix
     info = await conn.store.get_account(username)
     error = _state_error(username, info)
     if error is not None:
@@ -189,16 +195,22 @@ async def recover(conn: Connection, frame: Recover) -> None:
         raise ProtocolError(E.BAD_RECOVERY, f"the account {username!r} has no recovery key")
     # A recovery key is a password-equivalent: every attempt spends a unit per account and per
     # network, before the signature is even looked at (docs/server.md "Recovery attempts").
-    decision = conn.server.recovery_limits.attempt(username, prefix, time.monotonic())
-    if not decision.allowed:
-        log.warning("event=recovery_limited user=%s prefix=%s peer=%s", username, prefix, conn.peer)
-        raise ProtocolError(E.RATE_LIMITED, decision.reason)
+    limits = conn.server.limiters
+    for limiter, key, where in ((limits.recovery_prefix, prefix, "from your network"),
+                                (limits.recovery_account, username, "for this account")):
+        decision = await limiter.peek(key)
+        if not decision.allowed:
+            log.warning("event=recovery_limited user=%s peer=%s%s", username, conn.peer, _network(conn))
+            raise ProtocolError(E.RATE_LIMITED, f"too many recovery attempts {where} ({limiter.limit} per "
+                                                f"hour); {retry_text(decision)}")
+    await limits.recovery_prefix.hit(prefix)
+    await limits.recovery_account.hit(username)
     payload = _payload(conn, username, frame.identity)
     try:
         verify_recovery(info.recovery_public, "recover", payload, frame.recovery_sig)
     except CryptoError:
-        log.warning("event=recovery_failed user=%s prefix=%s peer=%s", username, prefix, conn.peer)
-        conn.count_auth_failure("recovery key does not verify")
+        log.warning("event=recovery_failed user=%s peer=%s%s", username, conn.peer, _network(conn))
+        await conn.count_auth_failure("recovery key does not verify")
         raise ProtocolError(E.BAD_RECOVERY, "the recovery code does not match this account") from None
     try:
         identity.verify("recover-identity", payload, frame.sig)
@@ -213,8 +225,8 @@ async def recover(conn: Connection, frame: Recover) -> None:
         raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r} on this server") from None
     conn.server.remember_identity(username, identity)
     close_account_connections(conn, username, CLOSE_RECOVERED, "the account was recovered on another device")
-    log.warning("event=account_recovered user=%s identity=%s prefix=%s peer=%s", username,
-                identity.short_id(), prefix, conn.peer)
+    log.warning("event=account_recovered user=%s identity=%s peer=%s%s", username, identity.short_id(),
+                conn.peer, _network(conn))
     conn.push_frame(encode_frame(Ok(rid=frame.rid, username=username)))
     conn.authenticated_as(username)
 
