@@ -61,10 +61,12 @@ async def _login(url: str, ctx: ssl.SSLContext, sem: asyncio.Semaphore, name: st
 async def main_async(args: argparse.Namespace) -> None:
     data = Path(tempfile.mkdtemp(prefix="cipherpost-bench-logins-"))
     env = dict(os.environ)
+    extra = ["--registrations-per-prefix-per-hour", "100000"]  # every account comes from 127.0.0.1
     if args.server_src is not None:
         env["PYTHONPATH"] = str(args.server_src)
+        extra = []  # the first slice had no registration limit (nor the flag)
     proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, "server", "--port", "0", "--data", str(data),
-                             "--rate", "100000", "--max-connections-per-ip", "100000",
+                             "--rate", "100000", "--max-connections-per-ip", "100000", *extra,
                              "--log-level", "warning"],
                             stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     assert proc.stdout is not None
