@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..client import accounts
 from ..client.client import Client
 from ..client.connection import parse_fingerprint
 from ..client.home import ProfilePaths, default_home, resolve_username
@@ -105,8 +104,7 @@ def _cmd_recovery_key(args: argparse.Namespace) -> int:
     async def go() -> int:
         client = _open(args)
         try:
-            await client.connect()
-            code = await accounts.set_recovery_key(client._require_conn(), client.identity, client.username)
+            code = await client.new_recovery_code()
             print_recovery_code(client.username, code)
             print("the previous recovery code no longer works")
         finally:
@@ -132,8 +130,7 @@ def _cmd_delete_account(args: argparse.Namespace) -> int:
     async def go() -> None:
         client = Client.open(home, username, read_passphrase(f"Passphrase for {username}: "))
         try:
-            await client.connect()
-            await accounts.delete_account(client._require_conn(), client.identity, client.username)
+            await client.delete_account()
         finally:
             await client.close()
     asyncio.run(go())

@@ -254,6 +254,16 @@ class Client:
         with contextlib.suppress(ServerError):
             await self.flush_outbox()
 
+    async def new_recovery_code(self) -> str:
+        """Replace the account's recovery key (docs/accounts.md); returns the new code, to show once."""
+        await self.connect()
+        return await accounts.set_recovery_key(self._require_conn(), self.identity, self.username)
+
+    async def delete_account(self) -> None:
+        """Delete the account on the relay; removing the local profile is the caller's next step."""
+        await self.connect()
+        await accounts.delete_account(self._require_conn(), self.identity, self.username)
+
     async def disconnect(self) -> None:
         if self._conn is not None:
             await self._conn.close()
