@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from relay_client import RelayClient
 from relay_harness import Harness, harness, prekey_upload, run
 
@@ -22,6 +23,8 @@ from cipherpost.protocol.frames import (
     Register,
     SetRecovery,
 )
+
+pytestmark = pytest.mark.usefixtures("relay_backend")  # SQLite, and PostgreSQL when configured
 
 
 def _bound(client: RelayClient, *items: bytes | str) -> bytes:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from ..server.config import DATA_ENV, default_data_dir
+from ..server.backends import STORE_ENV, make_store
+from ..server.config import DATA_ENV, ServerConfig, default_data_dir
 from ..store.base import AccountDeleted, AccountInfo, AccountState, RelayStore, StoreError, UnknownAccount
-from ..store.sqlite import SqliteRelayStore
 
 OPERATOR_ENV = "CIPHERPOST_OPERATOR"
 HOUR_MS = 3600_000
@@ -43,9 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "action is logged in the store with who, what, when and why (`admin log`).")
     p.add_argument("--data", type=Path, default=None,
                    help=f"the relay's data directory (default ${DATA_ENV} or the platform data dir)")
-    p.add_argument("--store", default=None, metavar="URL",
-                   help="a store other than the data directory's SQLite file (e.g. postgresql://...), "
-                        "once that backend exists")
+    p.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help="the relay's --store, if not the data directory's relay.db (postgresql://..., "
+                        f"sqlite:PATH; default ${STORE_ENV})")
     p.add_argument("--as", dest="operator", default=None, metavar="NAME",
                    help=f"who is acting, for the log (default ${OPERATOR_ENV} or the login name)")
     sub = p.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
@@ -82,15 +82,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def open_store(args: argparse.Namespace) -> RelayStore:
-    """The store named by ``--store URL`` or ``--data DIR``; refuses a directory without a relay."""
-    if args.store:
-        raise AdminError(f"--store {args.store.split(':', 1)[0]}: no such store backend in this version "
-                         "(only the SQLite store of --data DIR)")
+    """The relay's store: ``--store URL`` as the relay takes it, else ``--data DIR``'s relay.db; a
+    directory or SQLite file that holds no relay is refused (a typo must not make an empty store)."""
     data: Path = args.data or default_data_dir()
-    db = data / "relay.db"
-    if not db.is_file():
-        raise AdminError(f"no relay data in {data} (no relay.db): check --data")
-    return SqliteRelayStore(db)
+    url: str | None = args.store
+    db = Path(url.removeprefix("sqlite:")) if url and url.startswith("sqlite:") else data / "relay.db"
+    if (url is None or url.startswith("sqlite:")) and not db.is_file():
+        raise AdminError(f"no relay data in {db.parent} (no {db.name}): check --data or --store")
+    return make_store(ServerConfig(data_dir=data, store_url=url))
 
 
 def _operator(args: argparse.Namespace) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import skeleton
 from .base import EPOCH_BYTES, SchemaTooNew, StoreError
+from .postgres_schema import POSTGRES_V2
 
 log = logging.getLogger("cipherpost.store")
 
@@ -223,15 +224,21 @@ def _v3_reserved(conn: sqlite3.Connection) -> None:
                      [(name, skeleton(name), now_ms) for name in DEFAULT_RESERVED])
 
 
-# PostgreSQL: like versions 1 and 2, no steps until that backend writes its schema; it needs
-# `operator_log (id BIGSERIAL PRIMARY KEY, ts_ms BIGINT, operator, action, names, reason TEXT)` and
-# the DEFAULT_RESERVED rows (name, skeleton(name)) in reserved_names.
+_PG_RESERVED_VALUES = ", ".join(f"('{n}', '{skeleton(n)}', 0)" for n in DEFAULT_RESERVED)  # constants
+_PG_RESERVED_INSERT = "INSERT INTO reserved_names(name, skeleton, created_ms) VALUES "
+_V3_POSTGRES = (
+    "CREATE TABLE operator_log (id BIGSERIAL PRIMARY KEY, ts_ms BIGINT NOT NULL, operator TEXT NOT NULL, "
+    "action TEXT NOT NULL, names TEXT NOT NULL, reason TEXT NOT NULL)",
+    _PG_RESERVED_INSERT + _PG_RESERVED_VALUES + " ON CONFLICT DO NOTHING",
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "first slice (7e818ef)", (_V1_SQLITE,)),
     Migration(2, "store v2: fan-out bodies, caps, blocks, account states, usage, epoch",
-              (_V2_SQLITE_ACCOUNTS, _v2_skeletons, _V2_SQLITE, _v2_epoch)),
-    Migration(3, "accounts: operator log, default reserved names", (_V3_OPERATOR_LOG, _v3_reserved)),
+              (_V2_SQLITE_ACCOUNTS, _v2_skeletons, _V2_SQLITE, _v2_epoch),
+              postgres=POSTGRES_V2),  # PostgreSQL stores start here: the whole v2 schema
+    Migration(3, "accounts: operator log, default reserved names", (_V3_OPERATOR_LOG, _v3_reserved),
+              postgres=_V3_POSTGRES),
 )
 LATEST = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, LATEST + 1))
