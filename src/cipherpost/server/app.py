@@ -31,7 +31,7 @@ from .backends import describe, make_bus, make_store
 from .bus import Bus
 from .config import ServerConfig
 from .connection import Connection
-from .handlers import mail
+from .handlers import accounts, mail
 from .limits import build_limiters
 from .metrics import Metrics, MetricsListener
 from .operator_watch import OperatorWatch
@@ -224,6 +224,8 @@ class RelayServer:
     def _on_control(self, what: str, username: str) -> None:
         if what == "identity":
             self._identities.pop(username, None)
+        else:  # displaced, recovered, deleted: another instance ended these connections
+            accounts.on_control(self, what, username)
 
     def wake(self, username: str, seq: int | None, message: DeliveredMessage | None) -> None:
         """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance;

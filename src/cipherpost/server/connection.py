@@ -105,6 +105,7 @@ class Connection:
         self.closed = False
         self._abort_reason: str | None = None
         self._close_code = 1008  # with _abort_reason
+        self.login_counter: int | None = None  # of this login, when it carried one (handlers/accounts.py)
         self.bucket = TokenBucket(self.config.rate_per_second, self.config.rate_burst, time.monotonic())
         self._frames: list[bytes] = []
         self._frame_bytes = 0  # sum of len(self._frames)

@@ -38,6 +38,7 @@ from ...store.base import (
 from ..limits import retry_text
 
 if TYPE_CHECKING:
+    from ..app import RelayServer
     from ..connection import Connection
 
 log = logging.getLogger("cipherpost.server")
@@ -46,6 +47,9 @@ CAPS: Final = ("accounts", "login_counter")  # announced in hello (docs/contract
 CLOSE_DISPLACED: Final = 4001   # WebSocket close codes (private use range, RFC 6455 section 7.4.2)
 CLOSE_RECOVERED: Final = 4002
 CLOSE_ACCOUNT_GONE: Final = 4003  # deleted or suspended (by its owner or the operator)
+_ENDINGS: Final = {"recovered": (CLOSE_RECOVERED, "the account was recovered on another device"),
+                   "deleted": (CLOSE_ACCOUNT_GONE, "account deleted")}
+_DISPLACED: Final = "displaced="  # + the newer login's counter (bus control messages)
 
 
 def _payload(conn: Connection, *items: bytes | str) -> bytes:
@@ -124,19 +128,46 @@ async def check_counter(conn: Connection, username: str, info: AccountInfo, coun
 
 
 def displace_older(conn: Connection, username: str, counter: int | None) -> None:
-    """A login with a counter closes every other connection of the account (one live copy)."""
+    """A login with a counter closes every other connection of the account (one live copy), here
+    and, through the bus, on the other relay instances (``on_control``)."""
     if counter is None:
         return
+    conn.login_counter = counter
     for other in conn.server.connections_of(username):
         if other is not conn and not other.closed:
             log.info("event=displaced user=%s peer=%s by=%s", username, other.peer, conn.peer)
             other.close_now(CLOSE_DISPLACED, "displaced by a newer login")
+    conn.server.bus.control(f"{_DISPLACED}{counter}", username)
 
 
-def close_account_connections(conn: Connection, username: str, code: int, reason: str) -> None:
+def close_account_connections(conn: Connection, username: str, what: str) -> None:
+    """Close the account's other connections, on every instance (``what``: recovered, deleted)."""
+    code, reason = _ENDINGS[what]
     for other in conn.server.connections_of(username):
         if other is not conn and not other.closed:
             other.close_now(code, reason)
+    conn.server.identity_changed(username)  # forget the cached identity here and on the others
+    conn.server.bus.control(what, username)
+
+
+def on_control(server: RelayServer, what: str, username: str) -> None:
+    """Another instance displaced, recovered or deleted ``username``: close its connections here."""
+    ending = _ENDINGS.get(what)
+    newer: int | None = None
+    if what.startswith(_DISPLACED):
+        try:
+            newer = int(what.removeprefix(_DISPLACED))
+        except ValueError:
+            return
+        ending = (CLOSE_DISPLACED, "displaced by a newer login")
+    if ending is None:
+        return
+    for conn in server.connections_of(username):
+        if conn.closed:
+            continue
+        if newer is not None and conn.login_counter is not None and conn.login_counter >= newer:
+            continue  # a login newer than the one announced (the messages crossed)
+        conn.close_now(*ending)
 
 
 async def create_account(conn: Connection, username: str, identity: bytes, now_ms: int,
@@ -223,8 +254,8 @@ async def recover(conn: Connection, frame: Recover) -> None:
         raise ProtocolError(E.UNKNOWN_USER, f"the account {username!r} was deleted") from None
     except UnknownAccount:
         raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r} on this server") from None
+    close_account_connections(conn, username, "recovered")
     conn.server.remember_identity(username, identity)
-    close_account_connections(conn, username, CLOSE_RECOVERED, "the account was recovered on another device")
     log.warning("event=account_recovered user=%s identity=%s peer=%s%s", username, identity.short_id(),
                 conn.peer, _network(conn))
     conn.push_frame(encode_frame(Ok(rid=frame.rid, username=username)))
@@ -242,8 +273,7 @@ async def delete_account(conn: Connection, frame: DeleteAccount) -> None:
         raise ProtocolError(E.BAD_SIGNATURE, "delete_account: signature does not verify for this "
                                              "account, nonce and server certificate") from None
     await conn.store.delete_account(username, "user", "deleted by its owner")
-    conn.server.forget_identity(username)
     log.warning("event=account_deleted user=%s by=user peer=%s", username, conn.peer)
     conn.push_frame(encode_frame(Ok(rid=frame.rid)))
-    close_account_connections(conn, username, CLOSE_ACCOUNT_GONE, "account deleted")
+    close_account_connections(conn, username, "deleted")
     conn.close_after_flush(CLOSE_ACCOUNT_GONE, "account deleted")
