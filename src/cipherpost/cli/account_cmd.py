@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ..client.client import Client
 from ..client.connection import parse_fingerprint
 from ..client.home import ProfilePaths, default_home, resolve_username
 from ..crypto.recovery import RecoveryKey
-from .common import UsageError, read_passphrase
+from . import output as out
+from .common import PromptClosed, UsageError, prompt_line, read_passphrase
 
 RECOVERY_CODE_ENV = "CIPHERPOST_RECOVERY_CODE"
 USER_ENV = "CIPHERPOST_USER"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser(
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the commands with ``add(name, help=..., description=...)`` (cli/main.py's, which gives
+    every client command --home/--user after its name and the environment epilog)."""
+    p = add(
         "recover", help="take your account back on a new device with its recovery code",
         description="Make a new identity for NAME and rebind the account to it with the recovery code "
                     "shown at `init`. Your contacts see a key change (verified ones hold your messages "
@@ -38,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="pin this certificate (SHA256:...) instead of trusting the first one seen")
     p.set_defaults(func=_cmd_recover)
 
-    p = subparsers.add_parser(
+    p = add(
         "recovery-key", help="make a new recovery code for your account (the old one stops working)",
         description="Profiles made before recovery codes existed, or whose code was lost or seen by "
                     "someone else, get a new one here. It is shown once and never stored.")
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="make a new recovery key (the old code cannot be shown: it was never stored)")
     p.set_defaults(func=_cmd_recovery_key)
 
-    p = subparsers.add_parser(
+    p = add(
         "delete-account", help="delete your account on the relay and this profile (type the name to confirm)",
         description="Deletes the account on the relay (queued messages, prekeys, the account; the name "
                     "stays reserved so nobody can take it over) and then the local profile (keys, "
@@ -55,7 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home) if args.home else default_home()
+    home = getattr(args, "home", None)
+    return Path(home) if home else default_home()
+
+
+def _user(args: argparse.Namespace) -> str | None:
+    return getattr(args, "user", None) or os.environ.get(USER_ENV)
 
 
 def _read_code() -> str:
@@ -64,13 +72,13 @@ def _read_code() -> str:
         return env
     if not sys.stdin.isatty():
         raise UsageError(f"no terminal to ask for the recovery code: set {RECOVERY_CODE_ENV}")
-    return getpass.getpass("Recovery code: ")
+    return prompt_line("Recovery code: ", secret=True)
 
 
 def print_recovery_code(name: str, code: str) -> None:
-    print(f"recovery code for {name} (write it down now and keep it safe; it is shown only this once "
-          "and is the only way to take the account back on a new device):")
-    print(f"    {code}")
+    out.line(f"recovery code for {name} (write it down now and keep it safe; it is shown only this once "
+             "and is the only way to take the account back on a new device):")
+    out.line(f"    {code}")
 
 
 def _cmd_recover(args: argparse.Namespace) -> int:
@@ -82,12 +90,12 @@ def _cmd_recover(args: argparse.Namespace) -> int:
         client = await Client.create(_home(args), args.name, args.server, passphrase,
                                      server_fingerprint=pin, recovery=key)
         try:
-            print(f"recovered {client.username} on {client.server_url} with a new identity key")
-            print(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
-            print("your contacts will see that your key changed; verify again with those who had "
-                  "verified you. Messages queued for the old key cannot be read with the new one.")
-            print("your recovery code stays the same; if anyone else may have seen it, run "
-                  "`cipherpost recovery-key --new`")
+            out.line(f"recovered {client.username} on {client.server_url} with a new identity key")
+            out.line(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
+            out.line("your contacts will see that your key changed; verify again with those who had "
+                     "verified you. Messages queued for the old key cannot be read with the new one.")
+            out.line("your recovery code stays the same; if anyone else may have seen it, run "
+                     "`cipherpost recovery-key --new`")
         finally:
             await client.close()
         return 0
@@ -96,7 +104,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> Client:
     home = _home(args)
-    username = resolve_username(home, args.user or os.environ.get(USER_ENV))
+    username = resolve_username(home, _user(args))
     return Client.open(home, username, read_passphrase(f"Passphrase for {username}: "))
 
 
@@ -106,7 +114,7 @@ def _cmd_recovery_key(args: argparse.Namespace) -> int:
         try:
             code = await client.new_recovery_code()
             print_recovery_code(client.username, code)
-            print("the previous recovery code no longer works")
+            out.line("the previous recovery code no longer works")
         finally:
             await client.close()
         return 0
@@ -115,14 +123,16 @@ def _cmd_recovery_key(args: argparse.Namespace) -> int:
 
 def _cmd_delete_account(args: argparse.Namespace) -> int:
     home = _home(args)
-    username = resolve_username(home, args.user or os.environ.get(USER_ENV))
+    username = resolve_username(home, _user(args))
     paths = ProfilePaths(home, username)
     print(f"This DELETES the account '{username}' on its relay: queued messages, prekeys and the account. "
           "The name stays reserved there: nobody, you included, can register it again.", file=sys.stderr)
     print(f"Then it deletes this profile ({paths.dir}): your keys, contacts and history. "
           "This cannot be undone.", file=sys.stderr)
-    print("Type the account name to confirm: ", end="", file=sys.stderr, flush=True)
-    typed = sys.stdin.readline().strip()
+    try:
+        typed = prompt_line("Type the account name to confirm: ").strip()
+    except PromptClosed:
+        typed = ""
     if typed != username:
         print(f"cipherpost: not deleted ('{typed}' is not '{username}')", file=sys.stderr)
         return 1
@@ -140,5 +150,5 @@ def _cmd_delete_account(args: argparse.Namespace) -> int:
         print(f"cipherpost: the account is deleted on the relay, but the profile could not be removed "
               f"({exc.strerror}); delete {paths.dir} yourself", file=sys.stderr)
         return 1
-    print(f"deleted the account {username} and its local profile")
+    out.line(f"deleted the account {username} and its local profile")
     return 0

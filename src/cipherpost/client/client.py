@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from ..crypto.records import RecordCipher
 from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
-from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
 from . import accounts, login_counter
 from .connection import Connection, format_fingerprint
@@ -47,20 +46,19 @@ from .errors import (
     StaleProfile,
     UnknownContact,
     VerificationError,
+    WrongPassphraseError,
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
+from .plaintext import build_text_payload, parse_text_payload
+from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
 from .profile import Contact, ProfileDB, StoredMessage
 from .verification import PakeMailbox, verify_with_password
 
 KEYSTORE_VERSION = 1
-PLAINTEXT_VERSION = 1
 ONE_TIME_POOL_TARGET = 100
 ONE_TIME_POOL_LOW = 25
 UPLOAD_CHUNK = 50
 SIGNED_PREKEY_LIFETIME_MS = 7 * 24 * 3600 * 1000
-ENVELOPE_OVERHEAD = 2048   # initial message (ML-KEM ciphertext, identity, keys) + header + tag, rounded up
-MAX_TIMESTAMP_MS = 1 << 53
-PAD_BLOCK = 160   # plaintexts are padded to a multiple of this, as Signal does, to blur their length
 
 Observer = Callable[[str, dict[str, Any]], None]
 
@@ -79,12 +77,13 @@ class IncomingMessage:
     sent_at: int | None
     received_at: int | None
     warning: str | None = None
+    row: int | None = field(default=None, compare=False, repr=False)   # for mark_shown
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> IncomingMessage:
         warning = m.extra.get("warning")
         return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
-                   warning if isinstance(warning, str) else None)
+                   warning if isinstance(warning, str) else None, m.row)
 
 
 class Client:
@@ -180,7 +179,7 @@ class Client:
             try:
                 plain = open_keystore(passphrase, paths.keystore.read_bytes())
             except WrongPassphrase:
-                raise ProfileError("wrong passphrase") from None
+                raise WrongPassphraseError("wrong passphrase") from None
             except CryptoError as exc:
                 raise ProfileError(f"key store {paths.keystore} is damaged: {exc}") from None
             arr = expect_array(unpack(plain, what="key store"), what="key store",
@@ -439,13 +438,9 @@ class Client:
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
-        # The names are inside the encryption, so the relay cannot relabel who wrote to whom.
-        payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms(), self.username, name]))
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
-        limit = (self._conn.limits.get("max_body") if self._conn else None) or DEFAULT_MAX_BODY
-        if len(payload) + ENVELOPE_OVERHEAD > limit:
-            raise ClientError(f"message too long: {len(text.encode())} bytes; this relay accepts about "
-                              f"{max(limit - ENVELOPE_OVERHEAD, 0)} bytes per message")
+        payload = build_text_payload(text, now_ms(), self.username, name,
+                                     self._conn.limits.get("max_body") if self._conn else None)
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
@@ -606,16 +601,7 @@ class Client:
                        one_time=info.initial.one_time_prekey_id is not None)
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
-        arr = expect_array(unpack(unpad(plaintext), what="message"), what="message",
-                           version=PLAINTEXT_VERSION, length=6)
-        _, kind, text, sent_at, written_by, written_for = arr
-        if kind != "text" or not isinstance(text, str):
-            raise ClientError("message of an unknown kind")
-        if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
-            raise ClientError("message carries an invalid time")
-        if written_by != sender or written_for != self.username:
-            raise ClientError(f"the relay delivered it as from {sender} to you, but it was written by "
-                              f"{written_by!r} for {written_for!r}; not shown")
+        text, sent_at = parse_text_payload(plaintext, sender=sender, me=self.username)
         peer = session.peer.encode()
         contact = self.db.get_contact(sender)
         warning: str | None = None
@@ -654,14 +640,24 @@ class Client:
             return IncomingMessage(msg_id.hex(), sender, notice, None, received, warning)
         return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning)
 
-    def take_new_messages(self) -> list[IncomingMessage]:
-        """Messages (and failure notices) not yet shown to the user; marks them shown."""
+    def take_new_messages(self, *, mark: bool = True) -> list[IncomingMessage]:
+        """Messages (and failure notices) not yet shown to the user; marks them shown unless
+        ``mark`` is False (then call :meth:`mark_shown` once each is really shown)."""
         new = self.db.messages_with_status("new")
-        with self.db.transaction():
-            self.db.set_status([m.row for m in new], "shown")
+        if mark:
+            with self.db.transaction():
+                self.db.set_status([m.row for m in new], "shown")
         return [IncomingMessage.from_stored(m) for m in new]
 
-    async def receive(self, *, wait: float = 0.0, settle: float = 0.5) -> list[IncomingMessage]:
+    def mark_shown(self, messages: list[IncomingMessage]) -> None:
+        with self.db.transaction():
+            self.db.set_status([m.row for m in messages if m.row is not None], "shown")
+
+    def is_queued(self, msg_id: bytes) -> bool:
+        return any(item.msg_id == msg_id for item in self.db.outbox())
+
+    async def receive(self, *, wait: float = 0.0, settle: float = 0.5,
+                      mark_shown: bool = True) -> list[IncomingMessage]:
         """Connect, take what the server holds, and wait up to ``wait`` seconds for more."""
         await self.connect()
         conn = self._require_conn()
@@ -679,7 +675,7 @@ class Client:
                 await asyncio.wait_for(self._new_messages.wait(), timeout=timeout)
             except TimeoutError:
                 break
-        return self.take_new_messages()
+        return self.take_new_messages(mark=mark_shown)
 
     def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
         return self.db.history(name, limit)
@@ -732,18 +728,6 @@ class Client:
     def _psk(self, name: str) -> bytes | None:
         contact = self.db.get_contact(name)
         return None if contact is None else contact.psk
-
-
-def pad(data: bytes, block: int = PAD_BLOCK) -> bytes:
-    """ISO/IEC 7816-4 padding (0x80 then zeros) up to a multiple of ``block``; the AEAD covers it."""
-    return data + b"\x80" + bytes(-(len(data) + 1) % block)
-
-
-def unpad(data: bytes) -> bytes:
-    end = len(data.rstrip(b"\x00"))
-    if end == 0 or data[end - 1] != 0x80:
-        raise ClientError("message padding is malformed")
-    return data[: end - 1]
 
 
 def _grouped(digits: str) -> str:
