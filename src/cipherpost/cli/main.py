@@ -61,6 +61,8 @@ environment:
   CIPHERPOST_OPERATOR         who acts, for the operator log of `admin` (as `admin --as`)
   CIPHERPOST_STORE            the relay's store URL (as `server --store` and `admin --store`)
   CIPHERPOST_DATA             the relay's data directory (as `server --data` and `invite --data`)
+  CIPHERPOST_STORE            the relay's store (as `server --store`: postgresql://...; default SQLite)
+  CIPHERPOST_BUS              the relay's wake-up bus across instances (as `server --bus redis://...`)
   CIPHERPOST_LIMITS_REDIS     the relay's shared rate-limit store (as `server --limits-redis URL`)
 
 exit codes: 0 done, 1 failed (one line on stderr says why), 2 wrong usage, 130 interrupted
