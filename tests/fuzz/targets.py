@@ -177,6 +177,15 @@ def frame_samples() -> list[F.Frame]:
         F.PrekeysLow(one_time=1, kem=0),
         F.Error(rid=None, code="bad_frame", message="nope"),
         F.Error(rid=13, code="rate_limited", message="slow down"),
+        # cap "blobs" (issue 13): a 16-byte blob id, chunks of opaque ciphertext
+        F.BlobBegin(rid=17, id=b"\x09" * 16, size=200_000, chunk_size=65_552),
+        F.BlobPut(rid=18, id=b"\x09" * 16, index=0, data=b"\x0a" * 300),
+        F.BlobHeld(rid=19, id=b"\x09" * 16),
+        F.BlobCommit(rid=20, id=b"\x09" * 16, to=["bob", "carol"]),
+        F.BlobGet(rid=21, id=b"\x09" * 16, index=2),
+        F.BlobRelease(rid=22, id=b"\x09" * 16),
+        F.BlobState(rid=17, id=b"\x09" * 16, size=200_000, chunk_size=65_552, held=3, committed=False),
+        F.BlobData(rid=21, id=b"\x09" * 16, index=2, data=b"\x0b" * 300),
     ]
 
 

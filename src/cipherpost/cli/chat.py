@@ -29,6 +29,7 @@ from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
+from . import chat_files
 from .account_cmd import print_recovery_code
 from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
 from .input_limit import BoundedInput, limited_input_bindings
@@ -47,6 +48,7 @@ commands:
   /safety NAME      the safety number to compare with NAME (in person or on a call)
   /verify NAME      compare the safety number now and mark NAME verified
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
+  /file PATH        send a file to the person you are talking to (received files go to Downloads)
   //TEXT            send a line that starts with "/"
   /help             this text
   /quit             leave (Ctrl-D works too)"""
@@ -116,6 +118,7 @@ class Chat:
 
     def show(self, message: IncomingMessage) -> None:
         print("\n".join(message_lines(message, clock)))
+        chat_files.fetch_in_background(self.client, message)  # an attachment: saved, path shown
         if message.warning == "undecryptable":
             return
         if message.warning:
@@ -185,6 +188,8 @@ class Chat:
             name, _, text = arg.partition(" ")
             if self.switch_to(name) and text.strip() and self.peer:
                 await self.send(self.peer, text.strip())
+        elif cmd == "/file":
+            await chat_files.send_path(self, arg)
         elif cmd == "/contacts":
             self.list_contacts()
         elif cmd == "/history":
@@ -248,6 +253,9 @@ class Chat:
                 print(f"!! NOT SENT to {name}: {printable(str(exc))}: {shown}")
             return
         except EXPECTED as exc:
+            if chat_files.is_too_long(exc):
+                await chat_files.offer_as_file(self, name, text)
+                return
             if self.client.pending_outbox() > before:
                 self.had_queued = True
                 print(f"[{clock(now_ms())}] you -> {name}: {shown}  (queued: {printable(str(exc))}; "

@@ -24,6 +24,7 @@ from ..client.passphrase import change_passphrase
 from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, MessageTooLong, check_text
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
+from . import file_cmd
 from . import output as out
 from .account_cmd import print_recovery_code
 from .account_cmd import register as register_account_commands
@@ -136,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for a message to arrive (default: only what is queued)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: id, from, text, sent_at, received_at, warning")
+                   help="one JSON object per line: id, from, text, sent_at, received_at, warning, file")
+    file_cmd.add_recv_arguments(p)
     p.set_defaults(func=_cmd_recv)
+
+    file_cmd.register(add, _run)  # send-file, download (issue 13)
 
     p = add("contacts", help="list contacts and their verification state")
     p.add_argument("--json", action="store_true",
@@ -294,7 +298,8 @@ def _send_texts(args: argparse.Namespace) -> list[str]:
         except EmptyMessage as exc:
             raise UsageError(str(exc)) from None
         except MessageTooLong as exc:   # nothing of the batch is sent
-            raise MessageTooLong(f"{where}{exc}; nothing was sent") from None
+            raise MessageTooLong(f"{where}{exc}; nothing was sent (send it as a file instead: "
+                                 f"cipherpost send-file {args.name} FILE)") from None
     return texts
 
 
@@ -331,7 +336,11 @@ def _cmd_recv(args: argparse.Namespace) -> int:
         try:
             for m in messages:
                 # Shown = written and flushed; a reader that went away leaves the rest for next time.
-                out.line(json.dumps(_message_json(m)) if args.json else "\n".join(message_lines(m, fmt_time)))
+                if not args.json:
+                    out.line("\n".join(message_lines(m, fmt_time)))
+                saved = await file_cmd.save_attachment(client, m, args)   # an attachment (issue 13)
+                if args.json:
+                    out.line(json.dumps({**_message_json(m), **({"file": saved} if saved else {})}))
                 printed.append(m)
                 if len(printed) >= MARK_SHOWN_EVERY:
                     client.mark_shown(printed)

@@ -34,7 +34,8 @@ from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
 from ..protocol.usernames import normalize_username
-from . import accounts, login_counter
+from . import accounts, attachments, login_counter
+from .attachments import FileOffer
 from .backoff import reconnect_delay
 from .connection import Connection, format_fingerprint
 from .errors import (
@@ -50,7 +51,7 @@ from .errors import (
     WrongPassphraseError,
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
-from .plaintext import build_text_payload, parse_text_payload
+from .plaintext import build_file_payload, build_text_payload, parse_payload
 from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
 from .profile import Contact, ProfileDB, StoredMessage
 from .verification import PakeMailbox, verify_with_password
@@ -79,12 +80,13 @@ class IncomingMessage:
     received_at: int | None
     warning: str | None = None
     row: int | None = field(default=None, compare=False, repr=False)   # for mark_shown
+    file: FileOffer | None = None  # an attachment (client/attachments.py), not yet downloaded
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> IncomingMessage:
         warning = m.extra.get("warning")
         return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
-                   warning if isinstance(warning, str) else None, m.row)
+                   warning if isinstance(warning, str) else None, m.row, attachments.offer_of(m.extra))
 
 
 class Client:
@@ -436,14 +438,18 @@ class Client:
         return True
 
     # ------------------------------------------------------------------ sending
-    async def send(self, name: str, text: str) -> bytes:
-        """Encrypt and queue ``text`` for ``name``, then transmit. Returns the message id."""
+    async def send(self, name: str, text: str, *, file: FileOffer | None = None) -> bytes:
+        """Encrypt and queue ``text`` (or a ``file`` offer) for ``name``, then transmit; the message id."""
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
+        extra = None if file is None else {"file": file.to_map()}
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
-        payload = build_text_payload(text, now_ms(), self.username, name,
-                                     self._conn.limits.get("max_body") if self._conn else None)
+        if file is None:
+            payload = build_text_payload(text, now_ms(), self.username, name,
+                                         self._conn.limits.get("max_body") if self._conn else None)
+        else:   # issue 13: a file offer (a few hundred bytes), no text limit to check
+            payload = build_file_payload(file.to_map(), now_ms(), self.username, name)
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
@@ -452,7 +458,7 @@ class Client:
                 self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
                                      now_ms(), with_psk=with_psk)
                 self.db.add_message(name, "out", msg_id, text, sent_at=now_ms(), received_at=None,
-                                    status="queued")
+                                    status="queued", extra=extra)
                 self.db.add_outbox(msg_id, name, "msg", envelope, now_ms())
         self._emit("encrypt", to=name, msg_id=msg_id.hex(), envelope_bytes=len(envelope),
                    session=session.session_id.hex()[:8])
@@ -604,7 +610,8 @@ class Client:
                        one_time=info.initial.one_time_prekey_id is not None)
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
-        text, sent_at = parse_text_payload(plaintext, sender=sender, me=self.username)
+        kind, content, sent_at = parse_payload(plaintext, sender=sender, me=self.username)
+        text, file_extra = attachments.read_content(kind, content)
         peer = session.peer.encode()
         contact = self.db.get_contact(sender)
         warning: str | None = None
@@ -629,7 +636,8 @@ class Client:
             received = now_ms()
             self.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
                                 status="held" if held else "new",
-                                extra={"warning": warning, "key": peer} if warning else None)
+                                extra={**({"warning": warning, "key": peer} if warning else {}),
+                                       **(file_extra or {})} or None)
             if held:
                 notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
                           f"was verified. It is shown once you accept the new key (verify {sender}).")
@@ -641,7 +649,8 @@ class Client:
                    server_ts=ts)
         if held:
             return IncomingMessage(msg_id.hex(), sender, notice, None, received, warning)
-        return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning)
+        return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning,
+                               file=attachments.offer_of(file_extra or {}))
 
     def take_new_messages(self, *, mark: bool = True) -> list[IncomingMessage]:
         """Messages (and failure notices) not yet shown to the user; marks them shown unless

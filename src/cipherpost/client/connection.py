@@ -71,15 +71,14 @@ class ServerInfo:
 class Connection:
     """Use :meth:`open`; then :meth:`register` or :meth:`authenticate`; then :meth:`request`."""
 
-    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int],
-                 caps: frozenset[str] = frozenset()):
+    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int]):
         self._ws = ws
-        self.caps = caps  # what the relay announced in hello (docs/contracts.md section 5)
         self.channel = channel  # SHA-256 of the certificate: bound into login signatures
         self.spki = channel  # SHA-256 of its public key: what the profile pins (set by open)
         self.pinned_by_certificate = False  # the pin was an old certificate pin (upgrade it)
         self._nonce = nonce
         self.limits = limits
+        self.caps: frozenset[str] = frozenset()  # hello.caps: optional features of this relay
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._push: PushHandler | None = None
@@ -151,8 +150,10 @@ class Connection:
             await ws.close()
             raise ConnectionFailed(f"{url} does not speak the cipherpost protocol")
         limits = hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
+        conn = cls(ws, channel, nonce, dict(limits or {}))
         caps = hello.get("caps")
-        conn = cls(ws, channel, nonce, dict(limits or {}), frozenset(caps if isinstance(caps, list) else ()))
+        if isinstance(caps, list):
+            conn.caps = frozenset(c for c in caps if isinstance(c, str))
         conn.spki, conn.pinned_by_certificate = spki, by_certificate
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())

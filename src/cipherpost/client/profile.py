@@ -399,6 +399,11 @@ class ProfileDB:
             (contact, limit)).fetchall()
         return [self._message(r) for r in reversed(rows)]
 
+    def message_by_id(self, msg_id: bytes, direction: str = "in") -> StoredMessage | None:
+        row = self._db.execute(f"SELECT {self._COLUMNS} FROM messages WHERE msg_id=? AND direction=? "  # noqa: S608
+                               "ORDER BY id LIMIT 1", (msg_id, direction)).fetchone()
+        return None if row is None else self._message(row)
+
     def messages_with_status(self, status: str) -> list[StoredMessage]:
         rows = self._db.execute(
             f"SELECT {self._COLUMNS} FROM messages WHERE status=? ORDER BY id",  # noqa: S608

@@ -31,6 +31,7 @@ from ..crypto.identity import PublicIdentity
 from ..crypto.pins import spki_sha256
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
+from ..store.blobs import FileBlobStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls, tlsbuffer
 from .admission import (
@@ -46,6 +47,7 @@ from .bus import Bus
 from .config import ServerConfig
 from .connection import Connection
 from .handlers import accounts, mail
+from .handlers.blobs import BlobService
 from .limits import build_limiters
 from .metrics import Metrics, MetricsListener
 from .operator_watch import OperatorWatch
@@ -72,6 +74,9 @@ class RelayServer:
         self.metrics = Metrics()
         self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
+        blob_dir = config.blob_dir or config.data_dir / "blobs"
+        self.blob_service = BlobService(self.store, FileBlobStore(blob_dir),  # issue 13
+                                        self.limiters.blob_bytes, config.max_blob_bytes)
         self.metrics_listener: MetricsListener | None = None
         self.operator_watch = OperatorWatch(self)  # admin actions reach live connections
         self.admission = Admission(AdmissionLimits(config.max_connections, config.max_pending_connections,
@@ -180,6 +185,7 @@ class RelayServer:
             await self.metrics_listener.stop()
         server.close(close_connections=True)
         await server.wait_closed()
+        await self.blob_service.blobs.close()
         await self.bus.stop()
         await self.store.close()  # commits everything already submitted
         await self.limiters.close()
@@ -194,6 +200,7 @@ class RelayServer:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             with contextlib.suppress(Exception):
                 await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
+                await self.blob_service.expire(_now_ms())
                 self.limiters.prune()
 
     # --- HTTP side: health and metrics --------------------------------------------------------

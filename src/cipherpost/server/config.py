@@ -76,6 +76,9 @@ class ServerConfig:
     max_stored_bytes: int = 256 * 1024 * 1024  # queued mail (and blobs) per recipient account
     disk_budget_bytes: int | None = None  # the whole store; None: no budget
     metrics_listen: str | None = None  # "HOST:PORT" of the /metrics listener; None: none
+    max_blob_bytes: int = 100 * 1024 * 1024  # largest attachment blob (padded size), issue 13
+    blob_dir: Path | None = None  # blob files; None: data_dir / "blobs" (N instances: a shared volume)
+    blob_bytes_per_hour: int = 4 * 1024 ** 3  # blob bytes uploaded + downloaded per account
     log_peer_addresses: bool = False  # info logs tie usernames to IP:port only when set
 
     def validate(self) -> None:
@@ -107,7 +110,8 @@ class ServerConfig:
         for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
                      "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
-                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes"):
+                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes", "max_blob_bytes",
+                     "blob_bytes_per_hour"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.disk_budget_bytes is not None and self.disk_budget_bytes < 1:

@@ -75,7 +75,7 @@ from ..store.base import (
     PoolCounts,
     StoreError,
 )
-from .handlers import CAPS, accounts, mail, prekeys
+from .handlers import CAPS, accounts, blobs, mail, prekeys
 from .limits import TokenBucket, address_prefix, retry_text
 from .transport import BatchingServerConnection
 
@@ -593,7 +593,7 @@ def _now_ms() -> int:
 _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     Register: Connection._register, Auth: Connection._auth, UploadPrekeys: prekeys.upload_prekeys,
     FetchBundle: prekeys.fetch_bundle, Send: Connection._send, Ack: Connection._ack,
-    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many,
+    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many, **blobs.HANDLERS,
     SetRecovery: accounts.set_recovery, Recover: accounts.recover, DeleteAccount: accounts.delete_account,
 }
 _UNAUTHENTICATED = frozenset({Register, Auth, Ping, Recover})

@@ -85,6 +85,7 @@ from .base import (
     UsernameTaken,
 )
 from .migrations import PG_ADVISORY_LOCK_KEY, migrate_postgres
+from .postgres_blobs import PostgresBlobs
 
 T = TypeVar("T")
 log = logging.getLogger("cipherpost.store")
@@ -162,7 +163,7 @@ def _single_result(recipient: str, status: RecipientStatus, seq: int | None) -> 
     if status is RecipientStatus.ACCEPTED:
         return EnqueueResult(seq=seq or 0, duplicate=False, dropped=seq is None)
     if status is RecipientStatus.DUPLICATE:
-        return EnqueueResult(seq=seq or 0, duplicate=True)
+        return EnqueueResult(seq=seq or 0, duplicate=True, dropped=seq is None)
     raise {RecipientStatus.UNKNOWN_USER: UnknownAccount, RecipientStatus.SUSPENDED: AccountSuspended,
            RecipientStatus.MAILBOX_FULL: MailboxFull, RecipientStatus.SENDER_CAP: SenderCapReached,
            RecipientStatus.QUOTA_EXCEEDED: QuotaExceeded}[status](recipient)
@@ -175,7 +176,7 @@ def _check_name(name: str) -> str:
         raise InvalidName(f"{name!r} is not a valid username") from None
 
 
-class PostgresRelayStore:
+class PostgresRelayStore(PostgresBlobs):
     """The scale-out store: one PostgreSQL schema shared by every relay instance."""
 
     def __init__(self, url: str, *, schema: str | None = None, workers: int = WORKERS) -> None:

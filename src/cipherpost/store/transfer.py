@@ -65,11 +65,16 @@ _SQLITE_VIEWS: dict[str, str] = {
     "messages": _MESSAGES,
     "sent": "SELECT sender, msg_id, ts, accepted FROM sent",
     "usage": "SELECT sender, hour, messages, bytes FROM usage",
+    # attachments (issue 13): the rows only; the blob files stay where they are (DATA/blobs, or the
+    # shared volume given to every instance with --blob-dir)
+    "blobs": "SELECT id, owner, size, chunk_size, created_ms, CAST(committed AS INTEGER) FROM blobs",
+    "blob_readers": "SELECT blob_id, reader FROM blob_readers",
 }
 _POSTGRES_VIEWS: dict[str, str] = {
-    **{k: v for k, v in _SQLITE_VIEWS.items() if k not in ("messages", "sent")},
+    **{k: v for k, v in _SQLITE_VIEWS.items() if k not in ("messages", "sent", "blobs")},
     "messages": _MESSAGES,
     "sent": "SELECT sender, msg_id, ts, recipients, seqs FROM sent",
+    "blobs": "SELECT id, owner, size, chunk_size, created_ms, committed::int FROM blobs",
 }
 
 
@@ -225,6 +230,13 @@ async def _copy(pg: Any, tables: dict[str, list[Row]], messages: list[Row], next
                      "WHERE h.recipient = g.recipient")
     await pg.execute("INSERT INTO mailbox_senders(recipient, sender, queued, bytes) "
                      "SELECT recipient, sender, count(*), sum(size) FROM messages GROUP BY recipient, sender")
+    # blob rows, and their bytes in the owners' ledger and the disk counter (one ledger, as in SQLite)
+    await copy("blobs", ["id", "owner", "size", "chunk_size", "created_ms", "committed"],
+               [(*b[:5], bool(b[5])) for b in tables["blobs"]])
+    await copy("blob_readers", ["blob_id", "reader"], tables["blob_readers"])
+    await pg.execute("UPDATE mailbox_heads h SET bytes = h.bytes + g.b FROM (SELECT owner, sum(size) AS b "
+                     "FROM blobs GROUP BY owner) g WHERE h.recipient = g.owner")
+    disk += sum(b[2] for b in tables["blobs"])
     await pg.execute("UPDATE disk_usage SET bytes = CASE WHEN shard = 0 THEN $1::BIGINT ELSE 0 END", disk)
     await pg.execute("UPDATE epoch SET value = $1, created_ms = $2 WHERE id = 1", os.urandom(EPOCH_BYTES),
                      time.time_ns() // 1_000_000)
