@@ -527,7 +527,7 @@ class PostgresRelayStore(PostgresBlobs):
         await self._call(lambda c: c.execute("INSERT INTO invites(token_hash, created_ms, expires_ms) "
                                              "VALUES ($1, $2, $3)", token_hash, now_ms, expires_ms))
 
-    # --- operator log (migration 3) ---------------------------------------------------------
+    # --- operator log (migration 4) ---------------------------------------------------------
 
     async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
                                   now_ms: int) -> None:
