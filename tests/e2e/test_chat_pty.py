@@ -105,6 +105,7 @@ def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, ty
         term.wait_for(r"Repeat passphrase: ?")
         term.line(PASSPHRASE)
     term.wait_for(f"registered {name}")
+    term.wait_for(r"recovery code for .*\n\s+[A-Z2-7]{4}(-[A-Z2-7]{4}){8}\n")  # shown once, at creation
     term.wait_for(r"/help lists commands.*\n")
     term.wait_for(r"-- connected\n> ?")
 

@@ -30,6 +30,7 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
 from . import chat_files
+from .account_cmd import print_recovery_code
 from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
 from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
 from .input_limit import BoundedInput, limited_input_bindings
@@ -407,8 +408,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             client = await Client.create(home, username, url, passphrase, server_fingerprint=fingerprint,
                                          invite=invite)
         except ServerError as exc:
-            if exc.code == "username_taken":
-                print(f"!! '{username}' is already taken on this server")
+            if exc.code in ("username_taken", "name_reserved", "name_confusable"):
+                print(f"!! {exc.server_message}")
                 username = await _ask_username(prompt, [])
             elif exc.code in ("registration_closed", "bad_invite"):
                 print(f"!! {exc.server_message or exc}")
@@ -418,6 +419,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             continue
         print(f"registered {username}. Your identity fingerprint:\n"
               f"  {client.identity.public.fingerprint_text()}")
+        if client.recovery_code is not None:
+            print_recovery_code(username, client.recovery_code)
         return client
     raise SetupCancelled("registration did not succeed; nothing was created")
 

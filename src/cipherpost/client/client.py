@@ -28,9 +28,11 @@ from ..crypto.keystore import RFC9106_SECOND_RECOMMENDED, Argon2Params, open_key
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
+from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.usernames import normalize_username
+from . import accounts, login_counter
 from .attachments import FileOffer
 from .backoff import reconnect_delay
 from .blocks import BlockList
@@ -43,6 +45,7 @@ from .errors import (
     IdentityChanged,
     ProfileError,
     ServerError,
+    StaleProfile,
     UnknownContact,
     VerificationError,
     WrongPassphraseError,
@@ -94,14 +97,17 @@ class Client:
         self.retries = Retries(self)
         self.receiver = Receiver(self)
         self._prekeys_low = PrekeysLowGate()
+        self.recovery_code: str | None = None  # shown once after create; never stored
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     async def create(cls, home: Path, username: str, server_url: str, passphrase: str, *,
                      server_fingerprint: bytes | None = None, invite: str | None = None,
                      kdf: Argon2Params = RFC9106_SECOND_RECOMMENDED,
-                     observer: Observer | None = None) -> Client:
-        """Make a new identity, register it with the relay, publish prekeys."""
+                     observer: Observer | None = None, recovery: RecoveryKey | None = None) -> Client:
+        """Make a new identity, register it with the relay, publish prekeys. With ``recovery``, take
+        over the existing account ``username`` instead (docs/accounts.md); otherwise the new
+        account's recovery code is in ``client.recovery_code``, to show once."""
         try:
             username = normalize_username(username)
         except Exception as exc:
@@ -126,7 +132,8 @@ class Client:
                 db.set_secret_meta("server_url", server_url.encode())
             conn = await Connection.open(server_url, server_fingerprint)
             try:
-                reply = await conn.register(identity, username, invite)
+                reply, client.recovery_code = await accounts.register_or_recover(
+                    conn, identity, username, invite, recovery)
                 if reply.get("username") != username:
                     raise ClientError("the server registered a different name than asked")
                 with db.transaction():  # the public key, not the certificate: renewals keep working
@@ -227,7 +234,7 @@ class Client:
                 self.db.set_secret_meta("server_fingerprint", conn.spki)
         conn.on_push(self._on_push)
         try:
-            reply = await conn.authenticate(self.identity, self.username)
+            reply = await login_counter.authenticate(conn, self.db, self.identity, self.username)
         except BaseException:
             await conn.close()
             raise
@@ -241,6 +248,16 @@ class Client:
             await self.flush_outbox()
         with contextlib.suppress(ServerError):
             await self.blocks.tell_relay(conn)
+
+    async def new_recovery_code(self) -> str:
+        """Replace the account's recovery key (docs/accounts.md); returns the new code, to show once."""
+        await self.connect()
+        return await accounts.set_recovery_key(self._require_conn(), self.identity, self.username)
+
+    async def delete_account(self) -> None:
+        """Delete the account on the relay; removing the local profile is the caller's next step."""
+        await self.connect()
+        await accounts.delete_account(self._require_conn(), self.identity, self.username)
 
     async def disconnect(self) -> None:
         if self._conn is not None:
@@ -270,6 +287,10 @@ class Client:
                 self._conn = None
                 if on_status:
                     on_status(f"disconnected ({reason}); reconnecting")
+            except StaleProfile as exc:   # retrying would displace the live copy: stop (docs/accounts.md)
+                if on_status:
+                    on_status(f"stopped: {exc}")
+                return
             except (ClientError, OSError) as exc:   # never let the reconnect loop die
                 if on_status:
                     on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")
@@ -497,7 +518,7 @@ class Client:
                     await conn.request({"t": "send", "to": item.contact, "id": item.msg_id,
                                         "kind": item.kind, "body": item.envelope})
                 except ServerError as exc:
-                    if exc.code in ("unknown_user", "bad_frame", "too_large"):
+                    if exc.code in ("unknown_user", "bad_frame", "too_large", "suspended"):
                         # Permanent: retrying cannot help. Say so in the history, drop from outbox.
                         with self.db.transaction():
                             self.db.remove_outbox(item.msg_id)

@@ -5,7 +5,8 @@ Every frame is one binary WebSocket message holding a msgpack map with ``v`` (ve
 :class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`, and behind capability flags
 (``hello.caps``) :class:`Block`, :class:`SendMany`, and the blob frames of cap ``blobs``
 (:class:`BlobBegin`, :class:`BlobPut`, :class:`BlobHeld`, :class:`BlobCommit`, :class:`BlobGet`,
-:class:`BlobRelease`; replies :class:`BlobState`, :class:`BlobData`). Server -> client frames: :class:`Hello`,
+:class:`BlobRelease`; replies :class:`BlobState`, :class:`BlobData`), and (``accounts``, docs/accounts.md)
+:class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount`. Server -> client frames: :class:`Hello`,
 :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver` (of
 :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`, :class:`Results`.
 
@@ -58,6 +59,7 @@ MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
 BLOB_ID_LEN: Final = 16
 MAX_BLOB_CHUNK: Final = 128 * 1024  # bytes of one blob chunk frame; well under DEFAULT_MAX_FRAME
 MAX_BLOB_SIZE: Final = 1 << 40      # what the decoder accepts; the relay's --max-blob-bytes is lower
+RECOVERY_PUBLIC_LEN: Final = 32
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -69,6 +71,7 @@ class Register:
     identity: bytes
     sig: bytes
     invite: str | None = None
+    recovery_public: bytes | None = None  # the account's recovery key, set with it (``accounts``)
     t: ClassVar[str] = "register"
 
 
@@ -77,6 +80,7 @@ class Auth:
     rid: int
     username: str
     sig: bytes
+    counter: int | None = None  # login counter, sent when the relay announces ``login_counter``
     t: ClassVar[str] = "auth"
 
 
@@ -190,6 +194,38 @@ class BlobRelease:
     rid: int
     id: bytes
     t: ClassVar[str] = "blob_release"
+
+
+@dataclass(frozen=True, slots=True)
+class SetRecovery:
+    """Cap ``accounts``: set (or replace) the account's recovery public key; ``sig`` by the identity."""
+
+    rid: int
+    recovery_public: bytes
+    sig: bytes
+    t: ClassVar[str] = "set_recovery"
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Cap ``accounts``: rebind ``username`` to ``identity``; ``recovery_sig`` by the recovery key,
+    ``sig`` by the new identity, both over the connection's nonce and channel (docs/accounts.md)."""
+
+    rid: int
+    username: str
+    identity: bytes
+    recovery_sig: bytes
+    sig: bytes
+    t: ClassVar[str] = "recover"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAccount:
+    """Cap ``accounts``: delete the caller's account; ``sig`` by the identity key."""
+
+    rid: int
+    sig: bytes
+    t: ClassVar[str] = "delete_account"
 
 
 # --- server -> client -------------------------------------------------------------------------
@@ -316,12 +352,14 @@ class Error:
 
 
 ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | Block | SendMany
-               | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease)
+               | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease | SetRecovery | Recover
+               | DeleteAccount)
 ServerFrame = (Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error | Results
                | BlobState | BlobData)
 Frame = ClientFrame | ServerFrame
 CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, Block, SendMany,
-                             BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease)
+                             BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease, SetRecovery,
+                             Recover, DeleteAccount)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -340,6 +378,10 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
         if frame.caps:
             out["caps"] = list(frame.caps)
+    elif isinstance(frame, Auth):
+        out.update(rid=frame.rid, username=frame.username, sig=frame.sig)
+        if frame.counter is not None:
+            out["counter"] = frame.counter
     elif isinstance(frame, Ok):
         out["rid"] = frame.rid
         if frame.username is not None:
@@ -449,12 +491,34 @@ def _register(f: _Fields) -> Register:
     return Register(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
                     identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
                     sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
-                    invite=f.opt_str("invite", max_len=128))
+                    invite=f.opt_str("invite", max_len=128),
+                    recovery_public=f.opt_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN))
 
 
 def _auth(f: _Fields) -> Auth:
+    counter = f.m.get("counter")
     return Auth(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
-                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                counter=None if counter is None else f.as_int("counter", value=counter, present=True))
+
+
+def _set_recovery(f: _Fields) -> SetRecovery:
+    return SetRecovery(rid=f.as_int("rid"),
+                       recovery_public=f.as_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN,
+                                                  exact=RECOVERY_PUBLIC_LEN),
+                       sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _recover(f: _Fields) -> Recover:
+    return Recover(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                   identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
+                   recovery_sig=f.as_bytes("recovery_sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                   sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _delete_account(f: _Fields) -> DeleteAccount:
+    return DeleteAccount(rid=f.as_int("rid"),
+                         sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
 
 
 def _upload_prekeys(f: _Fields) -> UploadPrekeys:
@@ -644,7 +708,8 @@ _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
     "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping, "block": _block,
     "send_many": _send_many, "results": _results, "hello": _hello, "ok": _ok, "bundle": _bundle,
-    "accepted": _accepted, "pong": _pong,
+    "accepted": _accepted, "pong": _pong, "set_recovery": _set_recovery, "recover": _recover,
+    "delete_account": _delete_account,
     "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
     "blob_begin": _blob_begin, "blob_put": _blob_put, "blob_held": _blob_held, "blob_commit": _blob_commit,
     "blob_get": _blob_get, "blob_release": _blob_release, "blob_state": _blob_state, "blob_data": _blob_data,
