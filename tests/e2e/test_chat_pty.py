@@ -105,6 +105,7 @@ def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, ty
         term.wait_for(r"Repeat passphrase: ?")
         term.line(PASSPHRASE)
     term.wait_for(f"registered {name}")
+    term.wait_for(r"recovery code for .*\n\s+[A-Z2-7]{4}(-[A-Z2-7]{4}){8}\n")  # shown once, at creation
     term.wait_for(r"/help lists commands.*\n")
     term.wait_for(r"-- connected\n> ?")
 
@@ -198,6 +199,7 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         alice.wait_for(r"-- talking to bob")
         alice.wait_for(r"you -> bob: first message\n")
         assert [m["text"] for m in bob.recv(wait=10)] == ["first message"]
+        bob.ok("accept", "alice")                                 # alice was a stranger to bob
         alice.line("/contacts")
         alice.wait_for(r"  bob  unverified \(compare: /safety bob\)")
         alice.line("/safety bob")
@@ -509,6 +511,8 @@ def test_a_cancelled_verification_is_withdrawn_on_the_peers_screen(make_user, re
         _, err = peer.communicate(timeout=60)
         assert peer.returncode == 130 and "Traceback" not in err
         alice.wait_for(r"-- bob cancelled the password verification they started; nothing to do")
+        alice.line("/accept bob")                           # bob's "hi" was a message request
+        alice.wait_for(r"-- bob is now a contact")
         alice.line("/contacts")
         alice.wait_for(r"  bob  unverified")
         alice.line("/quit")

@@ -117,7 +117,8 @@ def test_wire_keys_match_the_contract() -> None:
 def test_client_frame_types() -> None:
     assert {t.t for t in CLIENT_FRAME_TYPES} == {
         "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping", "block", "send_many",
-        "blob_begin", "blob_put", "blob_held", "blob_commit", "blob_get", "blob_release"}
+        "blob_begin", "blob_put", "blob_held", "blob_commit", "blob_get", "blob_release",
+        "set_recovery", "recover", "delete_account"}
 
 
 def test_blob_frames_refuse_a_chunk_over_the_limit_and_a_short_id() -> None:

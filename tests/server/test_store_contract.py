@@ -46,6 +46,7 @@ from cipherpost.store.base import (
     UnknownAccount,
     UsernameTaken,
 )
+from cipherpost.store.migrations import DEFAULT_RESERVED
 from cipherpost.store.sqlite import SqliteRelayStore
 
 S = RecipientStatus
@@ -493,6 +494,7 @@ def test_reserved_and_look_alike_names_cannot_register(make_store: Callable[[], 
                     await store.create_account(lookalike, b"id", NOW_MS)
             with pytest.raises(UsernameTaken):
                 await store.create_account("bob", b"id", NOW_MS)
+            await store.unreserve(list(DEFAULT_RESERVED))  # the defaults a migration seeds
             await store.reserve(["admin", "security"])
             await store.reserve(["admin"])  # idempotent
             assert await store.reserved() == ["admin", "security"]

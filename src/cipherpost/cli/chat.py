@@ -30,7 +30,9 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
 from . import chat_files
+from .account_cmd import print_recovery_code
 from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
+from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
 from .input_limit import BoundedInput, limited_input_bindings
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
@@ -39,7 +41,7 @@ SETUP_ATTEMPTS = 3          # re-ask a mistyped answer this many times before gi
 CONNECT_GRACE = 5.0         # seconds to wait for the first connection before showing the prompt
 EXPECTED = (ClientError, CryptoError, ProtocolError, ValueError)
 
-HELP = """\
+HELP = f"""\
 commands:
   /to NAME [TEXT]   talk to NAME (plain lines are then sent to them); with TEXT, send it too
   /contacts         your contacts and whether they are verified
@@ -47,6 +49,7 @@ commands:
   /safety NAME      the safety number to compare with NAME (in person or on a call)
   /verify NAME      compare the safety number now and mark NAME verified
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
+{CHAT_HELP}
   /file PATH        send a file to the person you are talking to (received files go to Downloads)
   //TEXT            send a line that starts with "/"
   /help             this text
@@ -120,7 +123,9 @@ class Chat:
         chat_files.fetch_in_background(self.client, message)  # an attachment: saved, path shown
         if message.warning == "undecryptable":
             return
-        if message.warning:
+        if message.request:
+            print(f"!! (in this chat: /accept {message.sender}, or /block {message.sender})")
+        elif message.warning:
             print(f"!! (in this chat: /verify {message.sender})")
         if self.peer is None:
             self.peer = message.sender
@@ -200,6 +205,8 @@ class Chat:
                   f"(compare it with {name} in person or on a call, then /verify {name})")
         elif cmd == "/verify":
             await self.verify(arg)
+        elif cmd in CHAT_COMMANDS:
+            await chat_command(self.client, cmd, arg)
         else:
             print(f"unknown command: {cmd} (try /help)")
         return True
@@ -219,9 +226,11 @@ class Chat:
         contacts = self.client.contacts()
         if not contacts:
             print("no contacts yet: /to NAME, then type a message")
-        width = max((len(c.name) for c in contacts), default=0)
+        width = max((len(printable(c.name)) for c in contacts), default=0)
         for c in contacts:
             state, text = contact_state(c)
+            if self.client.is_blocked(c.name):
+                state, text = "user_blocked", f"BLOCKED by you (/unblock {c.name})"
             hint = {"unverified": f" (compare: /safety {c.name})",
                     "key_changed": f" - check it: /verify {c.name}",
                     "blocked": f" (verify again: /verify {c.name} password)"}.get(state, "")
@@ -232,7 +241,7 @@ class Chat:
         if not messages:
             print(f"no messages with {name}")
         for m in messages:
-            who = "you" if m.direction == "out" else m.contact
+            who = "you" if m.direction == "out" else printable(m.contact)
             mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
             prefix = "!! " if m.direction == "event" else ""
             print(f"  [{clock(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")
@@ -399,8 +408,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             client = await Client.create(home, username, url, passphrase, server_fingerprint=fingerprint,
                                          invite=invite)
         except ServerError as exc:
-            if exc.code == "username_taken":
-                print(f"!! '{username}' is already taken on this server")
+            if exc.code in ("username_taken", "name_reserved", "name_confusable"):
+                print(f"!! {exc.server_message}")
                 username = await _ask_username(prompt, [])
             elif exc.code in ("registration_closed", "bad_invite"):
                 print(f"!! {exc.server_message or exc}")
@@ -410,6 +419,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             continue
         print(f"registered {username}. Your identity fingerprint:\n"
               f"  {client.identity.public.fingerprint_text()}")
+        if client.recovery_code is not None:
+            print_recovery_code(username, client.recovery_code)
         return client
     raise SetupCancelled("registration did not succeed; nothing was created")
 

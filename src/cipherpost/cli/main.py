@@ -26,6 +26,9 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from . import file_cmd
 from . import output as out
+from .account_cmd import print_recovery_code
+from .account_cmd import register as register_account_commands
+from .admin_cmd import register as register_admin_commands
 from .common import (
     EXIT_INTERRUPTED,
     Interrupted,
@@ -39,6 +42,7 @@ from .common import (
     prompt_line,
     read_passphrase,
 )
+from .contacts_cmd import register as register_contact_commands
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -55,6 +59,9 @@ environment:
   CIPHERPOST_PASSPHRASE       the profile's passphrase, for scripts (otherwise asked on the terminal)
   CIPHERPOST_NEW_PASSPHRASE   the new passphrase for `cipherpost passphrase`, for scripts
   CIPHERPOST_VERIFY_PASSWORD  the shared password for `verify NAME --password`, for scripts
+  CIPHERPOST_RECOVERY_CODE    the recovery code for `recover NAME`, for scripts (otherwise asked)
+  CIPHERPOST_OPERATOR         who acts, for the operator log of `admin` (as `admin --as`)
+  CIPHERPOST_STORE            the relay's store URL (as `server --store` and `admin --store`)
   CIPHERPOST_DATA             the relay's data directory (as `server --data` and `invite --data`)
   CIPHERPOST_STORE            the relay's store (as `server --store`: postgresql://...; default SQLite)
   CIPHERPOST_BUS              the relay's wake-up bus across instances (as `server --bus redis://...`)
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     register_server_commands(sub)  # `server` and `invite`: the relay's own flags live with it
+    register_admin_commands(sub)  # `admin`: operator tools on the relay's store
 
     p = add("client", help="interactive chat (creates or unlocks your profile)")
     p.add_argument("--server", default=None,
@@ -164,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object per message: id, direction, text, sent_at, received_at, status")
     p.set_defaults(func=_cmd_history)
 
+    register_contact_commands(add, _run)   # block, unblock, accept, requests
+
     p = add("passphrase", help="change the passphrase of your profile",
                        description="Re-seal the key store under a new passphrase. The new file is "
                                    "written next to the old one, fsynced and renamed over it: a crash "
@@ -174,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="show what each side computes and exactly what the server stores")
     p.set_defaults(func=_cmd_demo)
+
+    register_account_commands(add)  # `recover`, `recovery-key`, `delete-account`
     return parser
 
 
@@ -257,6 +269,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
             out.line(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
             how = "as given" if pin else "on first use - compare it with the fingerprint the server printed"
             out.line(f"server certificate pinned ({how}): {client.server_fingerprint}")
+            if client.recovery_code is not None:
+                print_recovery_code(client.username, client.recovery_code)
+            else:
+                out.line("this relay does not support recovery codes: if you lose this device or forget "
+                         "the passphrase, the name cannot be recovered")
         finally:
             await client.close()
         return 0
@@ -342,6 +359,8 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         for c in client.contacts():
             state, text = contact_state(c)
+            if client.is_blocked(c.name):   # blocked by the user (client/blocks.py)
+                state, text = "blocked", f"BLOCKED by you (`cipherpost unblock {c.name}`)"
             rows.append({"name": c.name, "state": state, "display": text, "verified": c.verified,
                          "added_at": c.added_at})
         if args.json:

@@ -6,7 +6,8 @@ Every frame is one binary WebSocket message holding a msgpack map with ``v`` (ve
 (``hello.caps``) :class:`Block`, :class:`SendMany`, :class:`SendBatch` (a ``send`` with
 ``envelopes``, cap ``batch``; reply :class:`AcceptedMany`), and the blob frames of cap ``blobs``
 (:class:`BlobBegin`, :class:`BlobPut`, :class:`BlobHeld`, :class:`BlobCommit`, :class:`BlobGet`,
-:class:`BlobRelease`; replies :class:`BlobState`, :class:`BlobData`). Server -> client frames: :class:`Hello`,
+:class:`BlobRelease`; replies :class:`BlobState`, :class:`BlobData`), and (``accounts``, docs/accounts.md)
+:class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount`. Server -> client frames: :class:`Hello`,
 :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver` (of
 :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`, :class:`Results`.
 
@@ -59,10 +60,13 @@ MAX_BATCH_ENVELOPES: Final = 16
 MAX_CAPS: Final = 64
 MAX_CAP_LEN: Final = 32
 MAX_RID: Final = (1 << 63) - 1
-MESSAGE_KINDS: Final = frozenset({"msg", "pake"})
+# "derr": a decryption-error report, sent in the clear to the sender of a message that could not
+# be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
+MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
 BLOB_ID_LEN: Final = 16
 MAX_BLOB_CHUNK: Final = 128 * 1024  # bytes of one blob chunk frame; well under DEFAULT_MAX_FRAME
 MAX_BLOB_SIZE: Final = 1 << 40      # what the decoder accepts; the relay's --max-blob-bytes is lower
+RECOVERY_PUBLIC_LEN: Final = 32
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -74,6 +78,7 @@ class Register:
     identity: bytes
     sig: bytes
     invite: str | None = None
+    recovery_public: bytes | None = None  # the account's recovery key, set with it (``accounts``)
     t: ClassVar[str] = "register"
 
 
@@ -82,6 +87,7 @@ class Auth:
     rid: int
     username: str
     sig: bytes
+    counter: int | None = None  # login counter, sent when the relay announces ``login_counter``
     t: ClassVar[str] = "auth"
 
 
@@ -217,6 +223,38 @@ class BlobRelease:
     t: ClassVar[str] = "blob_release"
 
 
+@dataclass(frozen=True, slots=True)
+class SetRecovery:
+    """Cap ``accounts``: set (or replace) the account's recovery public key; ``sig`` by the identity."""
+
+    rid: int
+    recovery_public: bytes
+    sig: bytes
+    t: ClassVar[str] = "set_recovery"
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Cap ``accounts``: rebind ``username`` to ``identity``; ``recovery_sig`` by the recovery key,
+    ``sig`` by the new identity, both over the connection's nonce and channel (docs/accounts.md)."""
+
+    rid: int
+    username: str
+    identity: bytes
+    recovery_sig: bytes
+    sig: bytes
+    t: ClassVar[str] = "recover"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAccount:
+    """Cap ``accounts``: delete the caller's account; ``sig`` by the identity key."""
+
+    rid: int
+    sig: bytes
+    t: ClassVar[str] = "delete_account"
+
+
 # --- server -> client -------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +383,14 @@ class PrekeysLow:
 
 
 @dataclass(frozen=True, slots=True)
+class Drained:
+    """Cap ``drained``: every message queued when the connection authenticated has been pushed
+    (later ones arrive live). Lets ``recv`` stop at once instead of waiting for a quiet period."""
+
+    t: ClassVar[str] = "drained"
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     rid: int | None
     code: str
@@ -353,12 +399,14 @@ class Error:
 
 
 ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | SendBatch | Ack | Ping | Block
-               | SendMany | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease)
-ServerFrame = (Hello | Ok | Bundle | Accepted | AcceptedMany | Pong | Deliver | PrekeysLow | Error | Results
-               | BlobState | BlobData)
+               | SendMany | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease | SetRecovery
+               | Recover | DeleteAccount)
+ServerFrame = (Hello | Ok | Bundle | Accepted | AcceptedMany | Pong | Deliver | PrekeysLow | Drained | Error
+               | Results | BlobState | BlobData)
 Frame = ClientFrame | ServerFrame
 CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, SendBatch, Ack, Ping, Block,
-                             SendMany, BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease)
+                             SendMany, BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease,
+                             SetRecovery, Recover, DeleteAccount)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -380,6 +428,10 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
     elif isinstance(frame, SendBatch):
         out["rid"] = frame.rid
         out["envelopes"] = [{"to": e.to, "id": e.id, "kind": e.kind, "body": e.body} for e in frame.envelopes]
+    elif isinstance(frame, Auth):
+        out.update(rid=frame.rid, username=frame.username, sig=frame.sig)
+        if frame.counter is not None:
+            out["counter"] = frame.counter
     elif isinstance(frame, Ok):
         out["rid"] = frame.rid
         if frame.username is not None:
@@ -489,12 +541,34 @@ def _register(f: _Fields) -> Register:
     return Register(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
                     identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
                     sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
-                    invite=f.opt_str("invite", max_len=128))
+                    invite=f.opt_str("invite", max_len=128),
+                    recovery_public=f.opt_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN))
 
 
 def _auth(f: _Fields) -> Auth:
+    counter = f.m.get("counter")
     return Auth(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
-                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                counter=None if counter is None else f.as_int("counter", value=counter, present=True))
+
+
+def _set_recovery(f: _Fields) -> SetRecovery:
+    return SetRecovery(rid=f.as_int("rid"),
+                       recovery_public=f.as_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN,
+                                                  exact=RECOVERY_PUBLIC_LEN),
+                       sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _recover(f: _Fields) -> Recover:
+    return Recover(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                   identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
+                   recovery_sig=f.as_bytes("recovery_sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                   sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _delete_account(f: _Fields) -> DeleteAccount:
+    return DeleteAccount(rid=f.as_int("rid"),
+                         sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
 
 
 def _upload_prekeys(f: _Fields) -> UploadPrekeys:
@@ -518,7 +592,7 @@ def _send(f: _Fields) -> Send | SendBatch:
     rid = f.as_int("rid")
     kind = f.as_str("kind", max_len=16)
     if kind not in MESSAGE_KINDS:
-        raise f.fail("'kind' must be 'msg' or 'pake'")
+        raise f.fail("'kind' must be one of " + ", ".join(sorted(MESSAGE_KINDS)))
     return Send(rid=rid, to=f.as_str("to", max_len=MAX_NAME_FIELD),
                 id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN), kind=kind,
                 body=f.as_bytes("body", max_len=DEFAULT_MAX_FRAME))
@@ -595,7 +669,7 @@ def _send_many(f: _Fields) -> SendMany:
     rid = f.as_int("rid")
     kind = f.as_str("kind", max_len=16)
     if kind not in MESSAGE_KINDS:
-        raise f.fail("'kind' must be 'msg' or 'pake'")
+        raise f.fail("'kind' must be one of " + ", ".join(sorted(MESSAGE_KINDS)))
     to = [f.as_str("to[]", max_len=MAX_NAME_FIELD, value=v, present=True)
           for v in f.as_list("to", max_items=MAX_SEND_MANY_RECIPIENTS)]
     if not to:
@@ -722,8 +796,9 @@ _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
     "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping, "block": _block,
     "send_many": _send_many, "results": _results, "hello": _hello, "ok": _ok, "bundle": _bundle,
-    "accepted": _accepted, "accepted_many": _accepted_many, "pong": _pong,
-    "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
+    "accepted": _accepted, "accepted_many": _accepted_many, "pong": _pong, "set_recovery": _set_recovery,
+    "recover": _recover, "delete_account": _delete_account,
+    "deliver": _deliver, "prekeys_low": _prekeys_low, "drained": lambda _: Drained(), "error": _error,
     "blob_begin": _blob_begin, "blob_put": _blob_put, "blob_held": _blob_held, "blob_commit": _blob_commit,
     "blob_get": _blob_get, "blob_release": _blob_release, "blob_state": _blob_state, "blob_data": _blob_data,
 }

@@ -48,6 +48,9 @@ class ServerConfig:
     max_outbound_bytes: int = 4 * 1024 * 1024  # queued for one connection; beyond it deliveries wait
     bundle_fetches_per_hour: int = 200  # fetch_bundle per requesting account
     bundle_fetches_per_target_per_hour: int = 20  # fetch_bundle per (requester, target)
+    recovery_attempts_per_account_per_hour: int = 5  # a recovery code is a password-equivalent
+    recovery_attempts_per_prefix_per_hour: int = 20  # per /24 (IPv4) or /64 (IPv6) source network
+    operator_poll_s: float = 2.0  # how often the operator log is read (admin actions on live connections)
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
     store_url: str | None = None  # None: SQLite in data_dir; "sqlite:PATH"; "postgresql://...?schema=NAME"
@@ -98,6 +101,7 @@ class ServerConfig:
         for name in ("max_connections", "max_frame", "max_body", "max_queue", "max_prekey_pool",
                      "rate_burst", "max_connections_per_ip", "max_connections_per_account",
                      "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour",
+                     "recovery_attempts_per_account_per_hour", "recovery_attempts_per_prefix_per_hour",
                      "max_pending_connections", "max_pending_per_prefix", "open_files_reserve"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -116,6 +120,8 @@ class ServerConfig:
             metrics_address(self.metrics_listen)
         if self.auth_timeout_s <= 0:
             raise ValueError("auth_timeout_s must be positive")
+        if self.operator_poll_s <= 0:
+            raise ValueError("operator_poll_s must be positive")
         if self.tls_handshake_timeout_s <= 0:
             raise ValueError("tls_handshake_timeout_s must be positive")
         if self.rate_per_second <= 0:

@@ -273,6 +273,21 @@ class UsageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorAction:
+    """One entry of the operator log (``cipherpost admin``): who did what to which names, when, why.
+
+    The relay polls the log (``operator_log``) to act on live connections (a suspended account's
+    connections are closed), so the log is also how an ``admin`` process reaches a running relay."""
+
+    id: int  # grows with each entry
+    ts_ms: int
+    operator: str
+    action: str  # suspend | unsuspend | delete | reserve | unreserve
+    names: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     accounts: int
     queued_messages: int
@@ -341,6 +356,13 @@ class RelayStore(Protocol):
         """The reserved names, sorted (deleted accounts' names are not listed: see list_accounts)."""
 
     async def add_invite(self, token_hash: bytes, now_ms: int, expires_ms: int) -> None: ...
+
+    async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
+                                  now_ms: int) -> None:
+        """Append to the operator log (never pruned: an operator's actions stay accountable)."""
+
+    async def operator_log(self, after_id: int, limit: int) -> list[OperatorAction]:
+        """Entries with ``id > after_id``, oldest first."""
 
     # --- prekeys ------------------------------------------------------------------------------
 

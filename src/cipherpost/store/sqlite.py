@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import queue
 import sqlite3
@@ -59,6 +60,7 @@ from .base import (
     MailboxPolicy,
     NewMessage,
     NoPrekeys,
+    OperatorAction,
     PoolCounts,
     PrekeyPoolFull,
     QuotaExceeded,
@@ -978,6 +980,24 @@ class SqliteRelayStore(_BlobMixin):
                     for name in sent.keys() | stored.keys()]
             rows.sort(key=lambda r: (-r.messages, -r.bytes_sent, -r.bytes_stored, r.sender))
             return rows
+        return await self._submit(op)
+
+    # --- operator log -----------------------------------------------------------------------
+
+    async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
+                                  now_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO operator_log(ts_ms, operator, action, names, reason) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (now_ms, operator, action, json.dumps(list(names)), reason))
+        await self._submit(op)
+
+    async def operator_log(self, after_id: int, limit: int) -> list[OperatorAction]:
+        def op(conn: sqlite3.Connection) -> list[OperatorAction]:
+            rows = conn.execute("SELECT id, ts_ms, operator, action, names, reason FROM operator_log "
+                                "WHERE id>? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            return [OperatorAction(id=r[0], ts_ms=r[1], operator=r[2], action=r[3],
+                                   names=tuple(json.loads(r[4])), reason=r[5]) for r in rows]
         return await self._submit(op)
 
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:

@@ -60,6 +60,7 @@ _SQLITE_VIEWS: dict[str, str] = {
     "one_time_prekeys": "SELECT username, kind, key_id, data FROM one_time_prekeys",
     "reserved_names": "SELECT name, skeleton, created_ms FROM reserved_names",
     "account_events": "SELECT id, ts, username, action, actor, reason FROM account_events",
+    "operator_log": "SELECT id, ts_ms, operator, action, names, reason FROM operator_log",
     "blocks": "SELECT owner, blocked, created_ms FROM blocks",
     "messages": _MESSAGES,
     "sent": "SELECT sender, msg_id, ts, accepted FROM sent",
@@ -185,7 +186,15 @@ async def _copy(pg: Any, tables: dict[str, list[Row]], messages: list[Row], next
                             "state_reason"], tables["accounts"])
     await copy("invites", ["token_hash", "created_ms", "expires_ms"], tables["invites"])
     await copy("one_time_prekeys", ["username", "kind", "key_id", "data"], tables["one_time_prekeys"])
+    # The target's migration seeded the default reserved names; the source's list (defaults as the
+    # operator edited them) replaces it.
+    await pg.execute("DELETE FROM reserved_names")
     await copy("reserved_names", ["name", "skeleton", "created_ms"], tables["reserved_names"])
+    await copy("operator_log", ["id", "ts_ms", "operator", "action", "names", "reason"],
+               tables["operator_log"])
+    if tables["operator_log"]:
+        await pg.execute("SELECT setval(pg_get_serial_sequence('operator_log', 'id'), "
+                         "(SELECT max(id) FROM operator_log))")
     await copy("account_events", ["id", "ts", "username", "action", "actor", "reason"],
                tables["account_events"])
     if tables["account_events"]:
