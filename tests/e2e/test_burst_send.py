@@ -89,3 +89,20 @@ def test_send_stdin_sends_every_line_in_order_in_one_process(make_user) -> None:
     out = alice.ok("send", "bob", "--stdin", "--json", stdin="\n".join(lines) + "\n")
     assert len([s for s in out.splitlines() if s.strip()]) == 50 and '"queued"' not in out
     assert _texts(bob) == lines
+
+
+def test_large_messages_are_packed_into_frames_under_the_relays_max_frame(make_user) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = make_user("alice"), make_user("bob")
+    events: list[tuple[str, dict[str, Any]]] = []
+    texts = [f"{i:02d}" + "q" * 30_000 for i in range(20)]   # 16 of them would be ~500 KB > 256 KiB
+
+    async def scenario() -> None:
+        async with Client.open(alice.home, "alice", PASSPHRASE,
+                               observer=lambda e, d: events.append((e, d))) as a:
+            await a.connect()
+            await a.send_many([("bob", t) for t in texts])
+            assert a.pending_outbox() == 0
+    asyncio.run(scenario())
+    frames = [d["envelopes"] for e, d in events if e == "accepted_many"]
+    assert sum(frames) == 20 and max(frames) <= 8   # 8 x ~30 KB fit in 256 KiB; 9 would not
+    assert _texts(bob) == texts

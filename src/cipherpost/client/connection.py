@@ -300,11 +300,17 @@ def check_reply(request: dict[str, Any], reply: dict[str, Any]) -> None:
     """Refuse a non-error reply that does not answer ``request`` (its type, and for ``send`` the
     same message id): a relay must not be able to make a message count as accepted by sending
     any frame at all."""
-    expected = EXPECTED_REPLY.get(request["t"])
+    batch = request["t"] == "send" and "envelopes" in request   # cap batch: one reply for all
+    expected = "accepted_many" if batch else EXPECTED_REPLY.get(request["t"])
     if expected is not None and reply.get("t") != expected:
         raise BadReply(f"the server answered {request['t']} with {str(reply.get('t'))[:32]!r} instead of "
                        f"{expected!r}")
-    if request["t"] == "send" and reply.get("id") != request.get("id"):
+    if batch:
+        ids = [e.get("id") for e in request["envelopes"]]
+        status = reply.get("status")
+        if reply.get("ids") != ids or not isinstance(status, list) or len(status) != len(ids):
+            raise BadReply("the server's 'accepted_many' does not list the envelopes sent, one status each")
+    elif request["t"] == "send" and reply.get("id") != request.get("id"):
         raise BadReply("the server's 'accepted' names another message id than the one sent")
 
 

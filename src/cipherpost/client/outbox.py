@@ -4,7 +4,8 @@
 ratchet states, the history rows and the outbox rows in **one** transaction (the ordering rule atop
 ``client/client.py``: state, history and outbox together, before anything is transmitted), then
 flushes the outbox. ``flush_batched`` transmits the outbox in ``send`` frames of up to
-``MAX_BATCH_ENVELOPES`` envelopes (cap ``batch``, docs/wire.md) when the relay announced it, one
+``MAX_BATCH_ENVELOPES`` envelopes and at most the relay's ``max_frame`` bytes (cap ``batch``,
+docs/wire.md) when the relay announced it, one
 frame in flight, and records each frame's statuses in one transaction.
 
 What "in order" means: for each recipient, the relay accepts that recipient's messages in the order
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..crypto.session import Session, encrypt
-from ..protocol.frames import MAX_BATCH_ENVELOPES
+from ..protocol.frames import DEFAULT_MAX_FRAME, MAX_BATCH_ENVELOPES
 from ..protocol.usernames import normalize_username
 from .errors import ClientError, ServerError
 from .plaintext import build_text_payload
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from .client import Client
 
 PERMANENT_REFUSALS = frozenset({"unknown_user", "bad_frame", "too_large"})  # as Client.flush_outbox
+FRAME_OVERHEAD = 64      # bytes of a send frame beyond its envelopes (msgpack keys, rid), rounded up
+ENVELOPE_OVERHEAD = 48   # bytes of one envelope beyond its body and name (keys, 16-byte id, kind)
 
 
 async def send_many(client: Client, items: Sequence[tuple[str, str]]) -> list[bytes]:
@@ -86,23 +89,31 @@ async def flush_batched(client: Client) -> int:
     cap); how many the relay accepted. After the rest went, raises the first refusal (as the
     one-at-a-time path does), permanent ones first."""
     conn = client._require_conn()
+    # A frame over the relay's max_frame would close the connection (1009): fill frames by bytes too.
+    budget = int(conn.limits.get("max_frame") or DEFAULT_MAX_FRAME) - FRAME_OVERHEAD
     held: dict[str, ServerError] = {}  # recipient -> why its queue waits (see the module docstring)
     failed: list[ServerError] = []
     sent = 0
     frame: list[OutboxItem] = []
+    size = 0
     for item in client.db.outbox():
         if item.contact in held:
             continue
+        cost = len(item.envelope) + len(item.contact.encode()) + ENVELOPE_OVERHEAD
+        if frame and size + cost > budget:
+            sent += await _flush_frame(client, conn, frame, held, failed)
+            frame, size = [], 0
         if item.kind != "msg":  # a PAKE message goes alone (the relay rate-limits it per pair)
             sent += await _flush_frame(client, conn, frame, held, failed)
-            frame = []
+            frame, size = [], 0
             if item.contact not in held:
                 sent += await _flush_frame(client, conn, [item], held, failed)
             continue
         frame.append(item)
+        size += cost
         if len(frame) == MAX_BATCH_ENVELOPES:
             sent += await _flush_frame(client, conn, frame, held, failed)
-            frame = []
+            frame, size = [], 0
     sent += await _flush_frame(client, conn, frame, held, failed)
     if failed or held:
         raise (failed + list(held.values()))[0]
