@@ -91,9 +91,33 @@ async def flush_batched(client: Client) -> int:
     conn = client._require_conn()
     # A frame over the relay's max_frame would close the connection (1009): fill frames by bytes too.
     budget = int(conn.limits.get("max_frame") or DEFAULT_MAX_FRAME) - FRAME_OVERHEAD
-    held: dict[str, ServerError] = {}  # recipient -> why its queue waits (see the module docstring)
-    failed: list[ServerError] = []
-    sent = 0
+    flush = _Flush()
+    try:
+        await _flush_all(client, conn, budget, flush)
+    finally:  # One commit for the whole flush: a crash before it resends, and the relay reads duplicate.
+        if flush.outcomes:
+            with client.db.transaction():
+                client.db.mark_sent(flush.outcomes)
+            client._emit("outbox_committed", count=len(flush.outcomes))
+    if flush.failed or flush.held:
+        raise (flush.failed + list(flush.held.values()))[0]
+    return flush.sent
+
+
+class _Flush:
+    """What one flush learnt: outcomes to commit, recipients held, refusals to report."""
+
+    __slots__ = ("failed", "held", "outcomes", "sent")
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, bytes, str]] = []   # (contact, msg_id, history status)
+        self.held: dict[str, ServerError] = {}   # recipient -> why its queue waits (module docstring)
+        self.failed: list[ServerError] = []
+        self.sent = 0
+
+
+async def _flush_all(client: Client, conn: Any, budget: int, flush: _Flush) -> None:
+    held = flush.held
     frame: list[OutboxItem] = []
     size = 0
     for item in client.db.outbox():
@@ -101,30 +125,27 @@ async def flush_batched(client: Client) -> int:
             continue
         cost = len(item.envelope) + len(item.contact.encode()) + ENVELOPE_OVERHEAD
         if frame and size + cost > budget:
-            sent += await _flush_frame(client, conn, frame, held, failed)
+            await _flush_frame(client, conn, frame, flush)
             frame, size = [], 0
         if item.kind != "msg":  # a PAKE message goes alone (the relay rate-limits it per pair)
-            sent += await _flush_frame(client, conn, frame, held, failed)
+            await _flush_frame(client, conn, frame, flush)
             frame, size = [], 0
             if item.contact not in held:
-                sent += await _flush_frame(client, conn, [item], held, failed)
+                await _flush_frame(client, conn, [item], flush)
             continue
         frame.append(item)
         size += cost
         if len(frame) == MAX_BATCH_ENVELOPES:
-            sent += await _flush_frame(client, conn, frame, held, failed)
+            await _flush_frame(client, conn, frame, flush)
             frame, size = [], 0
-    sent += await _flush_frame(client, conn, frame, held, failed)
-    if failed or held:
-        raise (failed + list(held.values()))[0]
-    return sent
+    await _flush_frame(client, conn, frame, flush)
 
 
-async def _flush_frame(client: Client, conn: Any, items: list[OutboxItem],
-                       held: dict[str, ServerError], failed: list[ServerError]) -> int:
+async def _flush_frame(client: Client, conn: Any, items: list[OutboxItem], flush: _Flush) -> None:
+    held, failed = flush.held, flush.failed
     items = [i for i in items if i.contact not in held]  # held while this frame was being filled
     if not items:
-        return 0
+        return
     if len(items) == 1 and items[0].kind != "msg":
         item = items[0]
         try:
@@ -134,7 +155,7 @@ async def _flush_frame(client: Client, conn: Any, items: list[OutboxItem],
         except ServerError as exc:
             if exc.code not in PERMANENT_REFUSALS:
                 held[item.contact] = exc
-                return 0
+                return
             failed.append(exc)
             statuses = [exc.code]
     else:
@@ -144,22 +165,18 @@ async def _flush_frame(client: Client, conn: Any, items: list[OutboxItem],
         if not isinstance(statuses, list) or len(statuses) != len(items):
             raise ClientError("the relay's accepted_many reply does not list one status per envelope")
     sent = 0
-    db = client.db
-    with db.transaction():
-        for item, status in zip(items, statuses, strict=True):
-            if status in ("accepted", "duplicate"):
-                db.remove_outbox(item.msg_id)
-                db.set_status_by_id(item.msg_id, "out", "sent")
-                sent += 1
-            elif status in PERMANENT_REFUSALS:
-                db.remove_outbox(item.msg_id)
-                db.set_status_by_id(item.msg_id, "out", f"failed: {status}")
-                if item.kind == "msg":
-                    failed.append(ServerError(str(status), f"the relay refused a message to {item.contact} "
-                                              f"({status}); it is marked failed"))
-            elif item.contact not in held:
-                held[item.contact] = ServerError(
-                    str(status), f"the relay refused a message to {item.contact} for now ({status}); it "
-                    "stays queued and is retried in order")
+    for item, status in zip(items, statuses, strict=True):
+        if status in ("accepted", "duplicate"):
+            flush.outcomes.append((item.contact, item.msg_id, "sent"))
+            sent += 1
+        elif status in PERMANENT_REFUSALS:
+            flush.outcomes.append((item.contact, item.msg_id, f"failed: {status}"))
+            if item.kind == "msg":
+                failed.append(ServerError(str(status), f"the relay refused a message to {item.contact} "
+                                          f"({status}); it is marked failed"))
+        elif item.contact not in held:
+            held[item.contact] = ServerError(
+                str(status), f"the relay refused a message to {item.contact} for now ({status}); it "
+                "stays queued and is retried in order")
+    flush.sent += sent
     client._emit("accepted_many", count=sent, envelopes=len(items))
-    return sent
