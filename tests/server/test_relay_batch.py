@@ -9,6 +9,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from relay_client import RelayClient
 from relay_harness import harness, run
 
@@ -23,6 +24,8 @@ from cipherpost.protocol.frames import (
     SendBatch,
 )
 from cipherpost.store.base import AccountState
+
+pytestmark = pytest.mark.usefixtures("relay_backend")   # SQLite, and PostgreSQL where configured
 
 
 def env(to: str, body: bytes, msg_id: bytes | None = None, kind: str = "msg") -> Envelope:
