@@ -32,7 +32,7 @@ from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.usernames import normalize_username
-from . import accounts, login_counter, outbox
+from . import accounts, epoch, login_counter, outbox
 from .attachments import FileOffer
 from .backoff import reconnect_delay
 from .blocks import BlockList
@@ -145,7 +145,7 @@ class Client:
                                                        record_key]), params=kdf)
                 write_private_file(paths.keystore, blob)
                 client._conn = conn
-                await client._replenish_prekeys({"one_time": 0, "kem": 0})
+                await client._replenish_prekeys({"one_time": 0, "kem": 0}, replace=epoch.changed(db, conn))
             finally:
                 client._conn = None
                 await conn.close()
@@ -241,7 +241,8 @@ class Client:
             raise
         self._conn = conn
         counts = reply.get("prekeys")
-        await self._replenish_prekeys(counts if isinstance(counts, dict) else {})
+        await self._replenish_prekeys(counts if isinstance(counts, dict) else {},
+                                      replace=epoch.changed(self.db, conn))
         # A refused outbox entry (a full mailbox, a rate limit) does not make the connection bad:
         # it stays queued (or is marked failed when retrying cannot help); `send` reports such
         # refusals to whoever is sending.
@@ -306,17 +307,19 @@ class Client:
     def _save_prekeys(self, store: PrekeyStore) -> None:
         self.db.set_secret_meta("prekeys", store.serialize())
 
-    async def _replenish_prekeys(self, counts: dict[str, Any]) -> None:
+    async def _replenish_prekeys(self, counts: dict[str, Any], *, replace: bool = False) -> None:
         """Top up one-time pools, rotate the signed and last-resort prekeys when due, and
-        (re)publish whatever the relay has not confirmed yet (PQXDH section 3.2)."""
+        (re)publish whatever the relay has not confirmed yet (PQXDH section 3.2). With ``replace``
+        (a new store epoch, client/epoch.py) all of them are new and the relay's pools are dropped."""
         conn = self._require_conn()
         async with self._state_lock:
             store = self.prekeys
             frame: dict[str, Any] = {"t": "upload_prekeys", "signed_prekey": None, "one_time": [],
-                                     "kem_one_time": [], "kem_last_resort": None}
+                                     "kem_one_time": [], "kem_last_resort": None, "replace": replace}
             current = store.current_signed_prekey
             last_resort = self.db.get_meta("last_resort_prekey")   # public, as published
-            if current is None or now_ms() - current.created_at > SIGNED_PREKEY_LIFETIME_MS:
+            counts = {} if replace else counts
+            if replace or current is None or now_ms() - current.created_at > SIGNED_PREKEY_LIFETIME_MS:
                 current, store = store.rotate_signed_prekey(self.identity, now_ms())
                 last_resort = None   # rotated together with the signed prekey
             if last_resort is None:
@@ -352,6 +355,7 @@ class Client:
             chunk = dict(frame, one_time=one_time[:UPLOAD_CHUNK], kem_one_time=kem[:UPLOAD_CHUNK])
             if not first:
                 chunk["signed_prekey"] = chunk["kem_last_resort"] = None
+                chunk["replace"] = False
             one_time, kem = one_time[UPLOAD_CHUNK:], kem[UPLOAD_CHUNK:]
             await conn.request(chunk)
             if first:
@@ -360,6 +364,8 @@ class Client:
                     self.db.set_meta("published_prekeys", {"signed": current.key_id,
                                                            "last_resort": last_resort})
             first = False
+        if replace:
+            epoch.remember(self.db, conn)
 
     async def _on_push(self, frame: dict[str, Any]) -> None:
         kind = frame.get("t")

@@ -26,7 +26,7 @@ from ..crypto.identity import IdentityKeyPair
 from ..crypto.pins import check_pin, spki_sha256
 from ..protocol.addresses import is_loopback
 from ..protocol.errors import ProtocolError
-from ..protocol.frames import decode_frame, frame_to_map
+from ..protocol.frames import EPOCH_LEN, decode_frame, frame_to_map
 from .errors import BadReply, ConnectionFailed, ServerError, ServerPinMismatch
 
 PROTOCOL_VERSION = 1
@@ -90,6 +90,7 @@ class Connection:
         self._nonce = nonce
         self.limits = limits
         self.caps = caps   # what the relay announced in its hello (docs/contracts.md section 5)
+        self.epoch: bytes | None = None  # hello.epoch (cap "epoch", contracts 1.5): client/epoch.py
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._pending_type: dict[int, str] = {}
@@ -166,6 +167,8 @@ class Connection:
         announced = frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else None
         conn = cls(ws, channel, nonce, dict(limits or {}), announced or frozenset())
         conn.spki, conn.pinned_by_certificate = spki, by_certificate
+        epoch = hello.get("epoch")
+        conn.epoch = epoch if isinstance(epoch, bytes) and len(epoch) == EPOCH_LEN else None
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())
         return conn

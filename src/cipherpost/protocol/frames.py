@@ -39,6 +39,7 @@ DEFAULT_MAX_FRAME: Final = 256 * 1024
 DEFAULT_MAX_BODY: Final = 64 * 1024
 MESSAGE_ID_LEN: Final = 16
 NONCE_LEN: Final = 32
+EPOCH_LEN: Final = 16  # hello.epoch (docs/contracts.md 1.5)
 SIGNATURE_LEN: Final = 64
 MAX_NAME_FIELD: Final = 128  # raw username field; the username rules are checked separately
 MAX_IDENTITY_LEN: Final = 512
@@ -98,6 +99,7 @@ class UploadPrekeys:
     one_time: list[bytes] = field(default_factory=list)
     kem_one_time: list[bytes] = field(default_factory=list)
     kem_last_resort: bytes | None = None
+    replace: bool = False  # drop the account's one-time pools first (after a store epoch change)
     t: ClassVar[str] = "upload_prekeys"
 
 
@@ -275,6 +277,7 @@ class Hello:
     server: str
     limits: Limits
     caps: list[str] = field(default_factory=list)  # capabilities (docs/contracts.md 5); absent: none
+    epoch: bytes | None = None  # cap "epoch": the store epoch (contracts 1.5), EPOCH_LEN bytes
     t: ClassVar[str] = "hello"
 
 
@@ -425,6 +428,8 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
         if frame.caps:
             out["caps"] = list(frame.caps)
+        if frame.epoch is not None:
+            out["epoch"] = frame.epoch
     elif isinstance(frame, SendBatch):
         out["rid"] = frame.rid
         out["envelopes"] = [{"to": e.to, "id": e.id, "kind": e.kind, "body": e.body} for e in frame.envelopes]
@@ -576,10 +581,14 @@ def _upload_prekeys(f: _Fields) -> UploadPrekeys:
                 for v in f.as_list("one_time", max_items=MAX_ONE_TIME_PER_UPLOAD, default_empty=True)]
     kem = [f.as_bytes("kem_one_time[]", max_len=MAX_KEM_PREKEY_LEN, value=v, present=True)
            for v in f.as_list("kem_one_time", max_items=MAX_KEM_PER_UPLOAD, default_empty=True)]
+    replace = f.m.get("replace", False)
+    if type(replace) is not bool:
+        raise f.fail("'replace' must be true or false")
     return UploadPrekeys(rid=f.as_int("rid"),
                          signed_prekey=f.opt_bytes("signed_prekey", max_len=MAX_SIGNED_PREKEY_LEN),
                          one_time=one_time, kem_one_time=kem,
-                         kem_last_resort=f.opt_bytes("kem_last_resort", max_len=MAX_KEM_PREKEY_LEN))
+                         kem_last_resort=f.opt_bytes("kem_last_resort", max_len=MAX_KEM_PREKEY_LEN),
+                         replace=replace)
 
 
 def _fetch_bundle(f: _Fields) -> FetchBundle:
@@ -655,7 +664,12 @@ def _hello(f: _Fields) -> Hello:
             for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True)]
     return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
                  limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")),
-                 caps=caps)
+                 caps=caps, epoch=_opt_exact_bytes(f, "epoch", EPOCH_LEN))
+
+
+def _opt_exact_bytes(f: _Fields, key: str, length: int) -> bytes | None:
+    v = f.m.get(key)
+    return None if v is None else f.as_bytes(key, max_len=length, exact=length, value=v, present=True)
 
 
 def _block(f: _Fields) -> Block:

@@ -143,7 +143,7 @@ class Connection:
         try:
             cfg = self.config
             self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
-                                                 caps=[*CAPS, *accounts.CAPS],
+                                                 caps=[*CAPS, *accounts.CAPS], epoch=self.server.epoch,
                                                  limits=Limits(cfg.max_frame, cfg.max_body))))
             async for data in self.ws:
                 self.metrics.frames_received += 1
