@@ -11,10 +11,10 @@ frame in flight, and records each frame's statuses in one transaction.
 What "in order" means: for each recipient, the relay accepts that recipient's messages in the order
 they were sent (the outbox's order), and so the recipient receives them in that order. When the
 relay refuses one for a moment (``mailbox_full``, ``sender_cap``, ``quota_exceeded``,
-``suspended``, ``internal``), it stays in the outbox, and so does every later message to the same
+``internal``), it stays in the outbox, and so does every later message to the same
 recipient: nothing more goes to that recipient in this flush; the next flush starts again from that
 message, in order. Messages to other recipients go on. A permanent refusal (``unknown_user``,
-``bad_frame``, ``too_large``) fails that message (history status ``failed: CODE``) and drops it
+``suspended``, ``bad_frame``, ``too_large``) fails that message (history status ``failed: CODE``) and drops it
 from the outbox, as a single ``send`` does. Within one frame, the envelopes after a refused one to
 the same recipient are refused too (the relay checks them against the same counters, in frame
 order, in the same group commit); the one case where the relay could accept a later one is an ack
@@ -38,7 +38,10 @@ from .profile import OutboxItem
 if TYPE_CHECKING:
     from .client import Client
 
-PERMANENT_REFUSALS = frozenset({"unknown_user", "bad_frame", "too_large"})  # as Client.flush_outbox
+# As Client.flush_outbox: retrying cannot help (a suspended or deleted account is told at once, and
+# the message is marked failed rather than left waiting; docs/accounts.md).
+PERMANENT_REFUSALS = frozenset({"unknown_user", "bad_frame", "too_large", "suspended"})
+_REFUSAL_TEXT = {"suspended": "the account is suspended or deleted", "unknown_user": "no such account"}
 FRAME_OVERHEAD = 64      # bytes of a send frame beyond its envelopes (msgpack keys, rid), rounded up
 ENVELOPE_OVERHEAD = 48   # bytes of one envelope beyond its body and name (keys, 16-byte id, kind)
 
@@ -172,8 +175,9 @@ async def _flush_frame(client: Client, conn: Any, items: list[OutboxItem], flush
         elif status in PERMANENT_REFUSALS:
             flush.outcomes.append((item.contact, item.msg_id, f"failed: {status}"))
             if item.kind == "msg":
+                why = _REFUSAL_TEXT.get(str(status), str(status))
                 failed.append(ServerError(str(status), f"the relay refused a message to {item.contact} "
-                                          f"({status}); it is marked failed"))
+                                          f"({why}); it is marked failed"))
         elif item.contact not in held:
             held[item.contact] = ServerError(
                 str(status), f"the relay refused a message to {item.contact} for now ({status}); it "
