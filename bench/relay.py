@@ -242,7 +242,9 @@ def start_relay(data: Path) -> tuple[subprocess.Popen[str], str, str]:
     proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, "server", "--port", "0", "--data", str(data),
                              "--rate", "1e9", "--rate-burst", "1000000000", "--max-queue", "10000000",
                              # all bench connections come from 127.0.0.1 (2 per pair)
-                             "--max-connections-per-ip", "100000", "--log-level", "warning"],
+                             "--max-connections-per-ip", "100000", "--log-level", "warning",
+                             # 2 accounts per pair, all registered from 127.0.0.0/24 at once
+                             "--registrations-per-prefix-per-hour", "1000000", "--metrics-listen", "off"],
                             stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout is not None
     url = fingerprint = ""

@@ -23,7 +23,8 @@ async def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[n
 def test_one_time_prekeys_are_replenished_when_the_relay_says_low(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Draining a pool needs more fetches of one person than the relay's default quota allows.
     relay = RelayProcess(tmp_path / "generous-relay")
-    relay.start(extra=["--bundle-fetches-per-target-per-hour", "1000"])
+    relay.start(extra=["--bundle-fetches-per-target-per-hour", "1000",
+                       "--one-time-prekeys-per-target-per-hour", "1000"])
     alice, bob = User("alice", tmp_path / "home-alice"), User("bob", tmp_path / "home-bob")
     for user in (alice, bob):
         user.ok("init", user.name, "--server", relay.url, "--server-fingerprint", relay.fingerprint)

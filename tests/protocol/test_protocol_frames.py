@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from cipherpost.protocol.errors import ERROR_CODES, ProtocolError
 from cipherpost.protocol.frames import (
     CLIENT_FRAME_TYPES,
+    MAX_SEND_MANY_RECIPIENTS,
     Accepted,
     Ack,
     Auth,
+    Block,
     Bundle,
     Deliver,
     DeliveredMessage,
@@ -27,7 +29,9 @@ from cipherpost.protocol.frames import (
     PrekeyCounts,
     PrekeysLow,
     Register,
+    Results,
     Send,
+    SendMany,
     UploadPrekeys,
     decode_frame,
     encode_deliver,
@@ -59,6 +63,12 @@ EXAMPLES: list[Frame] = [
     PrekeysLow(one_time=1, kem=0),
     Error(rid=None, code="bad_frame", message="nope"),
     Error(rid=16, code="internal", message="x"),
+    Hello(nonce=b"\x02" * 32, server="relay", limits=Limits(max_frame=1000, max_body=500),
+          caps=["block", "send_many"]),
+    Block(rid=17, username="mallory", on=True),
+    Block(rid=18, username="mallory", on=False),
+    SendMany(rid=19, id=ID, kind="msg", body=b"group", to=["bob", "carol"]),
+    Results(rid=19, id=ID, status=["accepted", "sender_cap"]),
 ]
 
 
@@ -83,7 +93,34 @@ def test_wire_keys_match_the_contract() -> None:
 
 def test_client_frame_types() -> None:
     assert {t.t for t in CLIENT_FRAME_TYPES} == {
-        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping"}
+        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping", "block", "send_many"}
+
+
+def test_hello_caps_are_absent_when_empty_and_ignored_by_old_decoders() -> None:
+    plain = msgpack.unpackb(encode_frame(EXAMPLES[10]))
+    assert "caps" not in plain  # a first-slice relay: no capabilities
+    with_caps = msgpack.unpackb(encode_frame(EXAMPLES[21]))
+    assert with_caps["caps"] == ["block", "send_many"]
+    assert decode_frame(encode_frame(EXAMPLES[10])) == EXAMPLES[10]
+
+
+@pytest.mark.parametrize(("fields", "code"), [
+    ({"t": "block", "rid": 1, "username": "bob"}, "bad_frame"),
+    ({"t": "block", "rid": 1, "username": "bob", "on": 1}, "bad_frame"),
+    ({"t": "block", "rid": 1, "username": 5, "on": True}, "bad_frame"),
+    ({"t": "send_many", "rid": 1, "id": ID, "kind": "msg", "body": b"", "to": []}, "bad_frame"),
+    ({"t": "send_many", "rid": 1, "id": ID, "kind": "msg", "body": b"", "to": "bob"}, "bad_frame"),
+    ({"t": "send_many", "rid": 1, "id": ID, "kind": "msg", "body": b"", "to": [1]}, "bad_frame"),
+    ({"t": "send_many", "rid": 1, "id": ID, "kind": "spam", "body": b"", "to": ["bob"]}, "bad_frame"),
+    ({"t": "send_many", "rid": 1, "id": ID[:3], "kind": "msg", "body": b"", "to": ["bob"]}, "bad_frame"),
+    ({"t": "send_many", "rid": 1, "id": ID, "kind": "msg", "body": b"",
+      "to": ["bob"] * (MAX_SEND_MANY_RECIPIENTS + 1)}, "too_large"),
+    ({"t": "hello", "nonce": bytes(32), "server": "r", "limits": {"max_frame": 1, "max_body": 1},
+      "caps": ["x" * 33]}, "too_large"),
+])
+def test_new_frames_reject_malformed_fields(fields: dict[str, object], code: str) -> None:
+    got, rid = _code(msgpack.packb({"v": 1, **fields}, use_bin_type=True))
+    assert got == code and rid == fields.get("rid")
 
 
 def _code(data: bytes, max_size: int = 1 << 18) -> tuple[str, int | None]:

@@ -45,9 +45,12 @@ class RelayClient:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def connect(cls, url: str, cert_path: Path | None) -> RelayClient:
+    async def connect(cls, url: str, cert_path: Path | None, *,
+                      local_addr: tuple[str, int] | None = None) -> RelayClient:
+        """``local_addr``: the source address, e.g. ("127.0.3.7", 0) to come from another loopback /24."""
         ctx = client_ssl_context(cert_path) if cert_path is not None else None
-        ws = await connect(url, ssl=ctx, max_size=2**22, compression=None)
+        extra: dict[str, Any] = {} if local_addr is None else {"local_addr": local_addr}
+        ws = await connect(url, ssl=ctx, max_size=2**22, compression=None, **extra)
         channel = bytes(32)
         if ctx is not None:
             der = ws.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)

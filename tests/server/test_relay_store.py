@@ -1,10 +1,12 @@
-"""SQLite store behaviour the server relies on: group commit isolation, seq monotonicity, atomicity."""
+"""SQLite specifics the server relies on: group commit isolation, one stored body per fan-out, what stays
+on disk after an ack. The contract every backend meets is tests/server/test_store_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,20 @@ from relay_harness import harness, run
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Ok
 from cipherpost.server.tls import certificate_der, ensure_self_signed, fingerprint_text
-from cipherpost.store.base import MailboxFull, NewMessage, UnknownAccount
+from cipherpost.store.base import (
+    AccountState,
+    Delivery,
+    MailboxFull,
+    MailboxPolicy,
+    NewMessage,
+    RecipientStatus,
+    UnknownAccount,
+)
 from cipherpost.store.sqlite import SqliteRelayStore
 
 
-def _msg(to: str, i: int, sender: str = "alice") -> NewMessage:
-    return NewMessage(sender=sender, recipient=to, msg_id=i.to_bytes(16, "big"), kind="msg", body=b"b", ts=1)
+def _msg(to: str, i: int, sender: str = "alice", body: bytes = b"b") -> NewMessage:
+    return NewMessage(sender=sender, recipient=to, msg_id=i.to_bytes(16, "big"), kind="msg", body=body, ts=1)
 
 
 def test_one_refused_send_does_not_spoil_its_group_commit(tmp_path: Path) -> None:
@@ -27,9 +37,9 @@ def test_one_refused_send_does_not_spoil_its_group_commit(tmp_path: Path) -> Non
         store = SqliteRelayStore(tmp_path / "r.db")
         await store.open()
         await store.create_account("bob", b"id", 0)
-        futures = [store.enqueue(_msg("bob", i), max_queue=3) for i in range(5)]
-        futures.insert(2, store.enqueue(_msg("nobody", 99), max_queue=3))
-        futures.insert(3, store.enqueue(_msg("bob", 0), max_queue=3))  # duplicate of the first
+        futures = [store.enqueue(_msg("bob", i), 3) for i in range(5)]
+        futures.insert(2, store.enqueue(_msg("nobody", 99), 3))
+        futures.insert(3, store.enqueue(_msg("bob", 0), 3))  # duplicate of the first
         results = await asyncio.gather(*futures, return_exceptions=True)
         await store.close()
         assert store.batches < len(futures)  # they really shared commits
@@ -44,47 +54,84 @@ def test_one_refused_send_does_not_spoil_its_group_commit(tmp_path: Path) -> Non
     run(scenario())
 
 
-def test_sequence_numbers_never_repeat_across_restarts(tmp_path: Path) -> None:
+def test_fan_out_stores_its_body_once_and_dedup_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         store = SqliteRelayStore(tmp_path / "r.db")
         await store.open()
-        await store.create_account("bob", b"id", 0)
-        first = await store.enqueue(_msg("bob", 1), 10)
-        assert await store.ack("bob", [first.seq]) == 1  # the highest seq is gone
+        for name in ("bob", "carol", "dave"):
+            await store.create_account(name, b"id", 0)
+        body = os.urandom(3000)
+        delivery = Delivery(sender="alice", msg_id=bytes(16), kind="msg", body=body, ts=1,
+                            recipients=["bob", "carol", "dave"])
+        results = await store.enqueue_many(delivery, MailboxPolicy())
+        single = await store.enqueue(_msg("bob", 5), MailboxPolicy())
+        with sqlite3.connect(tmp_path / "r.db") as db:
+            assert db.execute("SELECT count(*), sum(length(body)) FROM bodies").fetchone() == (1, 3000)
+            assert db.execute("SELECT count(*) FROM messages WHERE body IS NULL").fetchone()[0] == 3
+            assert db.execute("SELECT length(body) FROM messages WHERE seq=?",
+                              (single.seq,)).fetchone()[0] == 1  # a 1:1 body stays in its row
+            assert db.execute("SELECT count(*) FROM sent").fetchone()[0] == 2  # one per (sender, msg_id)
+        for result in results:
+            assert result.seq is not None
+            assert await store.ack(result.recipient, [result.seq]) == 1
         await store.close()
-        store = SqliteRelayStore(tmp_path / "r.db")
+        with sqlite3.connect(tmp_path / "r.db") as db:
+            assert db.execute("SELECT count(*) FROM bodies").fetchone()[0] == 0
+            assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    run(scenario())
+
+
+def _on_disk(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+def test_acked_bodies_leave_the_database_and_wal_at_the_checkpoint(tmp_path: Path) -> None:
+    """docs/contracts.md 1.6: secure_delete zeroes the rows, the truncating checkpoint removes the WAL
+    frames that still held them."""
+    async def scenario() -> None:
+        path = tmp_path / "relay.db"
+        store = SqliteRelayStore(path, checkpoint_interval_s=0.05)
         await store.open()
-        second = await store.enqueue(_msg("bob", 2), 10)
-        assert second.seq > first.seq
-        again = await store.enqueue(_msg("bob", 1), 10)  # dedup survives ack and restart
-        assert again.duplicate and again.seq == first.seq
-        assert await store.ack("bob", [second.seq]) == 1
-        await store.prune(now_ms=10**15, dedup_window_ms=0)  # every remembered id is forgotten
-        await store.close()
-        store = SqliteRelayStore(tmp_path / "r.db")
-        await store.open()
-        third = await store.enqueue(_msg("bob", 3), 10)
-        assert third.seq > second.seq
+        for name in ("bob", "carol"):
+            await store.create_account(name, b"id", 0)
+        small, large, shared = os.urandom(200), os.urandom(20_000), os.urandom(300)  # large: overflow pages
+        kept = os.urandom(200)
+        seqs = [(await store.enqueue(_msg("bob", i, body=body), 10)).seq
+                for i, body in enumerate((small, large))]
+        fanned = await store.enqueue_many(Delivery(sender="alice", msg_id=b"f" * 16, kind="msg", body=shared,
+                                                   ts=1, recipients=["bob", "carol"]), MailboxPolicy())
+        await store.enqueue(_msg("carol", 9, body=kept), 10)
+        on_disk = _on_disk(path)
+        assert all(body[:64] in on_disk for body in (small, large, shared, kept))  # the probe finds them
+        assert await store.ack("bob", [*seqs, fanned[0].seq or 0]) == 3
+        assert await store.ack("carol", [fanned[1].seq or 0]) == 1
+        acked_in = store.batches
+        deadline = time.monotonic() + 30
+        while store.checkpointed_batch < acked_in:  # wait for the writer's next checkpoint
+            assert time.monotonic() < deadline, "no checkpoint ran"
+            await asyncio.sleep(0.01)
+        on_disk = _on_disk(path)
+        for body in (small, large, shared):
+            for start in range(0, len(body) - 32, 500):
+                assert body[start:start + 32] not in on_disk
+        assert kept[:64] in on_disk  # what is still queued is still there
         await store.close()
     run(scenario())
 
 
-def test_concurrent_take_bundle_is_atomic_at_store_level(tmp_path: Path) -> None:
+def test_an_operator_change_from_another_process_is_seen_by_the_writer(tmp_path: Path) -> None:
+    """The writer's cached account states are reloaded when another connection commits."""
     async def scenario() -> None:
         store = SqliteRelayStore(tmp_path / "r.db")
         await store.open()
         await store.create_account("bob", b"id", 0)
-        await store.put_prekeys("bob", signed_prekey=b"spk",
-                                one_time=[(i, os.urandom(32)) for i in range(50)],
-                                kem_one_time=[(i, os.urandom(40)) for i in range(30)],
-                                kem_last_resort=b"lr", max_pool=100)
-        bundles = await asyncio.gather(*[store.take_bundle("bob") for _ in range(60)])
+        await store.enqueue(_msg("bob", 1), 10)  # bob's state is cached now
+        with sqlite3.connect(tmp_path / "r.db") as db:
+            db.execute("UPDATE accounts SET state=? WHERE username='bob'", (AccountState.SUSPENDED.value,))
+        results = await store.enqueue_many(Delivery(sender="alice", msg_id=b"x" * 16, kind="msg", body=b"b",
+                                                    ts=1, recipients=["bob"]), MailboxPolicy())
+        assert results[0].status is RecipientStatus.SUSPENDED
         await store.close()
-        one_time = [b.one_time_prekey for b in bundles if b.one_time_prekey]
-        assert len(one_time) == len(set(one_time)) == 50
-        kem = [b.kem_prekey for b in bundles if b.kem_prekey != b"lr"]
-        assert len(kem) == len(set(kem)) == 30
-        assert bundles[-1].remaining.one_time == 0
     run(scenario())
 
 

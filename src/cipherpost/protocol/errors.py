@@ -24,11 +24,22 @@ BAD_PREKEY: Final = "bad_prekey"
 MAILBOX_FULL: Final = "mailbox_full"
 RATE_LIMITED: Final = "rate_limited"
 INTERNAL: Final = "internal"
+# Mailbox caps, quotas and account states (issue 9, docs/contracts.md sections 1.1 and 5):
+SENDER_CAP: Final = "sender_cap"  # this sender's share of the recipient's queue is used up
+QUOTA_EXCEEDED: Final = "quota_exceeded"  # the recipient's byte quota, or the relay's disk budget
+SUSPENDED: Final = "suspended"  # the recipient's account is suspended or deleted
+BLOCKED: Final = "blocked"  # reserved: never sent to the sender of a blocked message (it reads accepted)
+STALE_PROFILE: Final = "stale_profile"
+NAME_RESERVED: Final = "name_reserved"
+NAME_CONFUSABLE: Final = "name_confusable"
+BAD_RECOVERY: Final = "bad_recovery"
 
 ERROR_CODES: Final = frozenset({
     BAD_FRAME, UNSUPPORTED_VERSION, UNKNOWN_TYPE, TOO_LARGE, NOT_AUTHENTICATED, AUTH_FAILED,
     ALREADY_AUTHENTICATED, INVALID_USERNAME, USERNAME_TAKEN, REGISTRATION_CLOSED, BAD_INVITE,
     UNKNOWN_USER, NO_PREKEYS, BAD_SIGNATURE, BAD_PREKEY, MAILBOX_FULL, RATE_LIMITED, INTERNAL,
+    SENDER_CAP, QUOTA_EXCEEDED, SUSPENDED, BLOCKED, STALE_PROFILE, NAME_RESERVED, NAME_CONFUSABLE,
+    BAD_RECOVERY,
 })
 
 

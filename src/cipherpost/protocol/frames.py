@@ -2,9 +2,10 @@
 
 Every frame is one binary WebSocket message holding a msgpack map with ``v`` (version) and ``t``
 (type). Client -> server frames: :class:`Register`, :class:`Auth`, :class:`UploadPrekeys`,
-:class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`. Server -> client frames:
-:class:`Hello`, :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver`
-(of :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`.
+:class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`, and behind capability flags
+(``hello.caps``) :class:`Block`, :class:`SendMany`. Server -> client frames: :class:`Hello`,
+:class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver` (of
+:class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`, :class:`Results`.
 
 Decoding is strict: every field is checked for type and size, and any failure raises
 :class:`~cipherpost.protocol.errors.ProtocolError` with a wire error code (``bad_frame``,
@@ -45,6 +46,9 @@ MAX_KEM_PER_UPLOAD: Final = 150
 MAX_ACK_SEQS: Final = 4096
 MAX_DELIVER_MESSAGES: Final = 4096
 MAX_TEXT_FIELD: Final = 1024
+MAX_SEND_MANY_RECIPIENTS: Final = 1000  # = store.base.MAX_FANOUT; the relay may allow fewer
+MAX_CAPS: Final = 64
+MAX_CAP_LEN: Final = 32
 MAX_RID: Final = (1 << 63) - 1
 MESSAGE_KINDS: Final = frozenset({"msg", "pake"})
 
@@ -108,6 +112,29 @@ class Ping:
     t: ClassVar[str] = "ping"
 
 
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Cap ``block``: the caller blocks (``on``) or unblocks ``username``; the relay then drops that
+    sender's messages to the caller (the sender reads ``accepted``)."""
+
+    rid: int
+    username: str
+    on: bool
+    t: ClassVar[str] = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class SendMany:
+    """Cap ``send_many``: one body for up to ``MAX_SEND_MANY_RECIPIENTS`` distinct recipients."""
+
+    rid: int
+    id: bytes
+    kind: str
+    body: bytes
+    to: list[str]
+    t: ClassVar[str] = "send_many"
+
+
 # --- server -> client -------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +154,7 @@ class Hello:
     nonce: bytes
     server: str
     limits: Limits
+    caps: list[str] = field(default_factory=list)  # capabilities (docs/contracts.md 5); absent: none
     t: ClassVar[str] = "hello"
 
 
@@ -165,6 +193,18 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Results:
+    """Reply to ``send_many``: one status per recipient, in the order of ``to`` (``accepted``,
+    ``duplicate``, ``unknown_user``, ``suspended``, ``mailbox_full``, ``sender_cap``,
+    ``quota_exceeded``)."""
+
+    rid: int
+    id: bytes
+    status: list[str]
+    t: ClassVar[str] = "results"
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveredMessage:
     seq: int
     sender: str  # "from" on the wire
@@ -195,10 +235,10 @@ class Error:
     t: ClassVar[str] = "error"
 
 
-ClientFrame = Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping
-ServerFrame = Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error
+ClientFrame = Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | Block | SendMany
+ServerFrame = Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error | Results
 Frame = ClientFrame | ServerFrame
-CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping)
+CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, Block, SendMany)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -215,6 +255,8 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
     elif isinstance(frame, Hello):
         out.update(nonce=frame.nonce, server=frame.server,
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
+        if frame.caps:
+            out["caps"] = list(frame.caps)
     elif isinstance(frame, Ok):
         out["rid"] = frame.rid
         if frame.username is not None:
@@ -384,8 +426,38 @@ def _ping(f: _Fields) -> Ping:
 
 def _hello(f: _Fields) -> Hello:
     limits = _Fields("hello.limits", f.as_map("limits"), None)
+    caps = [f.as_str("caps[]", max_len=MAX_CAP_LEN, value=c, present=True)
+            for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True)]
     return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
-                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")))
+                 limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")),
+                 caps=caps)
+
+
+def _block(f: _Fields) -> Block:
+    on = f.get("on")
+    if type(on) is not bool:
+        raise f.fail("'on' must be true or false")
+    return Block(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD), on=on)
+
+
+def _send_many(f: _Fields) -> SendMany:
+    rid = f.as_int("rid")
+    kind = f.as_str("kind", max_len=16)
+    if kind not in MESSAGE_KINDS:
+        raise f.fail("'kind' must be 'msg' or 'pake'")
+    to = [f.as_str("to[]", max_len=MAX_NAME_FIELD, value=v, present=True)
+          for v in f.as_list("to", max_items=MAX_SEND_MANY_RECIPIENTS)]
+    if not to:
+        raise f.fail("'to' names no recipient")
+    return SendMany(rid=rid, id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN), kind=kind,
+                    body=f.as_bytes("body", max_len=DEFAULT_MAX_FRAME), to=to)
+
+
+def _results(f: _Fields) -> Results:
+    status = [f.as_str("status[]", max_len=32, value=v, present=True)
+              for v in f.as_list("status", max_items=MAX_SEND_MANY_RECIPIENTS)]
+    return Results(rid=f.as_int("rid"), id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN),
+                   status=status)
 
 
 def _counts(f: _Fields, m: dict[Any, Any]) -> PrekeyCounts:
@@ -441,8 +513,9 @@ def _error(f: _Fields) -> Error:
 
 _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
-    "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping,
-    "hello": _hello, "ok": _ok, "bundle": _bundle, "accepted": _accepted, "pong": _pong,
+    "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping, "block": _block,
+    "send_many": _send_many, "results": _results, "hello": _hello, "ok": _ok, "bundle": _bundle,
+    "accepted": _accepted, "pong": _pong,
     "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
 }
 

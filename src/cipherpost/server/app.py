@@ -3,7 +3,8 @@
 ``RelayServer(config)``; ``await start()`` binds and returns once listening (``.port``,
 ``.cert_fingerprint``, ``.channel_binding``); ``await stop()`` shuts down gracefully: stop
 listening, close every connection (1001), then let the store commit everything already submitted.
-HTTP ``GET /healthz`` and ``GET /metrics`` are answered on the same port (``process_request``).
+HTTP ``GET /healthz`` is answered on the same port (``process_request``); ``GET /metrics`` only on
+the separate metrics listener (``--metrics-listen``, loopback by default: ``server/metrics.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Iterable
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from ..crypto.errors import CryptoError
@@ -28,8 +28,9 @@ from ..store.sqlite import SqliteRelayStore
 from . import tls
 from .config import ServerConfig
 from .connection import Connection
-from .limits import WindowLimiter
-from .metrics import Metrics
+from .handlers import mail
+from .limits import build_limiters
+from .metrics import Metrics, MetricsListener
 from .transport import BatchingServerConnection
 
 log = logging.getLogger("cipherpost.server")
@@ -46,10 +47,9 @@ class RelayServer:
         self.store: RelayStore = store or SqliteRelayStore(config.db_path,
                                                            synchronous=config.sqlite_synchronous)
         self.metrics = Metrics()
-        self.pake_limiter = WindowLimiter(config.pake_per_hour, 3600.0)
-        # fetch_bundle spends the target's one-time prekeys: limited per requester and per pair
-        self.fetch_limiter = WindowLimiter(config.bundle_fetches_per_hour, 3600.0)
-        self.fetch_pair_limiter = WindowLimiter(config.bundle_fetches_per_target_per_hour, 3600.0)
+        self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
+        self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
+        self.metrics_listener: MetricsListener | None = None
         self._per_ip: dict[str, int] = {}  # open connections per source address
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
@@ -94,6 +94,9 @@ class RelayServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{scheme}://{host}:{self.port}"
         self._prune_task = asyncio.create_task(self._prune_loop())
+        if cfg.metrics_listen is not None:
+            self.metrics_listener = MetricsListener(self.metrics, self.store, cfg.metrics_listen)
+            await self.metrics_listener.start()
         log.info("event=listening url=%s data=%s registration=%s fingerprint=%s", self.url, cfg.data_dir,
                  cfg.registration, self.cert_fingerprint or "none")
 
@@ -103,9 +106,12 @@ class RelayServer:
         server, self._server = self._server, None
         if self._prune_task is not None:
             self._prune_task.cancel()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.stop()
         server.close(close_connections=True)
         await server.wait_closed()
         await self.store.close()  # commits everything already submitted
+        await self.limiters.close()
         self._stopped.set()
         log.info("event=stopped")
 
@@ -117,9 +123,7 @@ class RelayServer:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             with contextlib.suppress(Exception):
                 await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
-                now = time.monotonic()
-                for limiter in (self.pake_limiter, self.fetch_limiter, self.fetch_pair_limiter):
-                    limiter.prune(now)
+                self.limiters.prune()
 
     # --- HTTP side: health and metrics --------------------------------------------------------
 
@@ -127,17 +131,9 @@ class RelayServer:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
-        if path == "/metrics":
-            stats = await self.store.stats()
-            store_batches = getattr(self.store, "batches", None)
-            store_ops = getattr(self.store, "batched_ops", None)
-            body = self.metrics.render(queued=stats.queued_messages, accounts=stats.accounts,
-                                       store_batches=store_batches, store_ops=store_ops)
-            response = connection.respond(HTTPStatus.OK, body)
-            response.headers = Headers([(k, v) for k, v in response.headers.raw_items()
-                                        if k.lower() != "content-type"])
-            response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-            return response
+        if path == "/metrics":  # served on the metrics listener only (a presence oracle here)
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: /metrics is served on the "
+                                                            "metrics listener (--metrics-listen)\n")
         if self.metrics.connections_open >= self.config.max_connections:
             self.metrics.connections_refused += 1
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")

@@ -51,6 +51,22 @@ class ServerConfig:
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
     server_name: str = "cipherpost-relay/0.1"
+    # --- bounded state, mailboxes, metrics and logs (issue 9; docs/server.md "Limits") ---------
+    one_time_prekeys_per_target_per_hour: int = 60  # all requesters together; then last-resort keys
+    registrations_per_prefix_per_hour: int = 20  # per IPv4 /24 or IPv6 /64
+    auth_failures_per_prefix_per_hour: int = 200  # failed auth/register proofs per prefix
+    prekey_uploads_per_account_per_hour: int = 2000  # prekeys uploaded (signature checks, writes)
+    fanout_deliveries_per_hour: int = 20_000  # send_many deliveries (recipients) per sender
+    new_recipients_per_hour: int = 1000  # send_many recipients the sender did not write to last hour
+    max_fanout: int = 1000  # recipients of one send_many
+    limiter_max_keys: int = 100_000  # per in-memory limiter
+    limits_redis: str | None = None  # redis://... : limiters shared by several instances
+    limits_redis_prefix: str = "cipherpost:limit:"
+    max_queue_per_sender: int = 1000  # per (sender, recipient); min'd with max_queue
+    max_stored_bytes: int = 256 * 1024 * 1024  # queued mail (and blobs) per recipient account
+    disk_budget_bytes: int | None = None  # the whole store; None: no budget
+    metrics_listen: str | None = None  # "HOST:PORT" of the /metrics listener; None: none
+    log_peer_addresses: bool = False  # info logs tie usernames to IP:port only when set
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for the operator."""
@@ -76,6 +92,16 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive")
         if self.max_outbound_bytes < 2 * self.max_frame:
             raise ValueError(f"max_outbound_bytes must be at least twice max_frame ({2 * self.max_frame})")
+        for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
+                     "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
+                     "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
+                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.disk_budget_bytes is not None and self.disk_budget_bytes < 1:
+            raise ValueError("disk_budget_bytes must be positive")
+        if self.metrics_listen is not None:
+            metrics_address(self.metrics_listen)
         if self.auth_timeout_s <= 0:
             raise ValueError("auth_timeout_s must be positive")
         if self.rate_per_second <= 0:
@@ -84,3 +110,12 @@ class ServerConfig:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "relay.db"
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) of the metrics listener; ValueError with an operator message."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--metrics-listen must be HOST:PORT (e.g. 127.0.0.1:9765), not {text!r}")
+    return host, int(port)

@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +39,13 @@ from websockets.exceptions import ConnectionClosed
 from ..crypto.encoding import pack
 from ..crypto.errors import CryptoError, InvalidSignature
 from ..crypto.identity import PublicIdentity
-from ..crypto.prekeys import KemPrekey, OneTimePrekey, SignedPrekey
 from ..protocol import errors as E
 from ..protocol.errors import ProtocolError
 from ..protocol.frames import (
     MAX_DELIVER_MESSAGES,
     Ack,
     Auth,
-    Bundle,
+    Block,
     DeliveredMessage,
     Error,
     FetchBundle,
@@ -58,6 +58,7 @@ from ..protocol.frames import (
     PrekeysLow,
     Register,
     Send,
+    SendMany,
     UploadPrekeys,
     decode_frame,
     encode_accepted,
@@ -68,22 +69,20 @@ from ..protocol.usernames import require_normalized
 from ..store.base import (
     EnqueueResult,
     InvalidInvite,
-    MailboxFull,
     NewMessage,
-    NoPrekeys,
     PoolCounts,
-    PrekeyPoolFull,
     StoreError,
-    UnknownAccount,
     UsernameTaken,
 )
-from .limits import TokenBucket
+from .handlers import CAPS, mail, prekeys
+from .limits import TokenBucket, address_prefix, retry_text
 from .transport import BatchingServerConnection
 
 if TYPE_CHECKING:
     from .app import RelayServer
 
 log = logging.getLogger("cipherpost.server")
+_CONNECTION_IDS = itertools.count(1)
 
 SYNC_PAGE = 256
 MAX_IN_FLIGHT_SENDS = 1024  # per connection; beyond it the connection's frames wait (backpressure)
@@ -122,7 +121,12 @@ class Connection:
         self._flush_queued = False  # registered with server.flush_soon for this loop iteration
         self._writer_busy = False  # the writer task is inside send_frames (possibly draining)
         peer = ws.remote_address
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.prefix = address_prefix(self.address)  # the limits' unit: IPv4 /24, IPv6 /64
+        # Logs name a connection by a number unless the operator asks for addresses (--log-peer-addresses):
+        # by default they do not tie usernames to IP:port.
+        self.peer = (f"{self.address}:{peer[1]}" if self.config.log_peer_addresses and isinstance(peer, tuple)
+                     else f"c{next(_CONNECTION_IDS)}")
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -131,7 +135,7 @@ class Connection:
         self._spawn(self._auth_deadline())
         try:
             cfg = self.config
-            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
+            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name, caps=list(CAPS),
                                                  limits=Limits(cfg.max_frame, cfg.max_body))))
             async for data in self.ws:
                 self.metrics.frames_received += 1
@@ -275,7 +279,7 @@ class Connection:
         if self._writer_busy or not self.ws.can_send_now():
             self._wake.set()  # the writer task handles flow control, closing and errors
             return
-        out, delivered = self._take_outbound()
+        out, _ = self._take_outbound()
         if not out:
             return
         try:
@@ -284,7 +288,6 @@ class Connection:
             log.warning("event=write_failed peer=%s error=%s", self.peer, type(exc).__name__)
             self._abort_now("write failed")
             return
-        self.metrics.messages_delivered += delivered
         self._flushed.set()
 
     def _take_outbound(self) -> tuple[list[bytes], int]:
@@ -313,14 +316,13 @@ class Connection:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                out, delivered = self._take_outbound()
+                out, _ = self._take_outbound()
                 if out:
                     self._writer_busy = True
                     try:
                         await self.ws.send_frames(out)
                     finally:
                         self._writer_busy = False
-                    self.metrics.messages_delivered += delivered
                 if not self._frames and not self._messages:
                     self._flushed.set()
         except ConnectionClosed:
@@ -370,12 +372,16 @@ class Connection:
             return False
         return True
 
-    def _auth_failed(self, message: str) -> ProtocolError:
+    async def _auth_failed(self, message: str, code: str = E.AUTH_FAILED) -> ProtocolError:
+        """Count a failed proof or an auth for an unknown user, on this connection and on its
+        address prefix (a new connection does not start from zero)."""
         self.auth_failures += 1
         self.metrics.auth_failure += 1
         if self.auth_failures >= self.config.max_auth_failures:
             self._abort("too many failed authentication attempts")
-        return ProtocolError(E.AUTH_FAILED, message)
+        elif not (await self.server.limiters.auth_failures.hit(self.prefix)).allowed:
+            self._abort("too many failed authentication attempts from this network")
+        return ProtocolError(code, message)
 
     async def _register(self, frame: Register) -> None:
         if self.username is not None:
@@ -395,15 +401,21 @@ class Connection:
             if not frame.invite:
                 raise ProtocolError(E.BAD_INVITE, "this server requires an invite token to register")
             invite_hash = hashlib.sha256(frame.invite.encode("utf-8")).digest()
+        allowed = await self.server.limiters.registrations.peek(self.prefix)
+        if not allowed.allowed:
+            raise ProtocolError(E.RATE_LIMITED, "too many accounts registered from this network "
+                                f"({self.config.registrations_per_prefix_per_hour} per hour); "
+                                f"{retry_text(allowed)}")
         if not self._check_proof("register", identity, username, frame.sig):
-            raise self._auth_failed("register: proof of possession does not verify (wrong key, nonce "
-                                    "or server certificate)")
+            raise await self._auth_failed("register: proof of possession does not verify (wrong key, "
+                                          "nonce or server certificate)")
         try:
             await self.store.create_account(username, frame.identity, _now_ms(), invite_hash)
         except UsernameTaken:
             raise ProtocolError(E.USERNAME_TAKEN, f"username {username!r} is taken") from None
         except InvalidInvite:
             raise ProtocolError(E.BAD_INVITE, "invite token is unknown, already used or expired") from None
+        await self.server.limiters.registrations.hit(self.prefix)  # counted once created
         self.metrics.registrations += 1
         self.server.remember_identity(username, identity)
         log.info("event=registered user=%s identity=%s peer=%s", username, identity.short_id(), self.peer)
@@ -415,11 +427,11 @@ class Connection:
             raise ProtocolError(E.ALREADY_AUTHENTICATED, f"already authenticated as {self.username}")
         username = require_normalized(frame.username)
         identity = await self.server.identity_of(username)
-        if identity is None:
-            raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r} on this server")
+        if identity is None:  # a failure like a bad proof: probing names costs the same
+            raise await self._auth_failed(f"no account named {username!r} on this server", E.UNKNOWN_USER)
         if not self._check_proof("auth", identity, username, frame.sig):
-            raise self._auth_failed("signature does not verify for this account, nonce and server "
-                                    "certificate")
+            raise await self._auth_failed("signature does not verify for this account, nonce and "
+                                          "server certificate")
         counts = await self.store.prekey_counts(username)
         # checked after the last await, so that concurrent logins cannot both pass it
         per_account = self.config.max_connections_per_account
@@ -483,83 +495,24 @@ class Connection:
         for message in buffered:
             self.push(message)
 
-    async def _upload_prekeys(self, frame: UploadPrekeys) -> None:
-        assert self.username is not None
-        identity = await self.server.identity_of(self.username)
-        assert identity is not None
-        # PQXDH section 3.2: prekeys are signed by the identity; refuse any that is not.
-        try:
-            signed = None
-            if frame.signed_prekey is not None:
-                signed = SignedPrekey.decode(frame.signed_prekey)
-            one_time = [OneTimePrekey.decode(b) for b in frame.one_time]
-            kem = [KemPrekey.decode(b) for b in frame.kem_one_time]
-            last_resort = None if frame.kem_last_resort is None else KemPrekey.decode(frame.kem_last_resort)
-        except CryptoError as exc:
-            raise ProtocolError(E.BAD_PREKEY, f"undecodable prekey ({exc})") from None
-        if any(k.last_resort for k in kem):
-            raise ProtocolError(E.BAD_PREKEY, "kem_one_time holds a key marked last_resort")
-        if last_resort is not None and not last_resort.last_resort:
-            raise ProtocolError(E.BAD_PREKEY, "kem_last_resort holds a key not marked last_resort")
-        try:
-            for key in [signed, last_resort, *kem]:
-                if key is not None:
-                    key.verify(identity)
-        except CryptoError:
-            raise ProtocolError(E.BAD_SIGNATURE, "a prekey signature does not verify against the account "
-                                                 "identity") from None
-        try:
-            counts = await self.store.put_prekeys(
-                self.username, signed_prekey=frame.signed_prekey,
-                one_time=[(k.key_id, b) for k, b in zip(one_time, frame.one_time, strict=True)],
-                kem_one_time=[(k.key_id, b) for k, b in zip(kem, frame.kem_one_time, strict=True)],
-                kem_last_resort=frame.kem_last_resort, max_pool=self.config.max_prekey_pool)
-        except PrekeyPoolFull as exc:
-            raise ProtocolError(E.BAD_PREKEY, str(exc)) from None
-        self._queue_frame(encode_frame(Ok(rid=frame.rid, prekeys=_counts(counts))))
-
-    async def _fetch_bundle(self, frame: FetchBundle) -> None:
-        assert self.username is not None
-        username = require_normalized(frame.username)
-        # Each fetch spends one of the target's one-time prekeys: limit who may spend how many.
-        now = time.monotonic()
-        cfg = self.config
-        pair = (self.username, username)
-        if not self.server.fetch_pair_limiter.would_allow(pair, now):
-            raise ProtocolError(E.RATE_LIMITED, f"too many prekey bundle fetches for {username!r} "
-                                f"({cfg.bundle_fetches_per_target_per_hour} per hour); try again later")
-        if not self.server.fetch_limiter.allow((self.username, ""), now):
-            raise ProtocolError(E.RATE_LIMITED, "too many prekey bundle fetches from this account "
-                                f"({cfg.bundle_fetches_per_hour} per hour); try again later")
-        self.server.fetch_pair_limiter.allow(pair, now)
-        try:
-            parts = await self.store.take_bundle(username)
-        except UnknownAccount:
-            raise ProtocolError(E.UNKNOWN_USER, f"no account named {username!r}") from None
-        except NoPrekeys:
-            raise ProtocolError(E.NO_PREKEYS, f"{username!r} has not published prekeys yet") from None
-        self.metrics.bundles_served += 1
-        self._queue_frame(encode_frame(Bundle(
-            rid=frame.rid, username=username, identity=parts.identity, signed_prekey=parts.signed_prekey,
-            kem_prekey=parts.kem_prekey, one_time_prekey=parts.one_time_prekey)))
-        left = parts.remaining
-        threshold = self.config.prekeys_low_threshold
-        if left.one_time < threshold or left.kem < threshold:
-            self.server.notify(username, encode_frame(PrekeysLow(one_time=left.one_time, kem=left.kem)))
-
-    def _send(self, frame: Send) -> None:
+    def _send(self, frame: Send) -> Coroutine[Any, Any, None] | None:
         assert self.username is not None
         to = frame.to if frame.to in self.server.valid_names else require_normalized(frame.to)
         if len(frame.body) > self.config.max_body:
             raise ProtocolError(E.TOO_LARGE, f"message body of {len(frame.body)} bytes exceeds the limit of "
                                              f"{self.config.max_body}")
-        if frame.kind == "pake" and not self.server.pake_limiter.allow((self.username, to), time.monotonic()):
-            raise ProtocolError(E.RATE_LIMITED, f"too many password-verification messages to {to!r}; "
-                                                "try again later")
+        if frame.kind == "pake":  # rate-limited per existing recipient: awaits a lookup first
+            return mail.send_pake(self, frame, to)
+        self.enqueue(frame, to)
+        return None
+
+    def enqueue(self, frame: Send, to: str) -> None:
+        assert self.username is not None
         message = NewMessage(sender=self.username, recipient=to, msg_id=frame.id, kind=frame.kind,
                              body=frame.body, ts=_now_ms())
         self._in_flight += 1
-        self.store.enqueue_then(message, self.config.max_queue, partial(self._enqueued, frame.rid, message))
+        self.store.enqueue_then(message, self.server.mailbox_policy,
+                                partial(self._enqueued, frame.rid, message))
 
     def _enqueued(self, rid: int, message: NewMessage, result: EnqueueResult | None,
                   exc: StoreError | None) -> None:
@@ -568,20 +521,18 @@ class Connection:
         if self._in_flight < MAX_IN_FLIGHT_SENDS:
             self._send_slot.set()
         if exc is not None:
-            if isinstance(exc, UnknownAccount):
-                self.send_error(rid, E.UNKNOWN_USER, f"no account named {message.recipient!r}")
-            elif isinstance(exc, MailboxFull):
-                self.send_error(rid, E.MAILBOX_FULL, f"the mailbox of {message.recipient!r} is full "
-                                                     f"({self.config.max_queue} messages); try later")
-            else:
+            code, text = mail.refusal(exc, message.recipient, self.config)
+            if code == E.INTERNAL:
                 log.error("event=enqueue_failed error=%s", type(exc).__name__)
-                self.send_error(rid, E.INTERNAL, "message could not be stored; retry")
+            self.send_error(rid, code, text)
             return
         assert result is not None
         self.server.valid_names.add(message.recipient)
         self._queue_frame(encode_accepted(rid, message.msg_id))
         if result.duplicate:
             self.metrics.messages_duplicate += 1
+            return
+        if result.dropped:  # the recipient blocks the sender: reads as accepted, delivers nothing
             return
         self.metrics.messages_accepted += 1
         self.server.route(message.recipient, DeliveredMessage(
@@ -607,8 +558,8 @@ def _now_ms() -> int:
 
 
 _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
-    Register: Connection._register, Auth: Connection._auth, UploadPrekeys: Connection._upload_prekeys,
-    FetchBundle: Connection._fetch_bundle, Send: Connection._send, Ack: Connection._ack,
-    Ping: Connection._ping,
+    Register: Connection._register, Auth: Connection._auth, UploadPrekeys: prekeys.upload_prekeys,
+    FetchBundle: prekeys.fetch_bundle, Send: Connection._send, Ack: Connection._ack,
+    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many,
 }
 _UNAUTHENTICATED = frozenset({Register, Auth, Ping})

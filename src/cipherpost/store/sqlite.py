@@ -6,88 +6,109 @@ commits once (``synchronous=FULL``: the WAL is fsynced), and only then completes
 one callback on the event loop. So a burst of N sends costs one fsync, not N, and nothing is
 reported as stored before it is on disk. Operations check everything before writing, so a refused
 operation (``MailboxFull`` ...) leaves the shared transaction intact; an unexpected database error
-rolls the batch back and re-runs each operation in a transaction of its own.
+rolls the batch back and re-runs each operation in a transaction of its own. One writer also means
+that each recipient's sequence numbers commit in order (docs/contracts.md 1.3).
 
-In-memory caches (next sequence number, queue lengths, known accounts) are owned by the writer
-thread and are valid because this process is the only writer of messages and accounts.
+Mailbox rules (contracts 1.2) are checked per recipient against writer-thread counters: per
+recipient (messages queued, bytes stored) and per (sender, recipient), each loaded once by one
+grouped query when a recipient is first touched and then kept running by enqueue and ack; with the
+account's state and block list. They are valid because this process is the only writer of
+messages; another process that commits (an operator command) bumps ``PRAGMA data_version``, which
+the writer checks before each batch and then reloads everything.
+
+A message for one recipient keeps its body in its ``messages`` row (the 1:1 path: two inserts, as
+before fan-out existed); a fan-out stores its body once in ``bodies`` and each recipient's row
+points at it; the body is deleted with its last reference. Dedup is one ``sent`` row per
+``(sender, msg_id)`` listing the recipients it was accepted for.
+
+At rest (docs/contracts.md 1.6): ``PRAGMA secure_delete=ON`` zeroes deleted rows, and the writer runs
+``PRAGMA wal_checkpoint(TRUNCATE)`` at most ``checkpoint_interval_s`` after a write, so an acked
+body is gone from ``relay.db`` and ``relay.db-wal`` within that interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import sqlite_accounts as accounts
 from .base import (
+    MAX_FANOUT,
+    AccountInfo,
+    AccountState,
+    AccountSuspended,
     BundleParts,
+    Delivery,
+    EnqueueCallback,
+    EnqueueManyCallback,
     EnqueueResult,
-    InvalidInvite,
+    InvalidDelivery,
     MailboxFull,
+    MailboxPolicy,
     NewMessage,
     NoPrekeys,
     PoolCounts,
     PrekeyPoolFull,
+    QuotaExceeded,
+    RecipientResult,
+    RecipientStatus,
+    SenderCapReached,
     StoredMessage,
     StoreError,
     StoreStats,
     UnknownAccount,
-    UsernameTaken,
+    UsageRow,
 )
+from .migrations import migrate_sqlite
 
 T = TypeVar("T")
 log = logging.getLogger("cipherpost.store")
 
-_SCHEMA_VERSION = 1
+CHECKPOINT_INTERVAL_S = 30.0  # an acked body leaves relay.db / relay.db-wal within this (contracts 1.6)
+CHECKPOINT_RETRY_S = 1.0  # after a checkpoint that a reader blocked
+USAGE_BUCKET_MS = 3_600_000  # usage counters per sender and hour
+USAGE_KEEP_MS = 8 * 24 * USAGE_BUCKET_MS  # a day and a week for `admin top`, with a margin
+USAGE_FLUSH_S = 10.0  # usage counters are written at most this often (counts only: a crash loses <= 10 s)
+_CACHE_LIMIT = 100_000  # mailboxes cached by the writer; beyond it the cache starts again (all persisted)
+_RECENT_LIMIT = 50_000  # unacked messages whose row the writer remembers (~9 MiB); older ones are read
 _X25519 = 0
 _KEM = 1
 _MAX_BATCH = 1024
+_DEDUP_CHUNK = 400  # (sender, msg_id) pairs per lookup statement, far below SQLite's parameter limit
+_ACK_CHUNK = 500
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS accounts (
-    username TEXT PRIMARY KEY,
-    identity BLOB NOT NULL,
-    created_ms INTEGER NOT NULL,
-    signed_prekey BLOB,
-    kem_last_resort BLOB
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS invites (
-    token_hash BLOB PRIMARY KEY,
-    created_ms INTEGER NOT NULL,
-    expires_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS one_time_prekeys (
-    username TEXT NOT NULL,
-    kind INTEGER NOT NULL,
-    key_id INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (username, kind, key_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (
-    seq INTEGER PRIMARY KEY,
-    recipient TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    msg_id BLOB NOT NULL,
-    kind TEXT NOT NULL,
-    body BLOB NOT NULL,
-    ts INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_recipient ON messages (recipient, seq);
-CREATE TABLE IF NOT EXISTS recent_ids (
-    recipient TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    msg_id BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    PRIMARY KEY (recipient, sender, msg_id)
-) WITHOUT ROWID;
-"""
+_ACCEPTED = RecipientStatus.ACCEPTED
+_DUPLICATE = RecipientStatus.DUPLICATE
+_UNKNOWN = RecipientStatus.UNKNOWN_USER
+_SUSPENDED = RecipientStatus.SUSPENDED
+_FULL = RecipientStatus.MAILBOX_FULL
+_SENDER_CAP = RecipientStatus.SENDER_CAP
+_QUOTA = RecipientStatus.QUOTA_EXCEEDED
+_SINGLE_ERRORS: dict[RecipientStatus, type[StoreError]] = {
+    _UNKNOWN: UnknownAccount, _SUSPENDED: AccountSuspended, _FULL: MailboxFull,
+    _SENDER_CAP: SenderCapReached, _QUOTA: QuotaExceeded}
+
+
+class _Box:
+    """Writer-thread view of one account as a recipient: state, counters, block list."""
+
+    __slots__ = ("active", "blocks", "per_sender", "queued", "stored_bytes")
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.queued = 0
+        self.stored_bytes = 0
+        self.per_sender: dict[str, int] = {}
+        self.blocks: set[str] | None = None  # None: blocks nobody (the common case, no set)
 
 
 class _Op:
@@ -100,22 +121,27 @@ class _Op:
         self.error: BaseException | None = None
 
 
-EnqueueCallback = Callable[[EnqueueResult | None, StoreError | None], None]
-
-
 class _EnqueueOp:
-    """A send; consecutive ones in a batch are checked and inserted together (executemany).
+    """A send to one or more recipients; consecutive ones in a batch are checked and inserted together
+    (one dedup query, one executemany). Completed by calling ``callback(result, error)`` on the event
+    loop: no future per message. ``single``: the result is an EnqueueResult or a StoreError."""
 
-    Completed by calling ``callback(result, error)`` on the event loop: no future per message.
-    """
+    __slots__ = ("body", "callback", "error", "kind", "msg_id", "policy", "recipients", "result", "sender",
+                 "single", "ts")
 
-    __slots__ = ("callback", "error", "max_queue", "message", "result")
-
-    def __init__(self, message: NewMessage, max_queue: int, callback: EnqueueCallback) -> None:
-        self.message = message
-        self.max_queue = max_queue
+    def __init__(self, sender: str, msg_id: bytes, kind: str, body: bytes, ts: int,
+                 recipients: Sequence[str], policy: MailboxPolicy,
+                 callback: Callable[[Any, StoreError | None], None], single: bool) -> None:
+        self.sender = sender
+        self.msg_id = msg_id
+        self.kind = kind
+        self.body = body
+        self.ts = ts
+        self.recipients = recipients
+        self.policy = policy
         self.callback = callback
-        self.result: EnqueueResult | None = None
+        self.single = single
+        self.result: Any = None
         self.error: StoreError | None = None
 
 
@@ -135,28 +161,51 @@ class _AckOp:
 
 _AnyOp = _Op | _EnqueueOp | _AckOp
 _STOP = object()
-_DEDUP_CHUNK = 300  # rows per lookup statement (3 parameters each, far below SQLite's limit)
+
+
+@functools.lru_cache(maxsize=16)
+def _queue_only(max_queue: int) -> MailboxPolicy:
+    return MailboxPolicy.queue_only(max_queue)
+
+
+def _policy(policy: MailboxPolicy | int) -> MailboxPolicy:
+    return policy if isinstance(policy, MailboxPolicy) else _queue_only(policy)
 
 
 class SqliteRelayStore:
     """The default store: one SQLite file in WAL mode, written by one thread with group commits."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL",
+                 checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError("synchronous must be FULL, NORMAL or EXTRA")
+        if not checkpoint_interval_s > 0:
+            raise ValueError("checkpoint_interval_s must be positive")
         self.path = Path(path)
         self._synchronous = synchronous
+        self._checkpoint_interval_s = checkpoint_interval_s
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
-        # Writer-thread caches, see the module docstring.
+        # Writer-thread state, see the module docstring.
         self._next_seq = 1
-        self._queue_len: dict[str, int] = {}
-        self._known_accounts: set[str] = set()
+        self._boxes: dict[str, _Box] = {}
+        # seq -> (recipient, sender, size, body_id) of messages this writer stored and not yet acked,
+        # oldest first, at most _RECENT_LIMIT: an ack then needs no read (see _ack_run).
+        self._recent: dict[int, tuple[str, str, int, int | None]] = {}
+        self._total_bytes: int | None = None  # every stored body once; loaded when a disk budget is used
+        self._data_version = 0
+        self._usage_batch: dict[tuple[str, int], list[int]] = {}  # this transaction's, uncommitted
+        self._usage_pending: dict[tuple[str, int], list[int]] = {}  # committed sends, not yet written
+        self._usage_flushing: dict[tuple[str, int], list[int]] = {}  # written in this transaction
+        self._usage_flushed_at = time.monotonic()
+        self._wal_dirty_since: float | None = None
         self.batches = 0
         self.batched_ops = 0
+        self.checkpoints = 0  # truncating checkpoints done
+        self.checkpointed_batch = 0  # value of `batches` when the last one ran
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -178,30 +227,33 @@ class SqliteRelayStore:
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA busy_timeout=5000")
-        # Up to 64 MiB of page cache (default 2 MiB): the dedup table of a busy relay outgrows the
-        # default, and every miss is a read syscall on the writer thread (~10% of its CPU in bench).
-        conn.execute("PRAGMA cache_size=-65536")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros
+            # Up to 64 MiB of page cache (default 2 MiB): the dedup table of a busy relay outgrows the
+            # default, and every miss is a read syscall on the writer thread (~10% of its CPU in bench).
+            conn.execute("PRAGMA cache_size=-65536")
+            migrate_sqlite(conn, f"the relay store {self.path}")
+        except BaseException:
             conn.close()
-            raise StoreError(f"database schema version {version} is not supported")
-        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
+            raise
         self._load_caches(conn)
         return conn
 
     def _load_caches(self, conn: sqlite3.Connection) -> None:
-        # Sequence numbers never repeat: every accepted message leaves its seq in recent_ids for
-        # the dedup window, and prune() records the next seq in meta before forgetting any.
+        # Sequence numbers never repeat: every accepted message leaves its seq in `sent` for the
+        # dedup window, and prune() records the next seq in meta before forgetting any.
         row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
         stored = row[0] if row else 1
         top = conn.execute("SELECT max(coalesce((SELECT max(seq) FROM messages), 0), "
-                           "coalesce((SELECT max(seq) FROM recent_ids), 0))").fetchone()[0]
+                           "coalesce((SELECT max(seq) FROM sent), 0))").fetchone()[0]
         self._next_seq = max(stored, top + 1)
-        self._queue_len.clear()
-        self._known_accounts.clear()
+        self._boxes.clear()
+        self._recent.clear()
+        self._total_bytes = None
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
     # --- the writer thread ------------------------------------------------------------------
 
@@ -217,7 +269,14 @@ class SqliteRelayStore:
         loop.call_soon_threadsafe(_set_future, ready, None)
         stopping = False
         while not stopping:
-            item = self._queue.get()
+            timeout = None
+            if self._wal_dirty_since is not None:
+                timeout = max(0.0, self._wal_dirty_since + self._checkpoint_interval_s - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                self._checkpoint(conn)
+                continue
             batch: list[_AnyOp] = []
             if item is _STOP:
                 stopping = True
@@ -233,19 +292,82 @@ class SqliteRelayStore:
                 else:
                     batch.append(item)
             if batch:
+                changes = conn.total_changes
                 self._run_batch(conn, batch)
+                if conn.total_changes != changes and self._wal_dirty_since is None:
+                    self._wal_dirty_since = time.monotonic()
                 try:
                     loop.call_soon_threadsafe(_complete, batch)
                 except RuntimeError:  # the event loop is gone (closed without close()): stop
                     log.error("event=store_loop_closed ops=%d", len(batch))
                     break
+            now = time.monotonic()
+            if self._usage_pending and now - self._usage_flushed_at >= USAGE_FLUSH_S:
+                self._in_transaction(conn, self._flush_usage)
+            dirty_since = self._wal_dirty_since
+            if dirty_since is not None and now - dirty_since >= self._checkpoint_interval_s:
+                self._checkpoint(conn)
+        if self._usage_pending:
+            self._in_transaction(conn, self._flush_usage)
+        self._checkpoint(conn)
         conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into relay.db and truncate it: deleted (zeroed) rows replace the WAL frames
+        that still held acked bodies. A reader in another process can block it: retry soon."""
+        try:
+            conn.execute("PRAGMA busy_timeout=100")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            busy = 1
+            log.error("event=store_checkpoint_failed error=%s", type(exc).__name__)
+        if busy:
+            self._wal_dirty_since = time.monotonic() - self._checkpoint_interval_s + CHECKPOINT_RETRY_S
+            return
+        self._wal_dirty_since = None
+        self.checkpoints += 1
+        self.checkpointed_batch = self.batches
+
+    def _in_transaction(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], None]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            fn(conn)
+            conn.execute("COMMIT")
+            self._committed()
+        except sqlite3.Error as exc:
+            log.error("event=store_upkeep_failed error=%s", type(exc).__name__)
+            self._rolled_back(conn)
+
+    def _committed(self) -> None:
+        for key, (n, nbytes) in self._usage_batch.items():
+            counts = self._usage_pending.setdefault(key, [0, 0])
+            counts[0] += n
+            counts[1] += nbytes
+        self._usage_batch.clear()
+        self._usage_flushing.clear()
+
+    def _rolled_back(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        self._usage_batch.clear()
+        for key, (n, nbytes) in self._usage_flushing.items():  # not written after all
+            counts = self._usage_pending.setdefault(key, [0, 0])
+            counts[0] += n
+            counts[1] += nbytes
+        self._usage_flushing.clear()
+        self._load_caches(conn)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_AnyOp]) -> None:
         self.batches += 1
         self.batched_ops += len(batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if conn.execute("PRAGMA data_version").fetchone()[0] != self._data_version or \
+                    len(self._boxes) > _CACHE_LIMIT:
+                self._load_caches(conn)  # another process committed (an operator command)
             # Acks first, so that they do not split runs of sends (each run is one dedup query and
             # one executemany). A client acks only seqs it was delivered, i.e. committed earlier,
             # so running them before this batch's sends changes nothing it can observe.
@@ -272,12 +394,11 @@ class SqliteRelayStore:
                     op.error = exc
                 i += 1
             conn.execute("COMMIT")
+            self._committed()
             return
         except Exception:  # a database error, or a bug in one operation: isolate it
             log.exception("event=store_batch_failed ops=%d; retrying one by one", len(batch))
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._load_caches(conn)
+            self._rolled_back(conn)
         for op in batch:
             op.result, op.error = None, None
             try:
@@ -293,11 +414,10 @@ class SqliteRelayStore:
                 except StoreError as exc:
                     op.error = exc
                 conn.execute("COMMIT")
+                self._committed()
             except Exception as exc:
                 log.error("event=store_op_failed error=%s", type(exc).__name__)
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                self._load_caches(conn)
+                self._rolled_back(conn)
                 op.result, op.error = None, StoreError(f"database error ({type(exc).__name__})")
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -307,29 +427,74 @@ class SqliteRelayStore:
         self._queue.put(_Op(fn, future))
         return future
 
-    # --- accounts ---------------------------------------------------------------------------
+    # --- accounts, names, blocks (store/sqlite_accounts.py) ------------------------------------
 
     async def create_account(self, username: str, identity: bytes, now_ms: int,
-                             invite_hash: bytes | None = None) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            if invite_hash is not None:
-                row = conn.execute("SELECT expires_ms FROM invites WHERE token_hash=?",
-                                   (invite_hash,)).fetchone()
-                if row is None or row[0] < now_ms:
-                    raise InvalidInvite("invite token is unknown, used or expired")
-            if conn.execute("SELECT 1 FROM accounts WHERE username=?", (username,)).fetchone():
-                raise UsernameTaken(username)
-            if invite_hash is not None:
-                conn.execute("DELETE FROM invites WHERE token_hash=?", (invite_hash,))
-            conn.execute("INSERT INTO accounts(username, identity, created_ms) VALUES (?, ?, ?)",
-                         (username, identity, now_ms))
-        await self._submit(op)
+                             invite_hash: bytes | None = None, recovery_public: bytes | None = None) -> None:
+        skel = accounts.skeleton_of(username)
+        await self._submit(partial(accounts.create_account, username=username, skel=skel, identity=identity,
+                                   now=now_ms, invite_hash=invite_hash, recovery_public=recovery_public))
 
     async def get_identity(self, username: str) -> bytes | None:
-        def op(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute("SELECT identity FROM accounts WHERE username=?", (username,)).fetchone()
-            return None if row is None else bytes(row[0])
-        return await self._submit(op)
+        return await self._submit(partial(accounts.active_identity, username=username))
+
+    async def get_account(self, username: str) -> AccountInfo | None:
+        return await self._submit(partial(accounts.get_account, username=username))
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        return await self._submit(accounts.list_accounts)
+
+    async def set_state(self, username: str, state: AccountState, by: str, reason: str) -> None:
+        if state not in (AccountState.ACTIVE, AccountState.SUSPENDED):
+            raise ValueError("set_state takes ACTIVE or SUSPENDED; use delete_account to delete")
+
+        def op(conn: sqlite3.Connection) -> None:
+            accounts.set_state(conn, username, state, by, reason)
+            self._boxes.pop(username, None)
+        await self._submit(op)
+
+    async def delete_account(self, username: str, by: str, reason: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if accounts.delete_account(conn, username, by, reason):
+                self._boxes.clear()  # block lists of others may have named it
+                self._recent.clear()
+                self._total_bytes = None
+        await self._submit(op)
+
+    async def rebind_identity(self, username: str, identity: bytes, recovery_public: bytes | None) -> None:
+        await self._submit(partial(accounts.rebind_identity, username=username, identity=identity,
+                                   recovery_public=recovery_public))
+
+    async def set_recovery_public(self, username: str, recovery_public: bytes) -> None:
+        await self._submit(partial(accounts.set_recovery_public, username=username,
+                                   recovery_public=recovery_public))
+
+    async def bump_login(self, username: str, counter: int) -> bool:
+        return await self._submit(partial(accounts.bump_login, username=username, counter=counter))
+
+    async def reserve(self, names: Sequence[str]) -> None:
+        await self._submit(partial(accounts.reserve, names=[(n, accounts.skeleton_of(n)) for n in names]))
+
+    async def unreserve(self, names: Sequence[str]) -> None:
+        await self._submit(partial(accounts.unreserve, names=list(names)))
+
+    async def reserved(self) -> list[str]:
+        return await self._submit(accounts.reserved)
+
+    async def set_block(self, owner: str, blocked: str, blocked_on: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            accounts.set_block(conn, owner, blocked, blocked_on)
+            self._boxes.pop(owner, None)
+        await self._submit(op)
+
+    async def blocked(self, owner: str) -> list[str]:
+        return await self._submit(partial(accounts.blocked, owner=owner))
+
+    async def epoch(self) -> bytes:
+        return await self._submit(accounts.epoch)
+
+    async def renew_epoch(self) -> bytes:
+        return await self._submit(accounts.renew_epoch)
 
     async def add_invite(self, token_hash: bytes, now_ms: int, expires_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -348,7 +513,7 @@ class SqliteRelayStore:
     @staticmethod
     def _require_account(conn: sqlite3.Connection, username: str) -> tuple[Any, ...]:
         row = conn.execute("SELECT identity, signed_prekey, kem_last_resort FROM accounts "
-                           "WHERE username=?", (username,)).fetchone()
+                           "WHERE username=? AND state=?", (username, accounts.ACTIVE)).fetchone()
         if row is None:
             raise UnknownAccount(username)
         return tuple(row)
@@ -379,7 +544,7 @@ class SqliteRelayStore:
     async def prekey_counts(self, username: str) -> PoolCounts:
         return await self._submit(lambda conn: self._counts(conn, username))
 
-    async def take_bundle(self, username: str) -> BundleParts:
+    async def take_bundle(self, username: str, *, one_time: bool = True) -> BundleParts:
         def take(conn: sqlite3.Connection, kind: int) -> bytes | None:
             row = conn.execute("SELECT key_id, data FROM one_time_prekeys WHERE username=? AND kind=? "
                                "ORDER BY key_id LIMIT 1", (username, kind)).fetchone()
@@ -395,102 +560,318 @@ class SqliteRelayStore:
                                    (username, _KEM)).fetchone() is not None
             if signed is None or (last_resort is None and not has_kem):
                 raise NoPrekeys(username)
-            one_time = take(conn, _X25519)
-            kem = take(conn, _KEM) or bytes(last_resort)
+            otpk = take(conn, _X25519) if one_time else None
+            kem = (take(conn, _KEM) if one_time or last_resort is None else None) or bytes(last_resort)
             return BundleParts(identity=bytes(identity), signed_prekey=bytes(signed), kem_prekey=kem,
-                               one_time_prekey=one_time, remaining=self._counts(conn, username))
+                               one_time_prekey=otpk, remaining=self._counts(conn, username))
         return await self._submit(op)
 
     # --- mailboxes --------------------------------------------------------------------------
 
-    def _account_exists(self, conn: sqlite3.Connection, username: str) -> bool:
-        if username in self._known_accounts:
-            return True
-        if conn.execute("SELECT 1 FROM accounts WHERE username=?", (username,)).fetchone() is None:
-            return False
-        self._known_accounts.add(username)  # accounts are never deleted, so this stays true
-        return True
+    def _box(self, conn: sqlite3.Connection, name: str) -> _Box | None:
+        """The recipient's state and counters (writer thread); None for no account at all."""
+        box = self._boxes.get(name)
+        if box is not None:
+            return box
+        row = conn.execute("SELECT state FROM accounts WHERE username=?", (name,)).fetchone()
+        if row is None:
+            return None  # not cached: made-up names must not grow the cache
+        box = _Box(row[0] == accounts.ACTIVE)
+        if box.active:
+            for sender, n, nbytes in conn.execute("SELECT sender, count(*), sum(size) FROM messages "
+                                                  "WHERE recipient=? GROUP BY sender", (name,)):
+                box.per_sender[sender] = n
+                box.queued += n
+                box.stored_bytes += nbytes
+            blocks = {r[0] for r in conn.execute("SELECT blocked FROM blocks WHERE owner=?", (name,))}
+            box.blocks = blocks or None
+        self._boxes[name] = box
+        return box
 
-    def _queued(self, conn: sqlite3.Connection, recipient: str) -> int:
-        n = self._queue_len.get(recipient)
-        if n is None:
-            n = conn.execute("SELECT count(*) FROM messages WHERE recipient=?", (recipient,)).fetchone()[0]
-            self._queue_len[recipient] = n
-        return n
+    def _total(self, conn: sqlite3.Connection) -> int:
+        if self._total_bytes is None:
+            self._total_bytes = conn.execute(
+                "SELECT (SELECT coalesce(sum(size), 0) FROM messages WHERE body_id IS NULL) + "
+                "(SELECT coalesce(sum(length(body)), 0) FROM bodies)").fetchone()[0]
+        return self._total_bytes
 
-    def enqueue(self, message: NewMessage, max_queue: int) -> asyncio.Future[EnqueueResult]:
+    def _drop_body(self, conn: sqlite3.Connection, body_id: int) -> None:
+        """Delete a shared body once no queued message points at it."""
+        rows = conn.execute("DELETE FROM bodies WHERE id=? AND NOT EXISTS "
+                            "(SELECT 1 FROM messages WHERE body_id=?) RETURNING length(body)",
+                            (body_id, body_id)).fetchall()
+        if rows and self._total_bytes is not None:
+            self._total_bytes -= rows[0][0]
+
+    def enqueue(self, message: NewMessage, policy: MailboxPolicy | int) -> asyncio.Future[EnqueueResult]:
         if self._loop is None or self._closed:
             raise StoreError("store is not open")
         future: asyncio.Future[EnqueueResult] = self._loop.create_future()
-        self._queue.put(_EnqueueOp(message, max_queue, partial(_resolve, future)))
+        self._queue.put(_EnqueueOp(message.sender, message.msg_id, message.kind, message.body, message.ts,
+                                   (message.recipient,), _policy(policy), partial(_resolve, future), True))
         return future
 
-    def enqueue_then(self, message: NewMessage, max_queue: int, callback: EnqueueCallback) -> None:
+    def enqueue_then(self, message: NewMessage, policy: MailboxPolicy | int,
+                     callback: EnqueueCallback) -> None:
         if self._closed:
             raise StoreError("store is not open")
-        self._queue.put(_EnqueueOp(message, max_queue, callback))
+        self._queue.put(_EnqueueOp(message.sender, message.msg_id, message.kind, message.body, message.ts,
+                                   (message.recipient,), _policy(policy), callback, True))
 
-    def _enqueue_run(self, conn: sqlite3.Connection, ops: list[_EnqueueOp]) -> None:
-        """Check and insert consecutive sends with a few statements instead of three per message."""
-        seen: dict[tuple[str, str, bytes], int] = {}
+    def enqueue_many_then(self, delivery: Delivery, policy: MailboxPolicy,
+                          callback: EnqueueManyCallback) -> None:
+        if self._closed:
+            raise StoreError("store is not open")
+        recipients = tuple(delivery.recipients)
+        if not 1 <= len(recipients) <= MAX_FANOUT or len(set(recipients)) != len(recipients):
+            raise InvalidDelivery(f"a delivery names 1 to {MAX_FANOUT} distinct recipients "
+                                  f"(got {len(recipients)}, {len(set(recipients))} distinct)")
+        self._queue.put(_EnqueueOp(delivery.sender, delivery.msg_id, delivery.kind, delivery.body,
+                                   delivery.ts, recipients, policy, callback, False))
+
+    async def enqueue_many(self, delivery: Delivery, policy: MailboxPolicy) -> list[RecipientResult]:
+        if self._loop is None:
+            raise StoreError("store is not open")
+        future: asyncio.Future[list[RecipientResult]] = self._loop.create_future()
+        self.enqueue_many_then(delivery, policy, partial(_resolve, future))
+        return await future
+
+    def _load_sent(self, conn: sqlite3.Connection,
+                   ops: list[_EnqueueOp]) -> dict[tuple[str, bytes], dict[str, int]]:
+        """The recipients each (sender, msg_id) of ``ops`` was already accepted for, with their seqs."""
+        found: dict[tuple[str, bytes], dict[str, int]] = {}
         for start in range(0, len(ops), _DEDUP_CHUNK):
             chunk = ops[start:start + _DEDUP_CHUNK]
             params: list[Any] = []
             for op in chunk:
-                params += (op.message.recipient, op.message.sender, op.message.msg_id)
-            values = ",".join(["(?,?,?)"] * len(chunk))
-            for recipient, sender, msg_id, seq in conn.execute(
-                    "SELECT r.recipient, r.sender, r.msg_id, r.seq FROM (VALUES " + values + ") AS v "  # noqa: S608
-                    "CROSS JOIN recent_ids AS r ON r.recipient=v.column1 AND r.sender=v.column2 "
-                    "AND r.msg_id=v.column3", params):
-                seen[(recipient, sender, bytes(msg_id))] = seq
-        messages: list[tuple[Any, ...]] = []
-        ids: list[tuple[Any, ...]] = []
+                params += (op.sender, op.msg_id)
+            values = ",".join(["(?,?)"] * len(chunk))
+            for sender, msg_id, accepted in conn.execute(
+                    "SELECT s.sender, s.msg_id, s.accepted FROM (VALUES " + values + ") AS v "  # noqa: S608
+                    "CROSS JOIN sent AS s ON s.sender=v.column1 AND s.msg_id=v.column2", params):
+                found[(sender, bytes(msg_id))] = {
+                    name: int(seq) for name, _, seq in (item.partition(":") for item in accepted.split(","))}
+        return found
+
+    @staticmethod
+    def _admit(box: _Box, sender: str, size: int, policy: MailboxPolicy) -> RecipientStatus | None:
+        """The mailbox rules of one recipient, in the order of docs/contracts.md 1.2 (after DUPLICATE
+        and UNKNOWN_USER). ACCEPTED: store it; None: the recipient blocks the sender (drop it)."""
+        if not box.active:
+            return _SUSPENDED
+        if box.blocks is not None and sender in box.blocks:
+            return None
+        if box.queued >= policy.max_queue:
+            return _FULL
+        if box.per_sender.get(sender, 0) >= policy.max_queue_per_sender:
+            return _SENDER_CAP
+        if box.stored_bytes + size > policy.max_stored_bytes:
+            return _QUOTA
+        return _ACCEPTED
+
+    def _enqueue_run(self, conn: sqlite3.Connection, ops: list[_EnqueueOp]) -> None:
+        """Check and insert consecutive sends with a few statements instead of several per message:
+        one dedup lookup, one executemany into ``messages``, one into ``sent``."""
+        sent = self._load_sent(conn, ops)
+        in_db = set(sent)
+        touched: dict[tuple[str, bytes], int] = {}  # sent rows to write -> ts of their first acceptance
+        rows: list[tuple[Any, ...]] = []
+        usage = self._usage_batch
+        boxes = self._boxes
+        recent = self._recent
         for op in ops:
-            m = op.message
-            if not self._account_exists(conn, m.recipient):
-                op.error = UnknownAccount(m.recipient)
+            sender, body, recipients, policy = op.sender, op.body, op.recipients, op.policy
+            size = len(body)
+            key = (sender, op.msg_id)
+            accepted = sent.get(key)
+            if op.single and accepted is None:  # the 1:1 hot path: the loop below for one new recipient
+                name = recipients[0]
+                box = boxes.get(name) or self._box(conn, name)
+                status = _UNKNOWN if box is None else self._admit(box, sender, size, policy)
+                budget = policy.disk_budget_bytes
+                if status is _ACCEPTED and budget is not None and self._total(conn) + size > budget:
+                    status = _QUOTA
+                if status is _ACCEPTED:
+                    assert box is not None
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    box.queued += 1
+                    box.stored_bytes += size
+                    box.per_sender[sender] = box.per_sender.get(sender, 0) + 1
+                    if self._total_bytes is not None:
+                        self._total_bytes += size
+                    rows.append((seq, name, sender, op.msg_id, op.kind, op.ts, size, body, None))
+                    recent[seq] = (name, sender, size, None)
+                    op.result = EnqueueResult(seq=seq, duplicate=False)
+                elif status is None:
+                    seq = 0
+                    op.result = EnqueueResult(seq=0, duplicate=False, dropped=True)
+                else:
+                    op.error = _SINGLE_ERRORS[status](name)
+                    continue
+                sent[key] = {name: seq}
+                touched[key] = op.ts
+                hour_key = (sender, op.ts // USAGE_BUCKET_MS)
+                counts = usage.get(hour_key)
+                if counts is None:
+                    usage[hour_key] = [1, size]
+                else:
+                    counts[0] += 1
+                    counts[1] += size
                 continue
-            key = (m.recipient, m.sender, m.msg_id)
-            seq = seen.get(key)
-            if seq is not None:
-                op.result = EnqueueResult(seq=seq, duplicate=True)
-                continue
-            queued = self._queued(conn, m.recipient)
-            if queued >= op.max_queue:
-                op.error = MailboxFull(m.recipient)
-                continue
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            seen[key] = seq
-            self._queue_len[m.recipient] = queued + 1
-            messages.append((seq, m.recipient, m.sender, m.msg_id, m.kind, m.body, m.ts))
-            ids.append((m.recipient, m.sender, m.msg_id, seq, m.ts))
-            op.result = EnqueueResult(seq=seq, duplicate=False)
-        if messages:
-            conn.executemany("INSERT INTO messages(seq, recipient, sender, msg_id, kind, body, ts) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?)", messages)
-            conn.executemany("INSERT INTO recent_ids(recipient, sender, msg_id, seq, ts) "
-                             "VALUES (?, ?, ?, ?, ?)", ids)
+            statuses: list[RecipientStatus] = []
+            seqs: list[int | None] = []
+            store: list[tuple[int, str, _Box]] = []
+            delivered = 0
+            for name in recipients:
+                if accepted is not None and name in accepted:
+                    statuses.append(_DUPLICATE)
+                    seqs.append(accepted[name] or None)
+                    continue
+                box = boxes.get(name) or self._box(conn, name)
+                status = _UNKNOWN if box is None else self._admit(box, sender, size, policy)
+                if status is None:  # blocked: reads as accepted, and a retry reads DUPLICATE
+                    if accepted is None:
+                        accepted = sent[key] = {}
+                    accepted[name] = 0
+                    touched.setdefault(key, op.ts)
+                    delivered += 1
+                    status = _ACCEPTED
+                elif status is _ACCEPTED:
+                    store.append((len(statuses), name, box))  # type: ignore[arg-type]
+                statuses.append(status)
+                seqs.append(None)
+            budget = policy.disk_budget_bytes
+            if store and budget is not None and self._total(conn) + size > budget:
+                for index, _, _ in store:
+                    statuses[index] = _QUOTA
+                store = []
+            if store:
+                if accepted is None:
+                    accepted = sent[key] = {}
+                touched.setdefault(key, op.ts)
+                inline: bytes | None = body
+                body_id = None
+                if len(store) > 1:  # a fan-out: one body, a reference per recipient
+                    inline = None
+                    body_id = conn.execute("INSERT INTO bodies(body) VALUES (?)", (body,)).lastrowid
+                if self._total_bytes is not None:
+                    self._total_bytes += size
+                for index, name, box in store:
+                    new_seq = self._next_seq
+                    self._next_seq = new_seq + 1
+                    seqs[index] = new_seq
+                    accepted[name] = new_seq
+                    box.queued += 1
+                    box.stored_bytes += size
+                    box.per_sender[sender] = box.per_sender.get(sender, 0) + 1
+                    rows.append((new_seq, name, sender, op.msg_id, op.kind, op.ts, size, inline, body_id))
+                    recent[new_seq] = (name, sender, size, body_id)
+                delivered += len(store)
+            if delivered:
+                hour_key = (sender, op.ts // USAGE_BUCKET_MS)
+                counts = usage.get(hour_key)
+                if counts is None:
+                    usage[hour_key] = [delivered, delivered * size]
+                else:
+                    counts[0] += delivered
+                    counts[1] += delivered * size
+            if op.single:
+                status, seq_or_none = statuses[0], seqs[0]
+                if status is _ACCEPTED or status is _DUPLICATE:
+                    op.result = EnqueueResult(seq=seq_or_none or 0, duplicate=status is _DUPLICATE,
+                                              dropped=seq_or_none is None)
+                else:
+                    op.error = _SINGLE_ERRORS[status](recipients[0])
+            else:
+                op.result = [RecipientResult(name, status, seq_or_none)
+                             for name, status, seq_or_none in zip(recipients, statuses, seqs, strict=True)]
+        while len(recent) > _RECENT_LIMIT:
+            del recent[next(iter(recent))]
+        if rows:
+            conn.executemany("INSERT INTO messages(seq, recipient, sender, msg_id, kind, ts, size, body, "
+                             "body_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        if touched:
+            new: list[tuple[Any, ...]] = []
+            changed: list[tuple[Any, ...]] = []
+            for key, ts in touched.items():
+                accepted = sent[key]
+                if len(accepted) == 1:
+                    ((name, top),) = accepted.items()
+                    text = f"{name}:{top}"
+                else:
+                    text = ",".join(f"{name}:{seq}" for name, seq in accepted.items())
+                    top = max(accepted.values())
+                if key in in_db:
+                    changed.append((top, text, key[0], key[1]))
+                else:
+                    new.append((key[0], key[1], top, ts, text))
+            if new:
+                conn.executemany("INSERT INTO sent(sender, msg_id, seq, ts, accepted) "
+                                 "VALUES (?, ?, ?, ?, ?)", new)
+            if changed:
+                conn.executemany("UPDATE sent SET seq=max(seq, ?), accepted=? WHERE sender=? AND msg_id=?",
+                                 changed)
 
     async def pending(self, recipient: str, after_seq: int, limit: int) -> list[StoredMessage]:
         def op(conn: sqlite3.Connection) -> list[StoredMessage]:
-            rows = conn.execute("SELECT seq, sender, msg_id, kind, body, ts FROM messages "
-                                "WHERE recipient=? AND seq>? ORDER BY seq LIMIT ?",
+            rows = conn.execute("SELECT m.seq, m.sender, m.msg_id, m.kind, coalesce(m.body, b.body), m.ts "
+                                "FROM messages AS m LEFT JOIN bodies AS b ON b.id = m.body_id "
+                                "WHERE m.recipient=? AND m.seq>? ORDER BY m.seq LIMIT ?",
                                 (recipient, after_seq, limit)).fetchall()
             return [StoredMessage(seq=r[0], recipient=recipient, sender=r[1], msg_id=bytes(r[2]), kind=r[3],
                                   body=bytes(r[4]), ts=r[5]) for r in rows]
         return await self._submit(op)
 
     def _ack_run(self, conn: sqlite3.Connection, op: _AckOp) -> None:
+        """Delete acked messages and keep the counters running. Messages this writer stored recently
+        are deleted by key with what ``_recent`` remembers of them (as fast as before counters
+        existed); others (older, or stored before a restart) with ``DELETE ... RETURNING``."""
         recipient = op.recipient
-        before = conn.total_changes
-        conn.executemany("DELETE FROM messages WHERE seq=? AND recipient=?",
-                         [(seq, recipient) for seq in op.seqs])
-        deleted = conn.total_changes - before
-        if deleted and recipient in self._queue_len:
-            self._queue_len[recipient] -= deleted
-        op.result = deleted
+        recent = self._recent
+        known: list[tuple[int, str]] = []
+        gone: list[tuple[str, int, int | None]] = []
+        other: list[int] = []
+        for seq in op.seqs:
+            entry = recent.pop(seq, None)
+            if entry is None:
+                other.append(seq)
+            elif entry[0] != recipient:  # not this recipient's: nothing to delete
+                recent[seq] = entry
+            else:
+                known.append((seq, recipient))
+                gone.append(entry[1:])
+        if known:
+            before = conn.total_changes
+            conn.executemany("DELETE FROM messages WHERE seq=? AND recipient=?", known)
+            if conn.total_changes - before != len(known):  # cannot happen; if it does, recount
+                log.error("event=store_recent_mismatch")
+                self._boxes.pop(recipient, None)
+                self._total_bytes = None
+                gone = []
+        for start in range(0, len(other), _ACK_CHUNK):
+            chunk = other[start:start + _ACK_CHUNK]
+            gone += conn.execute("DELETE FROM messages WHERE recipient=? AND seq IN ("  # noqa: S608
+                                 + ",".join("?" * len(chunk)) + ") RETURNING sender, size, body_id",
+                                 [recipient, *chunk]).fetchall()
+        box = self._boxes.get(recipient)
+        shared: set[int] = set()
+        for sender, size, body_id in gone:
+            if box is not None:
+                box.queued -= 1
+                box.stored_bytes -= size
+                left = box.per_sender[sender] - 1
+                if left:
+                    box.per_sender[sender] = left
+                else:
+                    del box.per_sender[sender]
+            if body_id is not None:
+                shared.add(body_id)
+            elif self._total_bytes is not None:
+                self._total_bytes -= size
+        for body_id in shared:
+            self._drop_body(conn, body_id)
+        op.result = len(gone)
 
     def ack_later(self, recipient: str, seqs: Sequence[int]) -> None:
         if self._closed:
@@ -507,19 +888,48 @@ class SqliteRelayStore:
     async def ack(self, recipient: str, seqs: Sequence[int]) -> int:
         return await self.ack_nowait(recipient, seqs)
 
+    # --- operators and upkeep ---------------------------------------------------------------
+
+    def _flush_usage(self, conn: sqlite3.Connection) -> None:
+        """Write the committed sends' counters (in the caller's transaction)."""
+        if self._usage_pending:
+            conn.executemany("INSERT INTO usage(sender, hour, messages, bytes) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT(sender, hour) DO UPDATE SET messages=messages+excluded.messages, "
+                             "bytes=bytes+excluded.bytes",
+                             [(s, h, n, b) for (s, h), (n, b) in self._usage_pending.items()])
+            self._usage_flushing, self._usage_pending = self._usage_pending, {}
+        self._usage_flushed_at = time.monotonic()
+
+    async def usage(self, since_ms: int) -> list[UsageRow]:
+        def op(conn: sqlite3.Connection) -> list[UsageRow]:
+            self._flush_usage(conn)
+            sent = {r[0]: (r[1], r[2]) for r in conn.execute(
+                "SELECT sender, sum(messages), sum(bytes) FROM usage WHERE hour >= ? GROUP BY sender",
+                (since_ms // USAGE_BUCKET_MS,))}
+            stored = dict(conn.execute("SELECT sender, sum(size) FROM messages GROUP BY sender").fetchall())
+            rows = [UsageRow(sender=name, messages=sent.get(name, (0, 0))[0],
+                             bytes_sent=sent.get(name, (0, 0))[1], bytes_stored=stored.get(name, 0))
+                    for name in sent.keys() | stored.keys()]
+            rows.sort(key=lambda r: (-r.messages, -r.bytes_sent, -r.bytes_stored, r.sender))
+            return rows
+        return await self._submit(op)
+
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO meta(key, value) VALUES('next_seq', ?) "
                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (self._next_seq,))
-            conn.execute("DELETE FROM recent_ids WHERE ts < ?", (now_ms - dedup_window_ms,))
+            conn.execute("DELETE FROM sent WHERE ts < ?", (now_ms - dedup_window_ms,))
             conn.execute("DELETE FROM invites WHERE expires_ms < ?", (now_ms,))
+            self._flush_usage(conn)
+            conn.execute("DELETE FROM usage WHERE hour < ?", ((now_ms - USAGE_KEEP_MS) // USAGE_BUCKET_MS,))
         await self._submit(op)
 
     async def stats(self) -> StoreStats:
         def op(conn: sqlite3.Connection) -> StoreStats:
-            accounts = conn.execute("SELECT count(*) FROM accounts").fetchone()[0]
+            live = conn.execute("SELECT count(*) FROM accounts WHERE state != ?",
+                                (accounts.DELETED,)).fetchone()[0]
             queued = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-            return StoreStats(accounts=accounts, queued_messages=queued)
+            return StoreStats(accounts=live, queued_messages=queued)
         return await self._submit(op)
 
 
