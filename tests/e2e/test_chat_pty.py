@@ -196,6 +196,7 @@ def test_commands(make_user, relay: RelayProcess, tmp_path: Path) -> None:
         alice.wait_for(r"-- talking to bob")
         alice.wait_for(r"you -> bob: first message\n")
         assert [m["text"] for m in bob.recv(wait=10)] == ["first message"]
+        bob.ok("accept", "alice")                                 # alice was a stranger to bob
         alice.line("/contacts")
         alice.wait_for(r"  bob  unverified \(compare: /safety bob\)")
         alice.line("/safety bob")

@@ -169,6 +169,7 @@ def test_terminal_control_sequences_from_a_sender_are_neutralised(make_user) -> 
     out = bob.ok("recv")
     assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
     assert "\\x1b[2J" in out and "\\u202e" in out
+    bob.ok("accept", "alice")   # a stranger's message is a request until accepted
     assert "\x1b" not in bob.ok("history", "alice")
     # --json keeps the exact text (JSON escapes it), for programs that want it
     alice.ok("send", "bob", "tab\there \x1b[1m")

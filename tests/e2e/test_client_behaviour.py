@@ -124,6 +124,7 @@ def test_fingerprint_and_safety_number_output(make_user) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     alice.ok("send", "bob", "hi")
     bob.recv()
+    bob.ok("accept", "alice")
     own = alice.ok("fingerprint")
     assert own.startswith("alice: SHA256:")
     a_view = alice.ok("fingerprint", "bob", "--qr")

@@ -86,6 +86,7 @@ def test_key_swapped_in_while_comparing_numbers_is_not_pinned(tmp_path: Path, re
         try:
             await bob.send("alice", "hi alice")
             await alice.receive(wait=3)
+            alice.accept_request("bob")                          # a stranger's first message: a request
             real_bob = alice.contact("bob").identity
             shown_key = alice.identity_to_verify("bob")          # the user reads this number aloud
             assert shown_key == real_bob
@@ -130,6 +131,7 @@ def test_injected_sessions_do_not_evict_the_genuine_one(tmp_path: Path, relay: R
         try:
             await bob.send("alice", "genuine first")
             await alice.receive(wait=3)
+            alice.accept_request("bob")
             await alice.send("bob", "reply")      # bob now uses the session alice answered on
             await bob.receive(wait=3)
             for i in range(8):                    # the relay floods "bob" sessions on Mallory's key

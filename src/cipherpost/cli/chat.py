@@ -30,6 +30,7 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
 from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
+from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 MIN_PASSPHRASE = 8          # as `cipherpost init` asks
@@ -37,7 +38,7 @@ SETUP_ATTEMPTS = 3          # re-ask a mistyped answer this many times before gi
 CONNECT_GRACE = 5.0         # seconds to wait for the first connection before showing the prompt
 EXPECTED = (ClientError, CryptoError, ProtocolError, ValueError)
 
-HELP = """\
+HELP = f"""\
 commands:
   /to NAME [TEXT]   talk to NAME (plain lines are then sent to them); with TEXT, send it too
   /contacts         your contacts and whether they are verified
@@ -45,6 +46,7 @@ commands:
   /safety NAME      the safety number to compare with NAME (in person or on a call)
   /verify NAME      compare the safety number now and mark NAME verified
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
+{CHAT_HELP}
   //TEXT            send a line that starts with "/"
   /help             this text
   /quit             leave (Ctrl-D works too)"""
@@ -108,7 +110,9 @@ class Chat:
         print("\n".join(message_lines(message, clock)))
         if message.warning == "undecryptable":
             return
-        if message.warning:
+        if message.request:
+            print(f"!! (in this chat: /accept {message.sender}, or /block {message.sender})")
+        elif message.warning:
             print(f"!! (in this chat: /verify {message.sender})")
         if self.peer is None:
             self.peer = message.sender
@@ -182,6 +186,8 @@ class Chat:
                   f"(compare it with {name} in person or on a call, then /verify {name})")
         elif cmd == "/verify":
             await self.verify(arg)
+        elif cmd in CHAT_COMMANDS:
+            await chat_command(self.client, cmd, arg)
         else:
             print(f"unknown command: {cmd} (try /help)")
         return True
@@ -201,19 +207,20 @@ class Chat:
         contacts = self.client.contacts()
         if not contacts:
             print("no contacts yet: /to NAME, then type a message")
-        width = max((len(c.name) for c in contacts), default=0)
+        width = max((len(printable(c.name)) for c in contacts), default=0)
         for c in contacts:
-            state = "verified" if c.verified else f"unverified (compare: /safety {c.name})"
+            name = printable(c.name)   # a profile from before names were checked may hold any
+            state = "verified" if c.verified else f"unverified (compare: /safety {name})"
             if c.pending_identity:
-                state = f"KEY CHANGED - check it: /verify {c.name}"
-            print(f"  {c.name:<{width}}  {state}")
+                state = f"KEY CHANGED - check it: /verify {name}"
+            print(f"  {name:<{width}}  {state}")
 
     def show_history(self, name: str) -> None:
         messages = self.client.history(name)
         if not messages:
             print(f"no messages with {name}")
         for m in messages:
-            who = "you" if m.direction == "out" else m.contact
+            who = "you" if m.direction == "out" else printable(m.contact)
             mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
             prefix = "!! " if m.direction == "event" else ""
             print(f"  [{clock(m.sent_at or m.received_at)}] {prefix}{who}: {printable(m.text)}{mark}")

@@ -69,4 +69,4 @@ def message_lines(m: IncomingMessage, when: Callable[[int | None], str]) -> list
     if m.warning == "undecryptable":
         return [f"!! [{when(m.received_at)}] {printable(m.text)}"]
     lines = [f"!! WARNING: {printable(m.warning)}"] if m.warning else []
-    return [*lines, f"[{when(m.sent_at)}] {m.sender}: {printable(m.text)}"]
+    return [*lines, f"[{when(m.sent_at)}] {printable(m.sender)}: {printable(m.text)}"]

@@ -22,6 +22,7 @@ from ..client.home import default_home, resolve_username
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
+from .contacts_cmd import register as register_contact_commands
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_history)
+
+    register_contact_commands(sub, _run)   # block, unblock, accept, requests
 
     p = sub.add_parser("demo", help="a throwaway relay and two users chatting, explained")
     p.add_argument("--explain", action="store_true",
@@ -225,9 +228,9 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
         elif not rows:
             print("no contacts yet: `cipherpost send NAME TEXT` starts a conversation")
         else:
-            width = max(len(r["name"]) for r in rows)
+            width = max(len(printable(r["name"])) for r in rows)
             for row in rows:
-                print(f"{row['name']:<{width}}  {row['state']}")
+                print(f"{printable(row['name']):<{width}}  {row['state']}")
         return 0
     return _run(args, body)
 

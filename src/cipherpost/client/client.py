@@ -18,23 +18,23 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..crypto.encoding import expect_array, pack, unpack
-from ..crypto.errors import CryptoError, DuplicateMessage, WrongPassphrase
+from ..crypto.errors import CryptoError, WrongPassphrase
 from ..crypto.identity import IdentityKeyPair, PublicIdentity
 from ..crypto.keystore import RFC9106_SECOND_RECOMMENDED, Argon2Params, open_keystore, seal_keystore
-from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
 from ..crypto.safety import SafetyNumber, safety_number
-from ..crypto.session import Session, accept_session, decrypt, encrypt, initiate_session, inspect_envelope
+from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
+from .blocks import BlockList
 from .connection import Connection, format_fingerprint
+from .decryption_errors import Retries
 from .errors import (
     ClientError,
     ConnectionFailed,
@@ -46,8 +46,13 @@ from .errors import (
     VerificationError,
 )
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
+from .inbox import IncomingMessage, Receiver
+from .prekeys_low import PrekeysLowGate
 from .profile import Contact, ProfileDB, StoredMessage
+from .requests import Request, Requests
 from .verification import PakeMailbox, verify_with_password
+
+__all__ = ["Client", "IncomingMessage", "pad", "unpad"]
 
 KEYSTORE_VERSION = 1
 PLAINTEXT_VERSION = 1
@@ -66,24 +71,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass(frozen=True)
-class IncomingMessage:
-    """A message as shown to the user (``recv --json`` prints exactly these fields)."""
-
-    id: str
-    sender: str
-    text: str
-    sent_at: int | None
-    received_at: int | None
-    warning: str | None = None
-
-    @classmethod
-    def from_stored(cls, m: StoredMessage) -> IncomingMessage:
-        warning = m.extra.get("warning")
-        return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
-                   warning if isinstance(warning, str) else None)
-
-
 class Client:
     """An unlocked profile. Create with :meth:`create` (new identity) or :meth:`open` (existing)."""
 
@@ -98,12 +85,15 @@ class Client:
         self._conn: Connection | None = None
         self._state_lock = asyncio.Lock()
         self._outbox_lock = asyncio.Lock()
-        self._new_messages = asyncio.Event()
-        self._listeners: list[Callable[[IncomingMessage], None]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.pake_mailbox = PakeMailbox()
         self._pake_listeners: list[Callable[[str], None]] = []
         self.prekeys = self._load_prekeys()
+        self.blocks = BlockList(db)
+        self.requests = Requests(db)
+        self.retries = Retries(self)
+        self.receiver = Receiver(self)
+        self._prekeys_low = PrekeysLowGate()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -246,6 +236,8 @@ class Client:
         # refusals to whoever is sending.
         with contextlib.suppress(ServerError):
             await self.flush_outbox()
+        with contextlib.suppress(ServerError):
+            await self.blocks.tell_relay(conn)
 
     async def disconnect(self) -> None:
         if self._conn is not None:
@@ -348,13 +340,27 @@ class Client:
             messages = frame.get("messages")
             if isinstance(messages, list):
                 await self._on_deliver(messages)
-        elif kind == "prekeys_low":
-            self._spawn(self._replenish_prekeys(frame))
+        elif kind == "prekeys_low" and self._prekeys_low.start():
+            # Debounced: a relay repeating the push (or lying about the counts) gets one top-up.
+            self._spawn(self._prekeys_low.run(self._replenish_prekeys(frame)))
+        elif kind == "drained":
+            self.receiver.drained.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        """Every background task's failure is retrieved and reported (never "Task exception was
+        never retrieved"): a lost connection or a refused upload is retried on the next connect."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            detail = str(exc) if isinstance(exc, ClientError) else type(exc).__name__
+            self._emit("background_error", error=detail)
 
     # ------------------------------------------------------------------ contacts and trust
     def contacts(self) -> list[Contact]:
@@ -501,161 +507,23 @@ class Client:
     def pending_outbox(self) -> int:
         return len(self.db.outbox())
 
-    # ------------------------------------------------------------------ receiving
+    # ------------------------------------------------------------------ receiving (client/inbox.py)
     def add_listener(self, callback: Callable[[IncomingMessage], None]) -> None:
-        self._listeners.append(callback)
+        self.receiver.listeners.append(callback)
 
     async def _on_deliver(self, messages: list[Any]) -> None:
-        seqs: list[int] = []
-        shown: list[IncomingMessage] = []
-        async with self._state_lock:
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("seq"), int):
-                    continue
-                seqs.append(m["seq"])
-                stored = self._receive_one(m)
-                if stored is not None:
-                    shown.append(stored)
-        conn = self._conn
-        if seqs and conn is not None:
-            # Acked only now: everything above is committed (DESIGN.md "Delivery").
-            with contextlib.suppress(ConnectionFailed):
-                await conn.send({"t": "ack", "seqs": seqs})
-        for message in shown:
-            for listener in self._listeners:
-                listener(message)
-        if shown:
-            self._new_messages.set()
+        await self.receiver.handle_deliver(messages)
 
-    def _receive_one(self, m: dict[str, Any]) -> IncomingMessage | None:
-        sender, msg_id, body = m.get("from"), m.get("id"), m.get("body")
-        if not isinstance(sender, str) or not isinstance(msg_id, bytes) or not isinstance(body, bytes):
-            return None
-        if m.get("kind") == "pake":
-            ts = m.get("ts")
-            if self.pake_mailbox.put(sender, body, ts if isinstance(ts, int) else now_ms()) == "spake2":
-                for listener in self._pake_listeners:
-                    listener(sender)
-            return None
-        if m.get("kind") != "msg":
-            return None
-        if self.db.has_message(sender, "in", msg_id):
-            return None   # a redelivery of something already stored: just ack it again
-        try:
-            return self._decrypt_and_store(sender, msg_id, body, m.get("ts"))
-        except DuplicateMessage:
-            return None
-        except Exception as exc:  # one bad message must never stop the inbox
-            # Whatever went wrong with this message, it is reported and acked, not retried forever
-            # (a message the client cannot process would otherwise block every later one).
-            detail = str(exc) if isinstance(exc, CryptoError | ClientError) else type(exc).__name__
-            reason = f"could not decrypt a message from {sender}: {detail}"
-            with self.db.transaction():
-                row = self.db.add_message(sender, "event", msg_id, reason, sent_at=None,
-                                          received_at=now_ms(), status="new",
-                                          extra={"warning": "undecryptable"})
-            self._emit("decrypt_failed", sender=sender, reason=str(exc))
-            if row is None:
-                return None
-            return IncomingMessage(msg_id.hex(), sender, reason, None, now_ms(), "undecryptable")
+    def take_new_messages(self, *, mark: bool = True) -> list[IncomingMessage]:
+        return self.receiver.take_new_messages(mark=mark)
 
-    def _decrypt_and_store(self, sender: str, msg_id: bytes, body: bytes, ts: Any) -> IncomingMessage:
-        info = inspect_envelope(body)
-        stored = self.db.get_session(info.session_id)
-        new_store: PrekeyStore | None = None
-        with_psk = False
-        if stored is not None and stored[0] == sender:
-            plaintext, session = decrypt(Session.deserialize(stored[2]), body)
-        elif info.initial is not None:
-            if self.db.session_was_accepted(info.session_id):
-                raise DuplicateMessage("replayed initial message of an earlier session")
-            psk = self._psk(sender)
-            if info.initial.psk_id is not None:
-                if psk is None or not hmac.compare_digest(psk_id(psk), info.initial.psk_id):
-                    raise ClientError("the message uses a verification key this profile does not hold")
-            elif psk is not None:
-                raise ClientError(f"{sender} is verified by password, but this new session does not use "
-                                  "the verification key; refused (re-verify if they reinstalled)")
-            plaintext, session, new_store = accept_session(self.identity, self.prekeys, body, psk=psk)
-            with_psk = psk is not None
-            self._emit("pqxdh_respond", sender=sender, session=session.session_id.hex()[:8],
-                       one_time=info.initial.one_time_prekey_id is not None)
-        else:
-            raise ClientError("no session matches this message (it may predate a reset of either side)")
-        arr = expect_array(unpack(unpad(plaintext), what="message"), what="message",
-                           version=PLAINTEXT_VERSION, length=6)
-        _, kind, text, sent_at, written_by, written_for = arr
-        if kind != "text" or not isinstance(text, str):
-            raise ClientError("message of an unknown kind")
-        if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
-            raise ClientError("message carries an invalid time")
-        if written_by != sender or written_for != self.username:
-            raise ClientError(f"the relay delivered it as from {sender} to you, but it was written by "
-                              f"{written_by!r} for {written_for!r}; not shown")
-        peer = session.peer.encode()
-        contact = self.db.get_contact(sender)
-        warning: str | None = None
-        held = False
-        with self.db.transaction():
-            if contact is None:
-                self.db.add_contact(sender, peer, now_ms())   # trust on first use
-            elif peer != contact.identity:
-                self.db.set_pending_identity(sender, peer)
-                warning = str(self._identity_changed(contact, peer))
-                # From a VERIFIED contact, text under an unverified new key is held back until the
-                # user accepts that key: it may be someone else writing in their name.
-                held = contact.verified
-            self.db.save_session(session.session_id, sender, peer, session.serialize(), now_ms(),
-                                 with_psk=with_psk)
-            if contact is not None and peer != contact.identity:
-                # Only the pinned key and the newest pending one keep sessions.
-                self.db.drop_sessions_except(sender, [contact.identity, peer])
-            if new_store is not None:
-                self._save_prekeys(new_store)
-                self.db.mark_session_accepted(session.session_id)
-            received = now_ms()
-            self.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
-                                status="held" if held else "new",
-                                extra={"warning": warning, "key": peer} if warning else None)
-            if held:
-                notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
-                          f"was verified. It is shown once you accept the new key (verify {sender}).")
-                self.db.add_message(sender, "event", msg_id, notice, sent_at=None, received_at=received,
-                                    status="new", extra={"warning": warning})
-        if new_store is not None:
-            self.prekeys = new_store
-        self._emit("decrypt", sender=sender, msg_id=msg_id.hex(), session=session.session_id.hex()[:8],
-                   server_ts=ts)
-        if held:
-            return IncomingMessage(msg_id.hex(), sender, notice, None, received, warning)
-        return IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning)
+    def mark_shown(self, messages: list[IncomingMessage]) -> None:
+        self.receiver.mark_shown(messages)
 
-    def take_new_messages(self) -> list[IncomingMessage]:
-        """Messages (and failure notices) not yet shown to the user; marks them shown."""
-        new = self.db.messages_with_status("new")
-        with self.db.transaction():
-            self.db.set_status([m.row for m in new], "shown")
-        return [IncomingMessage.from_stored(m) for m in new]
-
-    async def receive(self, *, wait: float = 0.0, settle: float = 0.5) -> list[IncomingMessage]:
+    async def receive(self, *, wait: float = 0.0, settle: float = 0.5,
+                      mark_shown: bool = True) -> list[IncomingMessage]:
         """Connect, take what the server holds, and wait up to ``wait`` seconds for more."""
-        await self.connect()
-        conn = self._require_conn()
-        await conn.request({"t": "ping"})
-        deadline = time.monotonic() + wait
-        # Queued messages are pushed right after auth. Return once something arrived and the
-        # stream went quiet for ``settle`` seconds, or when ``wait`` runs out with nothing.
-        while True:
-            self._new_messages.clear()
-            if self.db.messages_with_status("new"):
-                timeout = settle
-            else:
-                timeout = max(settle, deadline - time.monotonic())
-            try:
-                await asyncio.wait_for(self._new_messages.wait(), timeout=timeout)
-            except TimeoutError:
-                break
-        return self.take_new_messages()
+        return await self.receiver.receive(wait=wait, settle=settle, mark_shown=mark_shown)
 
     def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
         return self.db.history(name, limit)
@@ -699,6 +567,37 @@ class Client:
     def block_contact(self, name: str, reason: str) -> None:
         with self.db.transaction():
             self.db.set_blocked(name, reason)
+
+    async def block(self, name: str) -> None:
+        """Drop ``name``'s messages unseen from now on (acked, never stored); discards their pending
+        requests; tells the relay when it supports blocks (client/blocks.py)."""
+        name = normalize_username(name)
+        if name == self.username:
+            raise ClientError("you cannot block yourself")
+        with self.db.transaction():
+            self.blocks.set(name, True)
+            self.requests.drop(name)
+        if self.connected:
+            await self.blocks.tell_relay(self._require_conn())
+
+    async def unblock(self, name: str) -> None:
+        name = normalize_username(name)
+        if not self.blocks.is_blocked(name):
+            raise ClientError(f"{name} is not blocked")
+        with self.db.transaction():
+            self.blocks.set(name, False)
+        if self.connected:
+            await self.blocks.tell_relay(self._require_conn())
+
+    def is_blocked(self, name: str) -> bool:
+        return self.blocks.is_blocked(name)
+
+    def message_requests(self) -> list[Request]:
+        return self.requests.pending()
+
+    def accept_request(self, name: str) -> Contact:
+        """Make the stranger ``name`` a contact, pinning the key their requests came under."""
+        return self.requests.accept(normalize_username(name))
 
     def store_verification(self, name: str, identity: bytes, psk: bytes) -> None:
         """Pin ``identity`` as verified and keep the PSK for the next session (one record)."""

@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgpack
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from ..crypto.encoding import pack
+from ..crypto.encoding import is_one_msgpack_value, pack
 from ..crypto.identity import IdentityKeyPair
 from ..protocol.addresses import is_loopback
 from ..protocol.errors import ProtocolError
 from ..protocol.frames import decode_frame, frame_to_map
-from .errors import ConnectionFailed, ServerError, ServerPinMismatch
+from .errors import BadReply, ConnectionFailed, ServerError, ServerPinMismatch
 
 PROTOCOL_VERSION = 1
 MAX_INCOMING_FRAME = 4 << 20
@@ -35,6 +36,13 @@ PLAIN_CHANNEL = bytes(32)
 MAX_QUEUED_PUSHES = 256
 
 PushHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+# The one reply type each request may get (besides ``error``); anything else is a lying or broken
+# relay, and the request fails at once instead of taking a wrong frame for success.
+EXPECTED_REPLY: dict[str, str] = {
+    "register": "ok", "auth": "ok", "upload_prekeys": "ok", "fetch_bundle": "bundle", "send": "accepted",
+    "ping": "pong", "block": "ok",
+}
 
 
 def format_fingerprint(digest: bytes) -> str:
@@ -71,13 +79,16 @@ class ServerInfo:
 class Connection:
     """Use :meth:`open`; then :meth:`register` or :meth:`authenticate`; then :meth:`request`."""
 
-    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int]):
+    def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int],
+                 caps: frozenset[str] = frozenset()):
         self._ws = ws
         self.channel = channel
         self._nonce = nonce
         self.limits = limits
+        self.caps = caps   # what the relay announced in its hello (docs/contracts.md section 5)
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending_type: dict[int, str] = {}
         self._push: PushHandler | None = None
         # Pushes are handled by their own task, in order: a handler may itself wait for a reply,
         # which only the reader can deliver, so the reader must never wait for a handler.
@@ -142,7 +153,9 @@ class Connection:
             await ws.close()
             raise ConnectionFailed(f"{url} does not speak the cipherpost protocol")
         limits = hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
-        conn = cls(ws, channel, nonce, dict(limits or {}))
+        caps = hello.get("caps")
+        announced = frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else None
+        conn = cls(ws, channel, nonce, dict(limits or {}), announced or frozenset())
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())
         return conn
@@ -163,10 +176,13 @@ class Connection:
                                    "sig": self._proof(identity, "auth", username)})
 
     async def request(self, frame: dict[str, Any], *, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
-        """Send a request and wait for its reply; error frames raise :class:`ServerError`."""
+        """Send a request and wait for its reply; error frames raise :class:`ServerError`, a reply of
+        the wrong type (or an ``accepted`` for another message id) or one that cannot be decoded
+        raises :class:`BadReply` as soon as it arrives."""
         rid = next(self._rids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
+        self._pending_type[rid] = frame["t"]
         try:
             await self.send({**frame, "rid": rid})
             async with asyncio.timeout(timeout):
@@ -176,8 +192,10 @@ class Connection:
                 f"no reply from the server to {frame['t']} within {timeout:.0f}s") from None
         finally:
             self._pending.pop(rid, None)
+            self._pending_type.pop(rid, None)
         if reply.get("t") == "error":
             raise ServerError(str(reply.get("code")), str(reply.get("message")))
+        check_reply(frame, reply)
         return reply
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -195,7 +213,10 @@ class Connection:
                     continue
                 try:
                     frame = _decode(raw)
-                except ConnectionFailed:
+                except ConnectionFailed as exc:
+                    # A reply we cannot decode fails its request now (not after the timeout); a
+                    # push we cannot decode is dropped (nothing in it was acked: it comes back).
+                    self._fail_undecodable(raw, exc)
                     continue
                 rid = frame.get("rid")
                 if isinstance(rid, int) and rid in self._pending:
@@ -222,6 +243,13 @@ class Connection:
                 if not future.done():
                     future.set_exception(ConnectionFailed(f"connection lost: {self.close_reason}"))
 
+    def _fail_undecodable(self, raw: bytes | str, exc: ConnectionFailed) -> None:
+        rid = _lenient_rid(raw)
+        future = self._pending.get(rid) if rid is not None else None
+        if future is not None and not future.done():
+            what = self._pending_type.get(rid or 0, "a request")
+            future.set_exception(BadReply(f"the server's reply to {what} could not be decoded: {exc}"))
+
     async def _push_loop(self) -> None:
         while True:
             frame = await self._pushes.get()
@@ -244,6 +272,30 @@ class Connection:
                 with contextlib.suppress(BaseException):
                     await task
         self.closed.set()
+
+
+def check_reply(request: dict[str, Any], reply: dict[str, Any]) -> None:
+    """Refuse a non-error reply that does not answer ``request`` (its type, and for ``send`` the
+    same message id): a relay must not be able to make a message count as accepted by sending
+    any frame at all."""
+    expected = EXPECTED_REPLY.get(request["t"])
+    if expected is not None and reply.get("t") != expected:
+        raise BadReply(f"the server answered {request['t']} with {str(reply.get('t'))[:32]!r} instead of "
+                       f"{expected!r}")
+    if request["t"] == "send" and reply.get("id") != request.get("id"):
+        raise BadReply("the server's 'accepted' names another message id than the one sent")
+
+
+def _lenient_rid(raw: bytes | str) -> int | None:
+    """The ``rid`` of a frame that failed strict decoding, if one can still be read from it."""
+    if not isinstance(raw, bytes) or not is_one_msgpack_value(raw):   # no allocation blow-up first
+        return None
+    try:
+        m = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception:  # any msgpack failure: there is no rid to find
+        return None
+    rid = m.get("rid") if isinstance(m, dict) else None
+    return rid if type(rid) is int else None
 
 
 def _decode(raw: bytes | str) -> dict[str, Any]:

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import unicodedata
+
+MAX_SERVER_TEXT = 300
+
+
+def _from_server(text: str) -> str:
+    """Relay-supplied text made safe to print: control, format and line-separator characters (an
+    escape sequence, a bidi override) become visible escapes; the length is bounded."""
+    out = [ch.encode("unicode_escape").decode("ascii")
+           if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+           for ch in text[:MAX_SERVER_TEXT]]
+    return "".join(out) + ("..." if len(text) > MAX_SERVER_TEXT else "")
+
 
 class ClientError(Exception):
     """Base class of every error the Client API raises on purpose."""
@@ -19,6 +32,7 @@ class ServerError(ClientError):
     """The relay answered with an error frame."""
 
     def __init__(self, code: str, message: str):
+        code, message = _from_server(code), _from_server(message)   # the relay may be hostile
         super().__init__(f"server refused ({code}): {message}")
         self.code = code
         self.server_message = message
@@ -26,6 +40,10 @@ class ServerError(ClientError):
 
 class ConnectionFailed(ClientError):
     """The relay could not be reached or the connection broke."""
+
+
+class BadReply(ConnectionFailed):
+    """The relay answered a request with a frame that does not answer it or cannot be decoded."""
 
 
 class ServerPinMismatch(ClientError):

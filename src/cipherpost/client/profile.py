@@ -160,6 +160,19 @@ class ProfileDB:
         finally:
             self._depth = 0
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested step inside :meth:`transaction`: on an exception only this step is undone."""
+        self._db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+            raise
+        else:
+            self._db.execute("RELEASE step")
+
     # -- meta -------------------------------------------------------------------------------
     def get_meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -196,6 +209,9 @@ class ProfileDB:
     def list_contacts(self) -> list[Contact]:
         rows = self._db.execute("SELECT name, trust FROM contacts ORDER BY name").fetchall()
         return [self._contact(r[0], r[1]) for r in rows]
+
+    def contact_names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM contacts ORDER BY name")]
 
     def add_contact(self, name: str, identity: bytes, now: int) -> None:
         if self.get_contact(name) is not None:
@@ -284,6 +300,9 @@ class ProfileDB:
         self._db.execute(f"DELETE FROM sessions WHERE contact=? AND identity NOT IN ({marks})",  # noqa: S608
                          (contact, *identities))
 
+    def delete_session(self, session_id: bytes, contact: str) -> None:
+        self._db.execute("DELETE FROM sessions WHERE session_id=? AND contact=?", (session_id, contact))
+
     def session_was_accepted(self, session_id: bytes) -> bool:
         """Whether an initial message with this session id was ever accepted (kept after the
         session itself is pruned: a replayed initial message that used only the last-resort KEM key
@@ -308,6 +327,10 @@ class ProfileDB:
              status))
         return cur.lastrowid if cur.rowcount == 1 else None
 
+    def has_unshown(self) -> bool:
+        return self._db.execute("SELECT 1 FROM messages WHERE status IN ('new', 'request') LIMIT 1"
+                                ).fetchone() is not None
+
     def has_message(self, contact: str, direction: str, msg_id: bytes) -> bool:
         return self._db.execute(
             "SELECT 1 FROM messages WHERE contact=? AND direction=? AND msg_id=?",
@@ -322,6 +345,30 @@ class ProfileDB:
                                 (contact,)).fetchall()
         held = [self._message(r) for r in rows]
         self.set_status([m.row for m in held if m.extra.get("key") == identity], "new")
+
+    def replace_text(self, row: int, text: str, extra: dict[str, Any] | None = None) -> None:
+        """Rewrite the text of a stored message (a collapsed notice counting its repeats)."""
+        found = self._db.execute("SELECT contact, direction, msg_id FROM messages WHERE id=?",
+                                 (row,)).fetchone()
+        if found is None:
+            return
+        contact, direction, msg_id = found
+        aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
+        blob = self._cipher.encrypt(pack({"text": text, "extra": extra or {}}), aad=aad)
+        self._db.execute("UPDATE messages SET body=? WHERE id=?", (blob, row))
+
+    def messages_of(self, contact: str, statuses: tuple[str, ...]) -> list[StoredMessage]:
+        marks = ",".join("?" * len(statuses))
+        rows = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM messages WHERE contact=? AND status IN ({marks}) ORDER BY id",  # noqa: S608
+            (contact, *statuses)).fetchall()
+        return [self._message(r) for r in rows]
+
+    def message(self, contact: str, direction: str, msg_id: bytes) -> StoredMessage | None:
+        row = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM messages WHERE contact=? AND direction=? AND msg_id=?",  # noqa: S608
+            (contact, direction, msg_id)).fetchone()
+        return None if row is None else self._message(row)
 
     def set_status_by_id(self, msg_id: bytes, direction: str, status: str) -> None:
         self._db.execute("UPDATE messages SET status=? WHERE msg_id=? AND direction=?",
@@ -342,10 +389,11 @@ class ProfileDB:
             (contact, limit)).fetchall()
         return [self._message(r) for r in reversed(rows)]
 
-    def messages_with_status(self, status: str) -> list[StoredMessage]:
+    def messages_with_status(self, status: str, *more: str) -> list[StoredMessage]:
+        marks = ",".join("?" * (1 + len(more)))
         rows = self._db.execute(
-            f"SELECT {self._COLUMNS} FROM messages WHERE status=? ORDER BY id",  # noqa: S608
-            (status,)).fetchall()
+            f"SELECT {self._COLUMNS} FROM messages WHERE status IN ({marks}) ORDER BY id",  # noqa: S608
+            (status, *more)).fetchall()
         return [self._message(r) for r in rows]
 
     # -- outbox -----------------------------------------------------------------------------

@@ -203,6 +203,13 @@ def inspect_envelope(envelope: bytes) -> EnvelopeInfo:
     return EnvelopeInfo(env.session_id, None if env.initial is None else InitialMessage.decode(env.initial))
 
 
+def envelope_session_id(envelope: bytes) -> bytes:
+    """The session id alone (EncodingError on a malformed envelope): unlike ``inspect_envelope`` it
+    does not decode (and verify the identity in) a carried initial message, so routing a message of
+    a known session costs no signature check."""
+    return _parse(envelope).session_id
+
+
 def _parse(envelope: bytes) -> _Envelope:
     a = expect_array(unpack(envelope, what="envelope", max_size=MAX_ENVELOPE), what="envelope",
                      version=ENVELOPE_VERSION, length=5)

@@ -50,7 +50,9 @@ MAX_SEND_MANY_RECIPIENTS: Final = 1000  # = store.base.MAX_FANOUT; the relay may
 MAX_CAPS: Final = 64
 MAX_CAP_LEN: Final = 32
 MAX_RID: Final = (1 << 63) - 1
-MESSAGE_KINDS: Final = frozenset({"msg", "pake"})
+# "derr": a decryption-error report, sent in the clear to the sender of a message that could not
+# be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
+MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -393,7 +395,7 @@ def _send(f: _Fields) -> Send:
     rid = f.as_int("rid")
     kind = f.as_str("kind", max_len=16)
     if kind not in MESSAGE_KINDS:
-        raise f.fail("'kind' must be 'msg' or 'pake'")
+        raise f.fail("'kind' must be one of " + ", ".join(sorted(MESSAGE_KINDS)))
     return Send(rid=rid, to=f.as_str("to", max_len=MAX_NAME_FIELD),
                 id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN), kind=kind,
                 body=f.as_bytes("body", max_len=DEFAULT_MAX_FRAME))

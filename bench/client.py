@@ -1,0 +1,162 @@
+"""Client speed through a real relay (issue 8, "Client speed").
+
+    python bench/client.py catchup [--messages 10000] [--sessions 10] [--new 50] [--size 256]
+
+``catchup``: a recipient is offline while ``--sessions`` contacts with an existing session queue
+messages of ``--size`` bytes of text and ``--new`` strangers send the first message of a new
+session (PQXDH); ``--messages`` is the total queued. Then the recipient, already unlocked (Argon2id
+is not timed), calls ``Client.receive()`` until the relay's queue is empty. Reported: messages per
+second until the last message was committed and shown to a listener, the same until ``receive()``
+returned (that includes its quiet-period wait when the relay does not announce ``drained``), and
+the time from the call to the first message shown.
+
+The relay is a ``cipherpost server`` subprocess (TLS, SQLite) on its default limits. Its default
+``max_queue`` is 10,000 messages per recipient, so with the defaults the contacts queue
+``messages - new`` messages between them and the strangers the other ``new``. Profiles are created
+with a cheap Argon2id (the key store's cost is not what is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cipherpost.client.client import Client
+from cipherpost.client.connection import parse_fingerprint
+from cipherpost.crypto.keystore import Argon2Params
+
+CHEAP_KDF = Argon2Params(memory_kib=64, iterations=1, lanes=1)
+PASSPHRASE = "bench passphrase"
+
+
+class Relay:
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.fingerprint = ""
+
+    def __enter__(self) -> Relay:
+        cmd = [sys.executable, "-m", "cipherpost", "server", "--host", "127.0.0.1", "--port", "0",
+               "--data", str(self.data)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.proc.stdout is not None
+        while not (self.url and self.fingerprint):
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit("the relay exited early")
+            if m := re.search(r"listening on (wss?://[\d.]+:\d+)", line):
+                self.url = m.group(1)
+            if m := re.search(r"TLS certificate fingerprint: (SHA256:[0-9a-f]{64})", line):
+                self.fingerprint = m.group(1)
+        import threading
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout or []], daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+async def _create(home: Path, name: str, relay: Relay) -> Client:
+    client = await Client.create(home, name, relay.url, PASSPHRASE, kdf=CHEAP_KDF,
+                                 server_fingerprint=parse_fingerprint(relay.fingerprint))
+    await client.connect()
+    return client
+
+
+async def catchup(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp, Relay(Path(tmp) / "relay") as relay:
+        home = Path(tmp)
+        rcpt = await _create(home / "rcpt", "rcpt", relay)
+        contacts = [await _create(home / f"c{i}", f"contact{i:02d}", relay) for i in range(args.sessions)]
+        # Existing sessions: each contact has written once, and the recipient took it in.
+        for c in contacts:
+            await c.send("rcpt", "hello")
+        await rcpt.receive(wait=5)
+        for c in contacts:
+            accept = getattr(rcpt, "accept_request", None)   # absent before message requests
+            if accept is not None:
+                accept(c.username)
+            await rcpt.send(c.username, "hi")    # answered: the session is established both ways
+        await rcpt.close()
+        for c in contacts:
+            await c.receive()
+        text = "x" * args.size
+        per_contact = (args.messages - args.new) // args.sessions
+        t0 = time.perf_counter()
+
+        async def queue(c: Client) -> None:
+            for _ in range(per_contact):
+                await c.send("rcpt", text)
+        await asyncio.gather(*(queue(c) for c in contacts))
+        for i in range(args.new):
+            stranger = await _create(home / f"s{i}", f"stranger{i:02d}", relay)
+            await stranger.send("rcpt", text)
+            await stranger.close()
+        total = per_contact * args.sessions + args.new
+        print(f"queued {total} messages ({args.sessions} sessions x {per_contact}, {args.new} new "
+              f"sessions) in {time.perf_counter() - t0:.1f}s (setup, not timed)", file=sys.stderr)
+        for c in contacts:
+            await c.close()
+
+        rcpt = Client.open(home / "rcpt", "rcpt", PASSPHRASE)   # unlocking: not timed
+        shown = 0
+        first_at: float | None = None
+        last_at = 0.0
+
+        def listener(_m: Any) -> None:
+            nonlocal shown, first_at, last_at
+            shown += 1
+            last_at = time.perf_counter()
+            if first_at is None:
+                first_at = last_at
+        rcpt.add_listener(listener)
+        profiler = None
+        if args.profile:
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
+        start = time.perf_counter()
+        got = await rcpt.receive()
+        end = time.perf_counter()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+        await rcpt.close()
+        texts = sum(1 for m in got if m.text == text)
+        print(f"catch-up: {len(got)} shown ({texts} of {total} texts), listener saw {shown}")
+        print(f"  until the last message was shown: {last_at - start:.2f}s = "
+              f"{texts / (last_at - start):,.0f} msgs/s")
+        print(f"  until receive() returned:          {end - start:.2f}s = "
+              f"{texts / (end - start):,.0f} msgs/s")
+        print(f"  first message shown after:         {((first_at or end) - start) * 1000:.0f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("catchup", help="an offline recipient catching up (Client.receive)")
+    p.add_argument("--messages", type=int, default=10_000)
+    p.add_argument("--sessions", type=int, default=10)
+    p.add_argument("--new", type=int, default=50)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--profile", metavar="FILE", help="write cProfile stats of the timed part to FILE")
+    p.set_defaults(func=catchup)
+    args = parser.parse_args()
+    asyncio.run(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
