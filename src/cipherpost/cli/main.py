@@ -23,6 +23,8 @@ from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from .common import UsageError, fmt_time, group_digits, message_lines, printable, read_passphrase
 from .contacts_cmd import register as register_contact_commands
+from .group_cmd import register as register_group_commands
+from .group_cmd import send_group
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -61,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("send", help="send one message")
+    p.add_argument("--group", default=None, metavar="GROUP", help="send to the group GROUP (no NAME)")
     p.add_argument("name", help="recipient username")
-    p.add_argument("text", nargs="+", help="message text ('-' reads it from standard input)")
+    p.add_argument("text", nargs="*", help="message text ('-' reads it from standard input)")
     p.set_defaults(func=_cmd_send)
 
     p = sub.add_parser("recv", help="fetch and print new messages")
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_history)
 
     register_contact_commands(sub, _run)   # block, unblock, accept, requests
+    register_group_commands(sub, _run)     # group create|add|remove|leave|list|info
 
     p = sub.add_parser("demo", help="a throwaway relay and two users chatting, explained")
     p.add_argument("--explain", action="store_true",
@@ -146,7 +150,7 @@ def _run(args: argparse.Namespace, body: Callable[[Client], Awaitable[int]]) -> 
 
 def _message_json(m: IncomingMessage) -> dict[str, Any]:
     return {"id": m.id, "from": m.sender, "text": m.text, "sent_at": m.sent_at,
-            "received_at": m.received_at, "warning": m.warning}
+            "received_at": m.received_at, "warning": m.warning, "group": m.group}
 
 
 def print_message(m: IncomingMessage) -> None:
@@ -180,9 +184,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    if args.group is not None:   # `send --group G TEXT...`: argparse took the first word as the name
+        args.text = [args.name, *args.text]
     text = sys.stdin.read().rstrip("\n") if args.text == ["-"] else " ".join(args.text)
     if not text:
         raise UsageError("nothing to send")
+    if args.group is not None:
+        return _run(args, lambda client: send_group(client, args.group, text))
 
     async def body(client: Client) -> int:
         offline: ConnectionFailed | None = None

@@ -45,6 +45,7 @@ from .errors import (
     UnknownContact,
     VerificationError,
 )
+from .groups import GroupInfo, Groups
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .inbox import IncomingMessage, Receiver
 from .prekeys_low import PrekeysLowGate
@@ -93,6 +94,7 @@ class Client:
         self.requests = Requests(db)
         self.retries = Retries(self)
         self.receiver = Receiver(self)
+        self.groups = Groups(self)   # client/groups.py; the group API below delegates to it
         self._prekeys_low = PrekeysLowGate()
 
     # ------------------------------------------------------------------ lifecycle
@@ -235,7 +237,7 @@ class Client:
         # it stays queued (or is marked failed when retrying cannot help); `send` reports such
         # refusals to whoever is sending.
         with contextlib.suppress(ServerError):
-            await self.flush_outbox()
+            await self.groups.flush()   # the pairwise outbox, then the group outbox
         with contextlib.suppress(ServerError):
             await self.blocks.tell_relay(conn)
 
@@ -527,6 +529,31 @@ class Client:
 
     def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
         return self.db.history(name, limit)
+
+    # ------------------------------------------------------------------ groups (client/groups.py)
+    async def create_group(self, name: str, members: list[str]) -> GroupInfo:
+        return await self.groups.create(name, members)
+
+    async def group_add(self, name: str, members: list[str]) -> GroupInfo:
+        return await self.groups.add(name, members)
+
+    async def group_remove(self, name: str, members: list[str]) -> GroupInfo:
+        return await self.groups.remove(name, members)
+
+    async def group_leave(self, name: str) -> GroupInfo:
+        return await self.groups.leave(name)
+
+    def group_list(self) -> list[GroupInfo]:
+        return self.groups.all()
+
+    def group_info(self, name: str) -> GroupInfo:
+        return self.groups.info(name)
+
+    async def send_group(self, name: str, text: str) -> bytes:
+        return await self.groups.send(name, text)
+
+    def group_history(self, name: str, limit: int = 50) -> list[StoredMessage]:
+        return self.groups.history(name, limit)
 
     # ------------------------------------------------------------------ password verification
     def on_pake_request(self, callback: Callable[[str], None]) -> None:

@@ -65,13 +65,15 @@ class IncomingMessage:
     warning: str | None = None
     row: int | None = field(default=None, compare=False, repr=False)   # for mark_shown
     request: bool = field(default=False, compare=False)   # from a stranger: not a contact yet
+    group: str | None = None   # the group's name for a group message or event (client/groups.py)
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> IncomingMessage:
-        warning = m.extra.get("warning")
-        return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
+        warning, group, sender = m.extra.get("warning"), m.extra.get("group"), m.extra.get("from", m.contact)
+        return cls(m.msg_id.hex(), sender if isinstance(sender, str) else "", m.text, m.sent_at,
+                   m.received_at,
                    warning if isinstance(warning, str) else None, m.row,
-                   m.status in (REQUEST, REQUEST_SHOWN))
+                   m.status in (REQUEST, REQUEST_SHOWN), group if isinstance(group, str) else None)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Receiver:
             for listener in self.listeners:
                 listener(message)
         await c.retries.after_batch(batch.derr_out, batch.derr_in)
+        await c.groups.after_batch()
         self.activity.set()
 
     def _one(self, batch: _Batch, m: dict[str, Any]) -> None:
@@ -191,6 +194,9 @@ class Receiver:
             return
         if kind == "derr":
             batch.derr_in.append((sender, body))
+            return
+        if kind == "grp":   # a group message (client/groups.py)
+            batch.shown.extend(c.groups.receive_grp(sender, msg_id, body, m.get("ts")))
             return
         if kind != "msg" or c.db.has_message(sender, "in", msg_id):
             return   # unknown kind, or a redelivery of something already stored: just ack it again
@@ -290,6 +296,11 @@ class Receiver:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
         text, sent_at = _parse_payload(plaintext, sender=sender, me=c.username)
         peer = session.peer.encode()
+        if isinstance(text, bytes):   # a group payload (client/groups.py), never shown as text
+            if new_store is not None:
+                c.db.mark_session_accepted(session.session_id)
+            return _Stored(session.session_id, _SessionEntry(sender, peer, session, with_psk, dirty=True),
+                           new_store, None, c.groups.on_control(sender, peer, text), ("group_control", {}))
         contact = self._contact(batch, sender)
         received = now_ms()
         warning: str | None = None
@@ -447,13 +458,13 @@ def _unpad(data: bytes) -> bytes:
     return data[: end - 1]
 
 
-def _parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, int]:
+def _parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str | bytes, int]:
     """``(text, sent_at)`` of a decrypted payload, checked against who the relay named as sender
     and recipient (``client/plaintext.py:parse_text_payload`` replaces this once it lands)."""
     arr = expect_array(unpack(_unpad(plaintext), what="message"), what="message",
                        version=PLAINTEXT_VERSION, length=6)
     _, kind, text, sent_at, written_by, written_for = arr
-    if kind != "text" or not isinstance(text, str):
+    if not ((kind == "text" and isinstance(text, str)) or (kind == "group" and isinstance(text, bytes))):
         raise ClientError("message of an unknown kind")
     if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
         raise ClientError("message carries an invalid time")

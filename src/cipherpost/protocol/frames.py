@@ -52,7 +52,7 @@ MAX_CAP_LEN: Final = 32
 MAX_RID: Final = (1 << 63) - 1
 # "derr": a decryption-error report, sent in the clear to the sender of a message that could not
 # be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
-MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
+MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr", "grp"})   # grp: a group message (docs/groups.md)
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def _send_many(f: _Fields) -> SendMany:
     rid = f.as_int("rid")
     kind = f.as_str("kind", max_len=16)
     if kind not in MESSAGE_KINDS:
-        raise f.fail("'kind' must be 'msg' or 'pake'")
+        raise f.fail("'kind' must be one of " + ", ".join(sorted(MESSAGE_KINDS)))
     to = [f.as_str("to[]", max_len=MAX_NAME_FIELD, value=v, present=True)
           for v in f.as_list("to", max_items=MAX_SEND_MANY_RECIPIENTS)]
     if not to:
