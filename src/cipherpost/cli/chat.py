@@ -31,6 +31,8 @@ from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
 from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
 from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
+from .group_cmd import CHAT_HELP as GROUP_HELP
+from .group_cmd import chat_command as group_command
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 MIN_PASSPHRASE = 8          # as `cipherpost init` asks
@@ -47,6 +49,7 @@ commands:
   /verify NAME      compare the safety number now and mark NAME verified
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
 {CHAT_HELP}
+{GROUP_HELP}
   //TEXT            send a line that starts with "/"
   /help             this text
   /quit             leave (Ctrl-D works too)"""
@@ -97,6 +100,7 @@ class Chat:
         self.questions = questions
         self.lines = chat_session()
         self.peer: str | None = None
+        self.group: str | None = None   # /group NAME: plain lines go to the group (cli/group_cmd.py)
         self.interrupt_hint_shown = False
         self.last_status = ""
         self.had_queued = False
@@ -104,6 +108,8 @@ class Chat:
         self.verifying: set[str] = set()
 
     def prompt_text(self) -> str:
+        if self.group:
+            return f"#{self.group}> "
         return f"{self.peer}> " if self.peer else "> "
 
     def show(self, message: IncomingMessage) -> None:
@@ -114,6 +120,8 @@ class Chat:
             print(f"!! (in this chat: /accept {message.sender}, or /block {message.sender})")
         elif message.warning:
             print(f"!! (in this chat: /verify {message.sender})")
+        if message.group is not None:
+            return   # group lines carry their group; /group NAME answers there
         if self.peer is None:
             self.peer = message.sender
             print(f"-- now talking to {message.sender}: type to reply (/to NAME to switch)")
@@ -157,6 +165,9 @@ class Chat:
         if not line.startswith("/") or line.startswith("//"):
             if line.startswith("//"):   # a message that itself starts with "/"
                 line = line[1:]
+            if self.group is not None:
+                await self.client.send_group(self.group, line)
+                return True
             if self.peer is None:
                 print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {printable(line)}")
                 return True
@@ -186,6 +197,8 @@ class Chat:
                   f"(compare it with {name} in person or on a call, then /verify {name})")
         elif cmd == "/verify":
             await self.verify(arg)
+        elif cmd == "/groups" or (cmd == "/group" and arg):
+            self.group = await group_command(self.client, cmd, arg) or self.group
         elif cmd in CHAT_COMMANDS:
             await chat_command(self.client, cmd, arg)
         else:
@@ -197,7 +210,7 @@ class Chat:
         if name == self.client.username:
             print("that is you: /to someone else")
             return False
-        self.peer = name
+        self.peer, self.group = name, None
         known = self.client.db.get_contact(name) is not None
         print(f"-- talking to {name}" + ("" if known else " (new contact: their keys are fetched "
                                                          "when you send the first message)"))

@@ -28,7 +28,8 @@ def register(sub: Any, run: Runner) -> None:
     q.add_argument("name")
     q.add_argument("members", nargs="+")
     q.set_defaults(func=lambda a: run(a, lambda c: _change(c, "create", a.name, a.members)))
-    for action, text in (("add", "add MEMBER... (admins only)"), ("remove", "remove MEMBER... (admins only)")):
+    for action, text in (("add", "add MEMBER... (admins only)"),
+                         ("remove", "remove MEMBER... (admins only)")):
         q = gsub.add_parser(action, help=text)
         q.add_argument("name")
         q.add_argument("members", nargs="+")
@@ -54,7 +55,8 @@ async def _connect(client: Client) -> None:
 
 async def _change(client: Client, action: str, name: str, members: list[str]) -> int:
     await _connect(client)
-    await client.receive()   # apply what others changed first: a change must follow the latest state
+    # Apply what others changed first (a change must follow the latest state); shown by the next recv.
+    await client.receive(mark_shown=False)
     if action == "create":
         info = await client.create_group(name, members)
     elif action == "add":
@@ -63,7 +65,8 @@ async def _change(client: Client, action: str, name: str, members: list[str]) ->
         info = await client.group_remove(name, members)
     else:
         info = await client.group_leave(name)
-    print(f"{printable(info.name)}: version {info.version}, members {', '.join(m.name for m in info.members)}")
+    names = ", ".join(m.name for m in info.members)
+    print(f"{printable(info.name)}: version {info.version}, members {printable(names)}")
     return 0
 
 
@@ -97,7 +100,7 @@ def _describe(info: GroupInfo) -> str:
 async def send_group(client: Client, group: str, text: str) -> int:
     """``send --group NAME TEXT``."""
     await _connect(client)
-    await client.receive()   # a removal seen now rotates our sender key before this message
+    await client.receive(mark_shown=False)   # a removal seen now rotates our key before this message
     msg_id = await client.send_group(group, text)
     print(f"sent {msg_id.hex()} to the group {printable(group)}")
     return 0

@@ -635,7 +635,8 @@ class Groups:
         state = rec.current
         event_id = hashlib.sha256(state.hash() + text.encode()).digest()[:16]
         row = self._c.db.add_message(history_key(state.group_id), "event", event_id, text, sent_at=None,
-                                     received_at=now_ms(), status="new", extra={"group": state.name})
+                                     received_at=now_ms(), status="new",
+                                     extra={"group": state.name, "from": ""})
         return IncomingMessage(event_id.hex(), "", text, None, now_ms(), None, row, group=state.name)
 
     def _notice(self, sender: str, text: str) -> IncomingMessage:
