@@ -1,0 +1,270 @@
+"""Group chats end to end (docs/groups.md): real relay processes, real CLI runs, real clients.
+
+What a hostile relay would push is fed through the client's own delivery path
+(``Client._on_deliver``), exactly as a ``deliver`` frame would be (as in test_hostile.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from e2e_support import PASSPHRASE, RelayProcess, User
+
+from cipherpost.client.client import Client
+from cipherpost.client.connection import parse_fingerprint
+from cipherpost.client.group_state import sign_change
+from cipherpost.client.group_wire import encode_control
+from cipherpost.client.groups import _ad
+from cipherpost.crypto.errors import UnknownSenderKey
+from cipherpost.crypto.sender_keys import group_decrypt
+
+
+def _texts(rows: list[dict[str, Any]], sender: str | None = None) -> list[str]:
+    return [str(r["text"]) for r in rows if r.get("group") == "team" and r["from"] and
+            (sender is None or r["from"] == sender)]
+
+
+def test_group_lifecycle_with_cli(make_user) -> None:  # type: ignore[no-untyped-def]
+    alice, bob, carol, dave = (make_user(n) for n in ("alice", "bob", "carol", "dave"))
+    alice.ok("group", "create", "team", "bob", "carol")
+    for user in (bob, carol):
+        assert any("alice added you to the group team" in str(r["text"]) for r in user.recv())
+    alice.ok("send", "--group", "team", "a1")
+    alice.ok("send", "--group", "team", "a2")
+    bob.ok("send", "--group", "team", "b1")
+    carol.ok("send", "--group", "team", "c1")
+    got = {u.name: u.recv() for u in (alice, bob, carol)}
+    assert _texts(got["alice"]) == ["b1", "c1"]
+    assert _texts(got["bob"], "alice") == ["a1", "a2"] and _texts(got["bob"], "carol") == ["c1"]
+    assert _texts(got["carol"], "alice") == ["a1", "a2"] and _texts(got["carol"], "bob") == ["b1"]
+    assert all(r["group"] == "team" for r in got["bob"])
+
+    alice.ok("group", "add", "team", "dave")
+    alice.ok("send", "--group", "team", "a3")
+    dave_rows = dave.recv()
+    assert _texts(dave_rows) == ["a3"]          # nothing from before dave joined
+    dave.ok("send", "--group", "team", "d1")
+    for user in (alice, bob, carol):
+        assert "d1" in _texts(user.recv(), "dave")
+
+    alice.ok("group", "remove", "team", "carol")
+    alice.ok("send", "--group", "team", "after carol left")
+    carol_rows = carol.recv()
+    assert any("alice removed carol" in str(r["text"]) for r in carol_rows)
+    assert _texts(carol_rows) == []
+    for user in (bob, dave):
+        assert "after carol left" in _texts(user.recv(), "alice")
+
+    bob.ok("group", "leave", "team")
+    assert any("bob left team" in str(r["text"]) for r in alice.recv())
+    info = alice.ok("group", "info", "team", "--json")
+    assert '"members": ["alice", "dave"]' in info
+    assert '"status": "left"' in bob.ok("group", "list", "--json")
+    assert "carol" not in alice.ok("group", "info", "team")
+    result = bob.run("send", "--group", "team", "still here?")
+    assert result.returncode == 1 and "no longer a member" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def _clients(tmp: Path, relay: RelayProcess, *names: str) -> list[Client]:
+    clients = []
+    for name in names:
+        c = await Client.create(tmp / f"home-{name}", name, relay.url, PASSPHRASE,
+                                server_fingerprint=parse_fingerprint(relay.fingerprint))
+        await c.connect()
+        clients.append(c)
+    return clients
+
+
+def _grp(sender: str, body: bytes, msg_id: bytes | None = None) -> dict[str, Any]:
+    return {"seq": 10**9 + int.from_bytes(os.urandom(3), "big"), "from": sender,
+            "id": msg_id or os.urandom(16), "kind": "grp", "body": body, "ts": 0}
+
+
+async def _held_back(client: Client, group: str, text: str) -> tuple[bytes, bytes]:
+    """Send while disconnected and return (id, body) as it waits in the group outbox: what the
+    relay would hold; reconnecting sends it."""
+    await client.disconnect()
+    msg_id = await client.send_group(group, text)
+    item = next(i for i in client.groups._outbox() if i[0] == msg_id)
+    return msg_id, item[1]
+
+
+async def _texts_of(client: Client, wait: float = 3.0) -> list[str]:
+    return [m.text for m in await client.receive(wait=wait) if m.group == "team" and m.sender]
+
+
+def test_removed_member_cannot_decrypt_after_rotation(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        alice, bob, carol, dave = await _clients(tmp_path, relay, "alice", "bob", "carol", "dave")
+        try:
+            await alice.create_group("team", ["bob", "carol"])
+            await bob.receive(wait=2)
+            await carol.receive(wait=2)
+            await alice.send_group("team", "before")
+            assert await _texts_of(bob) == ["before"] and await _texts_of(carol) == ["before"]
+            _, before_dave = await _held_back(alice, "team", "secret before dave")
+            await alice.connect()
+            await alice.group_add("team", ["dave"])
+            await dave.receive(wait=2)
+            # A relay hands dave a message from before he joined: he cannot read it.
+            await dave._on_deliver([_grp("alice", before_dave)])
+            await dave.receive(wait=2)
+            assert not any(m.text == "secret before dave" for m in dave.group_history("team"))
+
+            await bob.disconnect()
+            await alice.group_remove("team", ["carol"])
+            await carol.receive(wait=2)
+            assert carol.group_info("team").status == "removed"
+            # bob, offline, has not seen the removal: his message is written for his old view.
+            await bob.send_group("team", "bob before seeing the removal")
+            await bob.connect()
+            assert "bob before seeing the removal" in await _texts_of(alice)
+            await bob.receive(wait=2)                 # now bob has seen it: his next send rotates
+            assert "carol" not in [m.name for m in bob.group_info("team").members]
+            _, after_bob = await _held_back(bob, "team", "bob after the removal")
+            _, after_alice = await _held_back(alice, "team", "alice after the removal")
+            await bob.connect()
+            await alice.connect()
+            assert "bob after the removal" in await _texts_of(dave)
+            # carol's client, kept running, is handed both by a colluding relay.
+            await carol.receive(wait=2)
+            gid = bytes.fromhex(carol.group_info("team").group_id)
+            assert carol.groups._key(gid, "alice") is not None   # she holds alice's old chain
+            await carol._on_deliver([_grp("bob", after_bob), _grp("alice", after_alice)])
+            assert not any("after the removal" in m.text for m in carol.group_history("team"))
+            for sender, body in (("bob", after_bob), ("alice", after_alice)):
+                record = carol.groups._key(gid, sender)
+                if record is None:
+                    continue   # bob could not reach her while offline: she never had his key
+                try:
+                    group_decrypt(record, body, _ad(gid, sender))
+                except UnknownSenderKey:
+                    pass   # her keys are of the chains before the rotation
+                else:
+                    raise AssertionError("a removed member decrypted a message sent after the rotation")
+        finally:
+            for c in (alice, bob, carol, dave):
+                await c.close()
+    asyncio.run(scenario())
+
+
+def test_relay_injected_forged_change_is_refused(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        alice, bob, carol, mallory = await _clients(tmp_path, relay, "alice", "bob", "carol", "mallory")
+        try:
+            await alice.create_group("team", ["bob", "carol"])
+            await bob.receive(wait=2)
+            await carol.receive(wait=2)
+            state = bob.groups._by_name("team").current
+            mallory_entry = [["mallory", mallory.identity.public.encode()]]
+            # 1. mallory (an account the relay's operator holds) signs as "alice".
+            forged = sign_change(mallory.identity, "alice", state, state.group_id, "add", mallory_entry)
+            async with mallory._state_lock:
+                await mallory.groups._queue_pairwise("bob", encode_control("change", state.group_id,
+                                                                           forged.encode()))
+            await mallory.flush_outbox()
+            # 2. bob, a member but not an admin, adds mallory in a message to carol.
+            by_bob = sign_change(bob.identity, "bob", state, state.group_id, "add", mallory_entry)
+            async with bob._state_lock:
+                await bob.groups._queue_pairwise("carol", encode_control("change", state.group_id,
+                                                                         by_bob.encode()))
+            await bob.flush_outbox()
+            bob_seen = await bob.receive(wait=2)
+            carol_seen = await carol.receive(wait=2)
+            assert any("refused a group update" in m.text for m in bob_seen)
+            assert any("not an admin" in m.text for m in carol_seen)
+            for c in (bob, carol):
+                assert sorted(m.name for m in c.group_info("team").members) == ["alice", "bob", "carol"]
+            # 3. mallory writes to the group's fan-out: refused, not a member.
+            await alice.send_group("team", "members only")
+            await bob.receive(wait=2)
+            body = bob.db.history("#" + state.group_id.hex(), 5)
+            assert [m.text for m in body if m.direction == "in"] == ["members only"]
+        finally:
+            for c in (alice, bob, carol, mallory):
+                await c.close()
+    asyncio.run(scenario())
+
+
+def test_relay_reorder_and_replay_detected(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        alice, bob = await _clients(tmp_path, relay, "alice", "bob")
+        try:
+            await alice.create_group("team", ["bob"])
+            await bob.receive(wait=2)
+            _, _m0 = await _held_back(alice, "team", "m0")
+            skd = [i for i in alice.db.outbox() if i.contact == "bob"]
+            assert len(skd) == 1                   # alice's sender key for bob, in their session
+            await alice.connect()
+            assert await _texts_of(bob) == ["m0"]
+            gid = bytes.fromhex(bob.group_info("team").group_id)
+            key_before = bob.groups._key(gid, "alice")
+            assert key_before is not None
+
+            held = [await _held_back(alice, "team", f"m{i}") for i in (1, 2, 3)]
+            (id1, m1), (id2, m2), (id3, m3) = held
+            await bob._on_deliver([_grp("alice", m3, id3), _grp("alice", m1, id1), _grp("alice", m2, id2)])
+            shown = [m for m in bob.take_new_messages() if m.group == "team"]
+            assert [m.text for m in shown] == ["m3", "m1", "m2"]
+            assert ["out of order" in (m.warning or "") for m in shown] == [False, True, True]
+            # The same ciphertext again under a new relay id: a replay, refused and said so.
+            await bob._on_deliver([_grp("alice", m1)])
+            again = bob.take_new_messages()
+            assert [m.text for m in again if m.group == "team" and m.sender] == []
+            assert any("replay" in m.text for m in again)
+            # The sender-key distribution replayed (a pairwise message): no effect, no rewind.
+            key_now = bob.groups._key(gid, "alice")
+            assert key_now is not None
+            replay = {"seq": 10**9 + 7, "from": "alice", "id": os.urandom(16), "kind": "msg",
+                      "body": skd[0].envelope, "ts": 0}
+            await bob._on_deliver([replay])
+            assert [m for m in bob.take_new_messages() if m.group == "team"] == []
+            after = bob.groups._key(gid, "alice")
+            assert after is not None and after.serialize() == key_now.serialize()
+            await bob._on_deliver([_grp("alice", m2)])   # still refused after the replayed key
+            assert [m.text for m in bob.take_new_messages() if m.group == "team" and m.sender] == []
+            await alice.connect()
+        finally:
+            await alice.close()
+            await bob.close()
+    asyncio.run(scenario())
+
+
+def test_missed_sender_key_is_resent_on_request(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        alice, bob = await _clients(tmp_path, relay, "alice", "bob")
+        try:
+            await alice.create_group("team", ["bob"])
+            await bob.receive(wait=2)
+            msg_id, body = await _held_back(alice, "team", "needs a key")
+            lost = [i for i in alice.db.outbox() if i.contact == "bob"]
+            assert len(lost) == 1                  # the sender key distribution, not sent yet
+            with alice.db.transaction():           # the relay loses it
+                alice.db.remove_outbox(lost[0].msg_id)
+            await bob._on_deliver([_grp("alice", body, msg_id)])
+            assert bob.take_new_messages() == []   # kept, and alice was asked for her key
+            await alice.connect()
+            await alice.receive(wait=3)            # alice answers the resend request
+            assert "needs a key" in await _texts_of(bob)
+        finally:
+            await alice.close()
+            await bob.close()
+    asyncio.run(scenario())
+
+
+def test_cli_refuses_unknown_group_and_bad_input(make_user) -> None:  # type: ignore[no-untyped-def]
+    alice: User = make_user("alice")
+    make_user("bob")
+    for args, needle in ((("send", "--group", "nope", "hi"), "no group named"),
+                         (("group", "create", "team", "alice"), "always a member"),
+                         (("group", "create", "team", "nobody"), "nobody")):
+        result = alice.run(*args)
+        assert result.returncode != 0 and needle in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    alice.ok("group", "create", "team", "bob")
+    result = alice.run("group", "create", "team", "bob")
+    assert result.returncode == 1 and "already have a group" in result.stderr
