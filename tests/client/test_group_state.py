@@ -34,7 +34,8 @@ def _create(admins: list[str] | None = None) -> tuple[list, GroupState]:  # type
 
 def test_create_then_add_remove_leave() -> None:
     log, s1 = _create()
-    s2 = apply_change(s1, c2 := sign_change(KEYS["alice"], "alice", s1, s1.group_id, "add", [_member("dave")]))
+    c2 = sign_change(KEYS["alice"], "alice", s1, s1.group_id, "add", [_member("dave")])
+    s2 = apply_change(s1, c2)
     s3 = apply_change(s2, c3 := sign_change(KEYS["alice"], "alice", s2, s2.group_id, "remove", ["carol"]))
     s4 = apply_change(s3, c4 := sign_change(KEYS["bob"], "bob", s3, s3.group_id, "leave", []))
     assert sorted(s4.members) == ["alice", "dave"] and s4.version == 4 and s4.admins == {"alice"}
