@@ -445,7 +445,7 @@ class Client:
         await self.flush_outbox()
         return msg_id
 
-    async def _sending_session(self, name: str) -> tuple[Session, bool]:
+    async def _sending_session(self, name: str, *, group: bool = False) -> tuple[Session, bool]:
         """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
         contact = self.db.get_contact(name)
         if contact is not None and contact.pending_identity is not None:
@@ -461,7 +461,10 @@ class Client:
                     raise ProfileError(f"a stored session with {name} is not with their pinned key")
                 return session, psk is not None
         conn = self._require_conn()
-        reply = await conn.request({"t": "fetch_bundle", "username": name})
+        frame: dict[str, Any] = {"t": "fetch_bundle", "username": name}
+        if group:
+            frame["group"] = True   # group setup: the relay's separate budget (docs/groups.md)
+        reply = await conn.request(frame)
         try:
             bundle = PrekeyBundle.from_parts(reply["identity"], reply["signed_prekey"], reply["kem_prekey"],
                                              reply.get("one_time_prekey"))

@@ -373,7 +373,7 @@ class Groups:
         c = self._c
         payload = _pad(pack([PLAINTEXT_VERSION, "group", content, now_ms(), c.username, name]))
         try:
-            session, with_psk = await c._sending_session(name)
+            session, with_psk = await c._sending_session(name, group=True)   # the group fetch budget
         except ClientError as exc:
             c._emit("group_pairwise_skipped", to=name, reason=str(exc))
             return False

@@ -89,6 +89,7 @@ class UploadPrekeys:
 class FetchBundle:
     rid: int
     username: str
+    group: bool = False   # group setup or rotation: its own budget (docs/groups.md, docs/server.md)
     t: ClassVar[str] = "fetch_bundle"
 
 
@@ -388,7 +389,11 @@ def _upload_prekeys(f: _Fields) -> UploadPrekeys:
 
 
 def _fetch_bundle(f: _Fields) -> FetchBundle:
-    return FetchBundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD))
+    group = f.get("group")
+    if group is not None and type(group) is not bool:
+        raise f.fail("'group' must be true or false")
+    return FetchBundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                       group=group is True)
 
 
 def _send(f: _Fields) -> Send:

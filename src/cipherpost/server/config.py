@@ -48,6 +48,7 @@ class ServerConfig:
     max_outbound_bytes: int = 4 * 1024 * 1024  # queued for one connection; beyond it deliveries wait
     bundle_fetches_per_hour: int = 200  # fetch_bundle per requesting account
     bundle_fetches_per_target_per_hour: int = 20  # fetch_bundle per (requester, target)
+    group_bundle_fetches_per_hour: int = 1000  # fetch_bundle with group:true per requester (= max_fanout)
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
     server_name: str = "cipherpost-relay/0.1"
@@ -95,6 +96,7 @@ class ServerConfig:
         for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
                      "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
+                     "group_bundle_fetches_per_hour",
                      "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
