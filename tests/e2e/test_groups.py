@@ -268,3 +268,63 @@ def test_cli_refuses_unknown_group_and_bad_input(make_user) -> None:  # type: ig
     alice.ok("group", "create", "team", "bob")
     result = alice.run("group", "create", "team", "bob")
     assert result.returncode == 1 and "already have a group" in result.stderr
+
+
+def test_substituted_bundle_gets_no_sender_key(make_user, relay: RelayProcess) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+    alice, bob, carol, _mallory = (make_user(n) for n in ("alice", "bob", "carol", "mallory"))
+    alice.ok("group", "create", "team", "bob", "carol")
+    bob.recv()
+    carol.recv()
+    # The relay serves mallory's keys under carol's name to bob, who never talked to carol.
+    relay.stop()
+    with sqlite3.connect(relay.data / "relay.db") as db:
+        identity, spk, kem = db.execute("SELECT identity, signed_prekey, kem_last_resort FROM accounts "
+                                        "WHERE username='mallory'").fetchone()
+        db.execute("UPDATE accounts SET identity=?, signed_prekey=?, kem_last_resort=? "
+                   "WHERE username='carol'", (identity, spk, kem))
+        db.execute("DELETE FROM one_time_prekeys WHERE username='carol'")
+        db.execute("INSERT INTO one_time_prekeys SELECT 'carol', kind, key_id, data FROM one_time_prekeys "
+                   "WHERE username='mallory'")
+    relay.start(port=relay.port)
+    bob.ok("send", "--group", "team", "for the group only")
+    info = bob.ok("group", "info", "team", "--json")
+    assert '"key_changed": ["carol"]' in info
+    with sqlite3.connect(relay.data / "relay.db") as db:
+        kinds = [k for (k,) in db.execute("SELECT kind FROM messages WHERE sender='bob' "
+                                          "AND recipient='carol'")]
+    assert "msg" not in kinds   # no pairwise message to carol: no sender key under mallory's keys
+    assert "for the group only" in _texts(alice.recv(), "bob")
+
+
+def test_refused_recipients_alone_are_retried(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "relay")
+    relay.start(extra=["--max-queue-per-sender", "3"])
+
+    async def scenario() -> None:
+        alice, bob, carol = await _clients(tmp_path, relay, "alice", "bob", "carol")
+        try:
+            await alice.create_group("team", ["bob", "carol"])
+            await bob.receive(wait=2)
+            await carol.receive(wait=2)
+            await bob.disconnect()        # bob is away: his queue from alice fills up (carol reads live)
+            for i in range(2):
+                await alice.send_group("team", f"m{i}")      # bob: sender key + m0 + m1 = 3 queued
+            await alice.send_group("team", "m2")             # bob: sender_cap; carol: accepted
+            waiting = alice.groups._outbox()
+            assert len(waiting) == 1 and waiting[0][2] == ["bob"]   # only the refused recipient
+            assert [m.status for m in alice.group_history("team") if m.direction == "out"] == [
+                "sent", "sent", "queued"]
+            assert await _texts_of(bob) == ["m0", "m1"]
+            await alice.disconnect()
+            await alice.connect()                            # retried: to bob alone
+            assert alice.groups._outbox() == []
+            assert await _texts_of(bob) == ["m2"]
+            assert await _texts_of(carol) == ["m0", "m1", "m2"]   # once each
+        finally:
+            for c in (alice, bob, carol):
+                await c.close()
+    try:
+        asyncio.run(scenario())
+    finally:
+        relay.stop()

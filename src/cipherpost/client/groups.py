@@ -203,7 +203,7 @@ class Groups:
             members.append(MemberInfo(name, name in state.admins,
                                       name == self._c.username or (same and contact is not None
                                                                    and contact.verified),
-                                      contact is not None and not same))
+                                      contact is not None and (not same or contact.pending_identity is not None)))
         return GroupInfo(state.name, state.group_id.hex(), state.version, rec.status, members)
 
     def history(self, name: str, limit: int = 50) -> list[Any]:

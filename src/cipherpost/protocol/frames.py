@@ -389,7 +389,7 @@ def _upload_prekeys(f: _Fields) -> UploadPrekeys:
 
 
 def _fetch_bundle(f: _Fields) -> FetchBundle:
-    group = f.get("group")
+    group = f.m.get("group")   # optional: absent in frames of clients without groups
     if group is not None and type(group) is not bool:
         raise f.fail("'group' must be true or false")
     return FetchBundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
