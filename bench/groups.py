@@ -34,9 +34,10 @@ from websockets.asyncio.client import ClientConnection
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relay import RelayLoad, start_relay
 
+from cipherpost.client.group_receive import _ad
 from cipherpost.client.group_state import distribution_id
 from cipherpost.client.group_wire import encode_control, encode_text
-from cipherpost.client.groups import _ad, _pad
+from cipherpost.client.groups import _pad
 from cipherpost.crypto.encoding import pack
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.crypto.prekey_store import PrekeyStore

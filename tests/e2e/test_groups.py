@@ -15,9 +15,9 @@ from e2e_support import PASSPHRASE, RelayProcess, User
 
 from cipherpost.client.client import Client
 from cipherpost.client.connection import parse_fingerprint
+from cipherpost.client.group_receive import _ad
 from cipherpost.client.group_state import sign_change
 from cipherpost.client.group_wire import encode_control
-from cipherpost.client.groups import _ad
 from cipherpost.crypto.errors import UnknownSenderKey
 from cipherpost.crypto.sender_keys import group_decrypt
 
@@ -89,7 +89,7 @@ async def _held_back(client: Client, group: str, text: str) -> tuple[bytes, byte
     relay would hold; reconnecting sends it."""
     await client.disconnect()
     msg_id = await client.send_group(group, text)
-    item = next(i for i in client.groups._outbox() if i[0] == msg_id)
+    item = next(i for i in client.groups.store.outbox() if i[0] == msg_id)
     return msg_id, item[1]
 
 
@@ -133,11 +133,11 @@ def test_removed_member_cannot_decrypt_after_rotation(tmp_path: Path, relay: Rel
             # carol's client, kept running, is handed both by a colluding relay.
             await carol.receive(wait=2)
             gid = bytes.fromhex(carol.group_info("team").group_id)
-            assert carol.groups._key(gid, "alice") is not None   # she holds alice's old chain
+            assert carol.groups.store.key(gid, "alice") is not None   # she holds alice's old chain
             await carol._on_deliver([_grp("bob", after_bob), _grp("alice", after_alice)])
             assert not any("after the removal" in m.text for m in carol.group_history("team"))
             for sender, body in (("bob", after_bob), ("alice", after_alice)):
-                record = carol.groups._key(gid, sender)
+                record = carol.groups.store.key(gid, sender)
                 if record is None:
                     continue   # bob could not reach her while offline: she never had his key
                 try:
@@ -159,7 +159,7 @@ def test_relay_injected_forged_change_is_refused(tmp_path: Path, relay: RelayPro
             await alice.create_group("team", ["bob", "carol"])
             await bob.receive(wait=2)
             await carol.receive(wait=2)
-            state = bob.groups._by_name("team").current
+            state = bob.groups.store.by_name("team").current
             mallory_entry = [["mallory", mallory.identity.public.encode()]]
             # 1. mallory (an account the relay's operator holds) signs as "alice".
             forged = sign_change(mallory.identity, "alice", state, state.group_id, "add", mallory_entry)
@@ -202,7 +202,7 @@ def test_relay_reorder_and_replay_detected(tmp_path: Path, relay: RelayProcess) 
             await alice.connect()
             assert await _texts_of(bob) == ["m0"]
             gid = bytes.fromhex(bob.group_info("team").group_id)
-            key_before = bob.groups._key(gid, "alice")
+            key_before = bob.groups.store.key(gid, "alice")
             assert key_before is not None
 
             held = [await _held_back(alice, "team", f"m{i}") for i in (1, 2, 3)]
@@ -217,13 +217,13 @@ def test_relay_reorder_and_replay_detected(tmp_path: Path, relay: RelayProcess) 
             assert [m.text for m in again if m.group == "team" and m.sender] == []
             assert any("replay" in m.text for m in again)
             # The sender-key distribution replayed (a pairwise message): no effect, no rewind.
-            key_now = bob.groups._key(gid, "alice")
+            key_now = bob.groups.store.key(gid, "alice")
             assert key_now is not None
             replay = {"seq": 10**9 + 7, "from": "alice", "id": os.urandom(16), "kind": "msg",
                       "body": skd[0].envelope, "ts": 0}
             await bob._on_deliver([replay])
             assert [m for m in bob.take_new_messages() if m.group == "team"] == []
-            after = bob.groups._key(gid, "alice")
+            after = bob.groups.store.key(gid, "alice")
             assert after is not None and after.serialize() == key_now.serialize()
             await bob._on_deliver([_grp("alice", m2)])   # still refused after the replayed key
             assert [m.text for m in bob.take_new_messages() if m.group == "team" and m.sender] == []
@@ -311,14 +311,14 @@ def test_refused_recipients_alone_are_retried(tmp_path: Path) -> None:
             for i in range(2):
                 await alice.send_group("team", f"m{i}")      # bob: sender key + m0 + m1 = 3 queued
             await alice.send_group("team", "m2")             # bob: sender_cap; carol: accepted
-            waiting = alice.groups._outbox()
+            waiting = alice.groups.store.outbox()
             assert len(waiting) == 1 and waiting[0][2] == ["bob"]   # only the refused recipient
             assert [m.status for m in alice.group_history("team") if m.direction == "out"] == [
                 "sent", "sent", "queued"]
             assert await _texts_of(bob) == ["m0", "m1"]
             await alice.disconnect()
             await alice.connect()                            # retried: to bob alone
-            assert alice.groups._outbox() == []
+            assert alice.groups.store.outbox() == []
             assert await _texts_of(bob) == ["m2"]
             assert await _texts_of(carol) == ["m0", "m1", "m2"]   # once each
         finally:

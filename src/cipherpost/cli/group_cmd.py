@@ -13,7 +13,7 @@ from typing import Any
 
 from ..client.client import Client
 from ..client.errors import ConnectionFailed
-from ..client.groups import GroupInfo
+from ..client.group_store import GroupInfo
 from .common import printable
 
 Runner = Callable[[argparse.Namespace, Callable[[Client], Awaitable[int]]], int]

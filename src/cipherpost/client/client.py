@@ -45,7 +45,8 @@ from .errors import (
     UnknownContact,
     VerificationError,
 )
-from .groups import GroupInfo, Groups
+from .group_store import GroupInfo
+from .groups import Groups
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .inbox import IncomingMessage, Receiver
 from .prekeys_low import PrekeysLowGate
