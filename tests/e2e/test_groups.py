@@ -328,3 +328,21 @@ def test_refused_recipients_alone_are_retried(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         relay.stop()
+
+
+def test_group_too_large_for_the_relay_is_refused_clearly(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path / "relay")
+    relay.start(extra=["--max-body", "2780"])
+    try:
+        users = [User(n, tmp_path / f"home-{n}") for n in ("alice", "bob", "carol")]
+        for user in users:
+            user.ok("init", user.name, "--server", relay.url, "--server-fingerprint", relay.fingerprint)
+        alice = users[0]
+        result = alice.run("group", "create", "team", "bob", "carol")
+        assert result.returncode == 1 and "does not fit in one message" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert alice.ok("group", "list", "--json") == ""    # nothing stored
+        alice.ok("group", "create", "pair", "bob")          # a smaller one fits
+        assert any("added you to the group pair" in str(r["text"]) for r in users[1].recv())
+    finally:
+        relay.stop()

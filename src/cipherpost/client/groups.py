@@ -29,6 +29,7 @@ from ..crypto.sender_keys import (
     rotate_sender_key,
 )
 from ..crypto.session import encrypt
+from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
 from .errors import ClientError, ServerError
 from .group_receive import GroupReceiver, _ad
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from .client import Client
 
 PLAINTEXT_VERSION: Final = 1
+ENVELOPE_OVERHEAD: Final = 2048   # as client.py: initial message, header and tag, rounded up
 MAX_PENDING_PER_GROUP: Final = 200
 RESEND_REQUESTS_PER_HOUR: Final = 5         # resend_req per (group, sender)
 RESENDS_PER_MEMBER_PER_HOUR: Final = 5      # skd answers per (group, requester)
@@ -87,6 +89,7 @@ class Groups:
             identities.append([m, await self._member_identity(m)])
         gid = os.urandom(32)
         change = sign_change(c.identity, c.username, None, gid, "create", [name, identities, [c.username]])
+        self._check_fits([change])
         async with c._state_lock:
             rec = GroupRecord([change], state=apply_change(None, change))
             with c.db.transaction():
@@ -121,6 +124,7 @@ class Groups:
                 raise ClientError(f"you are no longer a member of {old.name}")
             change = sign_change(c.identity, c.username, old, old.group_id, op, args)
             new = apply_change(old, change)   # raises (nothing stored) if we may not do this
+            self._check_fits([*rec.log, change] if welcome else [change])
             rec.log.append(change)
             rec.state = new
             with c.db.transaction():
@@ -135,6 +139,17 @@ class Groups:
         await self.flush()
         c._emit("group_changed", group=old.name, op=op, version=new.version)
         return self.store.info(rec)
+
+    def _check_fits(self, log: list[Change]) -> None:
+        """Refuse a change whose message (the whole log, for a welcome) would not fit in one message
+        on this relay, before anything is stored: the log travels in one pairwise message."""
+        conn = self._c._conn
+        limit = (conn.limits.get("max_body") if conn else None) or DEFAULT_MAX_BODY
+        size = sum(len(c.encode()) + 3 for c in log) + 64 + 160   # control frame, plaintext header, pad
+        if size + ENVELOPE_OVERHEAD > limit:
+            raise ClientError(f"this group change does not fit in one message on this relay ({size} bytes "
+                              f"of signed group log; about {max(limit - ENVELOPE_OVERHEAD, 0)} fit): "
+                              "nothing was changed")
 
     async def _member_identity(self, name: str) -> bytes:
         """The key a new member is written into the state with: the pinned one (fetching and pinning
