@@ -346,3 +346,60 @@ def test_group_too_large_for_the_relay_is_refused_clearly(tmp_path: Path) -> Non
         assert any("added you to the group pair" in str(r["text"]) for r in users[1].recv())
     finally:
         relay.stop()
+
+
+async def _settle(clients: list[Client], rounds: int = 3) -> None:
+    for _ in range(rounds):
+        for c in clients:
+            await c.receive(wait=1)
+
+
+def test_two_admins_changing_at_once_converge(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        clients = await _clients(tmp_path, relay, "alice", "bob", "carol", "dave")
+        alice, bob, carol, dave = clients
+        try:
+            await alice.create_group("team", ["bob", "carol"], admins=("bob",))
+            await _settle([bob, carol])
+            await bob.disconnect()                     # bob does not see alice's change in time
+            await alice.group_add("team", ["dave"])     # version 2 by alice
+            await bob.group_remove("team", ["carol"])   # version 2 by bob, on the same base
+            await bob.connect()
+            await _settle(clients)
+            states = {c.username: c.group_info("team") for c in (alice, bob, dave)}
+            hashes = {c.username: c.groups.store.by_name("team").current.hash() for c in (alice, bob, dave)}
+            assert len(set(hashes.values())) == 1, states     # one state everywhere
+            final = states["alice"]
+            assert final.version == 3                          # both changes, in the rule's order
+            assert sorted(m.name for m in final.members) == ["alice", "bob", "dave"]
+            assert carol.group_info("team").status == "removed"
+        finally:
+            for c in clients:
+                await c.close()
+    asyncio.run(scenario())
+
+
+def test_member_that_missed_a_change_asks_and_catches_up(tmp_path: Path, relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        clients = await _clients(tmp_path, relay, "alice", "bob", "carol", "dave")
+        alice, bob, carol, _dave = clients
+        try:
+            await alice.create_group("team", ["bob", "carol"])
+            await _settle([bob, carol])
+            await alice.disconnect()
+            await alice.group_remove("team", ["bob"])          # version 2, queued
+            lost = [i for i in alice.db.outbox() if i.contact == "carol"]
+            assert len(lost) == 1
+            with alice.db.transaction():                      # the relay loses carol's copy
+                alice.db.remove_outbox(lost[0].msg_id)
+            await alice.connect()
+            await alice.group_add("team", ["dave"])            # version 3: carol cannot apply it alone
+            await _settle([carol, alice, carol])
+            info = carol.group_info("team")
+            assert info.version == 3 and sorted(m.name for m in info.members) == ["alice", "carol", "dave"]
+            await alice.send_group("team", "all caught up")
+            assert "all caught up" in await _texts_of(carol)
+        finally:
+            for c in clients:
+                await c.close()
+    asyncio.run(scenario())

@@ -27,7 +27,9 @@ def register(sub: Any, run: Runner) -> None:
     q = gsub.add_parser("create", help="create the group NAME with MEMBER... (you are its admin)")
     q.add_argument("name")
     q.add_argument("members", nargs="+")
-    q.set_defaults(func=lambda a: run(a, lambda c: _change(c, "create", a.name, a.members)))
+    q.add_argument("--admin", action="append", default=[], metavar="MEMBER",
+                   help="make MEMBER an admin too (repeatable)")
+    q.set_defaults(func=lambda a: run(a, lambda c: _change(c, "create", a.name, a.members, a.admin)))
     for action, text in (("add", "add MEMBER... (admins only)"),
                          ("remove", "remove MEMBER... (admins only)")):
         q = gsub.add_parser(action, help=text)
@@ -53,12 +55,13 @@ async def _connect(client: Client) -> None:
         print(f"cipherpost: not connected ({exc}); changes are queued", file=sys.stderr)
 
 
-async def _change(client: Client, action: str, name: str, members: list[str]) -> int:
+async def _change(client: Client, action: str, name: str, members: list[str],
+                  admins: list[str] | None = None) -> int:
     await _connect(client)
     # Apply what others changed first (a change must follow the latest state); shown by the next recv.
     await client.receive(mark_shown=False)
     if action == "create":
-        info = await client.create_group(name, members)
+        info = await client.create_group(name, members, tuple(admins or ()))
     elif action == "add":
         info = await client.group_add(name, members)
     elif action == "remove":

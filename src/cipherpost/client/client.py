@@ -535,8 +535,8 @@ class Client:
         return self.db.history(name, limit)
 
     # ------------------------------------------------------------------ groups (client/groups.py)
-    async def create_group(self, name: str, members: list[str]) -> GroupInfo:
-        return await self.groups.create(name, members)
+    async def create_group(self, name: str, members: list[str], admins: tuple[str, ...] = ()) -> GroupInfo:
+        return await self.groups.create(name, members, admins)
 
     async def group_add(self, name: str, members: list[str]) -> GroupInfo:
         return await self.groups.add(name, members)

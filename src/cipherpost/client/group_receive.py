@@ -97,6 +97,7 @@ class GroupReceiver:
                 rec.log = merged
                 new = replay(merged)
                 self._reissue(rec, dropped)
+                self._tell_removed(rec, old, new, sender)
         except ChangeDoesNotFollow:
             self._ask_state(rec, sender)
             return []
@@ -132,6 +133,7 @@ class GroupReceiver:
         common = len([1 for a, b in zip(merged, rec.log, strict=False) if a.digest() == b.digest()])
         self._reissue(rec, rec.log[common:])
         rec.log, rec.state = merged, new
+        self._tell_removed(rec, old, new, sender)
         shown = self._s.after_state(rec, old, new, f"the group {new.name} caught up to version {new.version}")
         self._s.save(rec)
         return shown
@@ -267,6 +269,13 @@ class GroupReceiver:
             self.followups.append((sender, encode_control("state_req", rec.current.group_id,
                                                            rec.current.version)))
         self._s.save(rec)
+
+    def _tell_removed(self, rec: GroupRecord, old: GroupState, new: GroupState, sender: str) -> None:
+        """After switching branches: members the winning branch removed may never have been told
+        (their admin could not reach them); the signed log tells them (they check every step)."""
+        log = [c.encode() for c in rec.log]
+        for name in sorted(old.members.keys() - new.members.keys() - {self._c.username, sender}):
+            self.followups.append((name, encode_control("state", new.group_id, log)))
 
     def _reissue(self, rec: GroupRecord, dropped: list[Change]) -> None:
         """Our own changes that lost to a concurrent one are issued again on the winning state."""

@@ -77,9 +77,12 @@ class Groups:
     def history(self, name: str, limit: int = 50) -> list[Any]:
         return self._c.db.history(history_key(self.store.by_name(name).log[0].group_id), limit)
 
-    async def create(self, name: str, members: Iterable[str]) -> GroupInfo:
+    async def create(self, name: str, members: Iterable[str], admins: Iterable[str] = ()) -> GroupInfo:
         c = self._c
         names = _names(members, c.username)
+        co_admins = _names(admins, c.username)
+        if not set(co_admins) <= set(names):
+            raise ClientError("every admin must also be named as a member")
         if not names or not 0 < len(name) <= 64:
             raise ClientError("a group needs a name (at most 64 characters) and at least one other member")
         if any(g.name == name for g in self.all()):
@@ -88,7 +91,8 @@ class Groups:
         for m in names:
             identities.append([m, await self._member_identity(m)])
         gid = os.urandom(32)
-        change = sign_change(c.identity, c.username, None, gid, "create", [name, identities, [c.username]])
+        change = sign_change(c.identity, c.username, None, gid, "create",
+                             [name, identities, [c.username, *co_admins]])
         self._check_fits([change])
         async with c._state_lock:
             rec = GroupRecord([change], state=apply_change(None, change))
