@@ -167,6 +167,7 @@ class Chat:
                 line = line[1:]
             if self.group is not None:
                 await self.client.send_group(self.group, line)
+                print(f"[{clock(now_ms())}] you -> [{printable(self.group)}]: {printable(line)}")
                 return True
             if self.peer is None:
                 print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {printable(line)}")
