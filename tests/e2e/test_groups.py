@@ -7,6 +7,7 @@ What a hostile relay would push is fed through the client's own delivery path
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ def test_group_lifecycle_with_cli(make_user) -> None:  # type: ignore[no-untyped
     for user in (bob, dave):
         assert "after carol left" in _texts(user.recv(), "alice")
 
+    history = [json.loads(line) for line in alice.ok("group", "history", "team", "--json").splitlines()]
+    said = [(h["from"], h["text"]) for h in history if h["direction"] != "event"]
+    assert said[:4] == [("alice", "a1"), ("alice", "a2"), ("bob", "b1"), ("carol", "c1")]
+    assert "alice: a1" in alice.ok("group", "history", "team")
     bob.ok("group", "leave", "team")
     assert any("bob left team" in str(r["text"]) for r in alice.recv())
     info = alice.ok("group", "info", "team", "--json")

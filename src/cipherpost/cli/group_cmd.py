@@ -14,7 +14,7 @@ from typing import Any
 from ..client.client import Client
 from ..client.errors import ConnectionFailed
 from ..client.group_store import GroupInfo
-from .common import printable
+from .common import fmt_time, printable
 
 Runner = Callable[[argparse.Namespace, Callable[[Client], Awaitable[int]]], int]
 CHAT_HELP = ("  /groups           your groups\n"
@@ -42,6 +42,11 @@ def register(sub: Any, run: Runner) -> None:
     q = gsub.add_parser("list", help="your groups")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=lambda a: run(a, lambda c: _list(c, a.json)))
+    q = gsub.add_parser("history", help="the group's conversation, from the local encrypted history")
+    q.add_argument("name")
+    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=lambda a: run(a, lambda c: _history(c, a.name, a.limit, a.json)))
     q = gsub.add_parser("info", help="members, admins and each member's verification state")
     q.add_argument("name")
     q.add_argument("--json", action="store_true")
@@ -88,6 +93,20 @@ async def _info(client: Client, name: str, as_json: bool) -> int:
         print(json.dumps(info.to_json()))
         return 0
     print(_describe(info))
+    return 0
+
+
+async def _history(client: Client, name: str, limit: int, as_json: bool) -> int:
+    for m in client.group_history(name, limit):
+        sender = client.username if m.direction == "out" else str(m.extra.get("from", ""))
+        if as_json:
+            print(json.dumps({"id": m.msg_id.hex(), "direction": m.direction, "from": sender, "text": m.text,
+                              "sent_at": m.sent_at, "received_at": m.received_at, "status": m.status,
+                              "warning": m.extra.get("warning")}))
+            continue
+        mark = "" if m.status in ("sent", "shown", "new") else f"  ({m.status})"
+        who = f"{printable(sender)}: " if sender else "-- "
+        print(f"[{fmt_time(m.sent_at or m.received_at)}] {who}{printable(m.text)}{mark}")
     return 0
 
 
