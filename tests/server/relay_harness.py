@@ -31,9 +31,13 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
+# Set by the relay_backend fixture (conftest.py): the store a parametrised suite runs against.
+BACKEND_OVERRIDES: dict[str, Any] = {}
+
+
 @contextlib.asynccontextmanager
 async def relay(data: Path, **overrides: Any) -> AsyncIterator[RelayServer]:
-    config = ServerConfig(data_dir=data, port=0, **overrides)
+    config = ServerConfig(data_dir=data, port=0, **{**BACKEND_OVERRIDES, **overrides})
     server = RelayServer(config)
     await server.start()
     try:

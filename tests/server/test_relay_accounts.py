@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from relay_client import RelayClient
 from relay_harness import REPO, SERVER_MAIN, harness, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.protocol.frames import Auth, Error, FetchBundle, Ok, Ping, Pong, Register, Send
+
+pytestmark = pytest.mark.usefixtures("relay_backend")  # every test on SQLite and on PostgreSQL
 
 
 def test_register_then_username_rules(tmp_path: Path) -> None:

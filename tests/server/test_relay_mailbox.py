@@ -6,9 +6,12 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from relay_harness import harness, run
 
 from cipherpost.protocol.frames import Accepted, Deliver, Error, PrekeysLow
+
+pytestmark = pytest.mark.usefixtures("relay_backend")  # every test on SQLite and on PostgreSQL
 
 
 async def _drain(client, timeout: float = 0.3) -> list:  # type: ignore[no-untyped-def]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from relay_harness import harness, mlkem_public, prekey_upload, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
 from cipherpost.crypto.prekeys import KemPrekey, PrekeyBundle, SignedPrekey
 from cipherpost.protocol.frames import Bundle, Error, FetchBundle, Ok, PrekeysLow, UploadPrekeys
+
+pytestmark = pytest.mark.usefixtures("relay_backend")  # every test on SQLite and on PostgreSQL
 
 
 def test_upload_checks_every_signature(tmp_path: Path) -> None:

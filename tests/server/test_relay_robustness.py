@@ -15,6 +15,8 @@ from websockets.exceptions import InvalidStatus
 from cipherpost.protocol.frames import Accepted, Error, Ping, Pong
 from cipherpost.server.config import ServerConfig
 
+pytestmark = pytest.mark.usefixtures("relay_backend")  # every test on SQLite and on PostgreSQL
+
 
 def _frame(**fields: object) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)  # type: ignore[no-any-return]

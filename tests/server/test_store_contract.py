@@ -7,12 +7,17 @@ group-commit specifics stay in test_relay_store.py; migrations in test_store_mig
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pg_support import NEEDS_POSTGRES, PG_URL, drop_schema, fresh_name
 from relay_harness import run
 
 from cipherpost.store.base import (
@@ -48,16 +53,16 @@ HOUR_MS = 3_600_000
 NOW_MS = 1_800_000_000_000
 
 
-@pytest.fixture(params=[
-    "sqlite",
-    # "postgres": the PostgreSQL backend (issue 11) adds itself here, e.g.
-    # pytest.param("postgres", marks=NEEDS_POSTGRES), returning
-    # lambda: PostgresRelayStore(os.environ["CIPHERPOST_TEST_POSTGRES"], schema=_fresh_schema())
-])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], RelayStore]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=NEEDS_POSTGRES)])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], RelayStore]]:
     if request.param == "sqlite":
-        return lambda: SqliteRelayStore(tmp_path / "r.db")  # a factory: tests reopen it
-    raise AssertionError(f"no backend {request.param!r}")
+        yield lambda: SqliteRelayStore(tmp_path / "r.db")  # a factory: tests reopen it
+        return
+    from cipherpost.store.postgres import PostgresRelayStore
+
+    schema = fresh_name("cpt")  # one schema per test, dropped afterwards (tests/server/pg_support.py)
+    yield lambda: PostgresRelayStore(PG_URL, schema=schema)
+    asyncio.run(drop_schema(schema))
 
 
 @asynccontextmanager
@@ -192,10 +197,13 @@ def test_ack_touches_only_the_given_recipient(make_store: Callable[[], RelayStor
     async def scenario() -> None:
         async with opened(make_store) as store:
             await accounts(store, "bob", "carol")
+            await store.enqueue(msg("bob", 0), POLICY)
             to_bob = await store.enqueue(msg("bob", 1), POLICY)
+            # seqs may be global (SQLite) or per recipient (PostgreSQL): carol's one message has
+            # neither bob's second seq
             await store.enqueue(msg("carol", 2), POLICY)
             assert await store.ack("carol", [to_bob.seq]) == 0
-            assert len(await store.pending("bob", 0, 10)) == 1
+            assert len(await store.pending("bob", 0, 10)) == 2
             assert await store.ack("bob", [to_bob.seq, to_bob.seq, 10**9]) == 1
     run(scenario())
 
@@ -590,4 +598,135 @@ def test_epoch_is_random_stable_and_renewable(make_store: Callable[[], RelayStor
             assert renewed != first and await store.epoch() == renewed
         async with opened(make_store) as store:
             assert await store.epoch() == renewed
+    run(scenario())
+
+
+# --- any sequence of operations: the store agrees with a model of the rules -------------------
+
+class SendOp(NamedTuple):
+    sender: int
+    targets: list[int]
+    msg: int
+    size: int
+    single: bool  # through enqueue() when there is one target
+
+
+class AckOp(NamedTuple):
+    recipient: int
+    position: int  # in the recipient's queue; past its end: a seq that is not queued
+
+
+class BlockOp(NamedTuple):
+    owner: int
+    sender: int
+    on: bool
+
+
+class RestartOp(NamedTuple):
+    pass
+
+
+_SEND = st.builds(SendOp, st.integers(0, 1), st.lists(st.integers(0, 1), min_size=1, max_size=2, unique=True),
+                  st.integers(0, 3), st.sampled_from([60, 100]), st.booleans())
+_ACK = st.builds(AckOp, st.integers(0, 1), st.integers(0, 2))
+_BLOCK = st.builds(BlockOp, st.integers(0, 1), st.integers(0, 1), st.booleans())
+_RESTART = st.builds(RestartOp)
+# Few names, ids and sizes, mostly sends and acks, so that caps, duplicates and acks meet often;
+# restarts rarely (they reload every counter from the database, which would hide a drifting one).
+_OPS: st.SearchStrategy[SendOp | AckOp | BlockOp | RestartOp] = st.integers(0, 19).flatmap(
+    lambda k: _SEND if k < 11 else _ACK if k < 17 else _BLOCK if k < 19 else _RESTART)
+_EXAMPLES = itertools.count()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_OPS, min_size=5, max_size=30))
+def test_any_sequence_of_sends_acks_blocks_and_restarts_matches_the_rules(
+        make_store: Callable[[], RelayStore], ops: list[SendOp | AckOp | BlockOp | RestartOp]) -> None:
+    """Caps, quotas, blocks, dedup and the running counters behind them, against a plain model.
+    (It fails if an ack forgets to release a message's bytes or its sender's share.)"""
+    policy = MailboxPolicy(max_queue=4, max_queue_per_sender=2, max_stored_bytes=250)
+    n = next(_EXAMPLES)  # one store for every example: names of their own
+    senders = [f"x{n}s{i}" for i in range(2)]
+    recipients = [f"x{n}r{i}" for i in range(2)]
+    queues: dict[str, list[tuple[int, str, bytes]]] = {r: [] for r in recipients}  # seq, sender, body
+    accepted: dict[tuple[str, int], dict[str, int | None]] = {}  # (sender, id) -> recipient -> seq
+    blocks: set[tuple[str, str]] = set()
+
+    def expect(sender: str, name: str, key: tuple[str, int], size: int) -> RecipientStatus:
+        queue = queues[name]
+        if name in accepted.get(key, {}):
+            return S.DUPLICATE
+        if (name, sender) in blocks:
+            return S.ACCEPTED
+        if len(queue) >= policy.max_queue:
+            return S.MAILBOX_FULL
+        if sum(1 for _, s, _ in queue if s == sender) >= policy.max_queue_per_sender:
+            return S.SENDER_CAP
+        if sum(len(b) for _, _, b in queue) + size > policy.max_stored_bytes:
+            return S.QUOTA_EXCEEDED
+        return S.ACCEPTED
+
+    async def send(store: RelayStore, op: SendOp) -> None:
+        sender, names = senders[op.sender], [recipients[t] for t in op.targets]
+        key, body = (sender, op.msg), bytes([op.msg]) * op.size
+        wanted = [expect(sender, name, key, len(body)) for name in names]
+        seqs: list[int | None] = [None]
+        if op.single and len(names) == 1:
+            try:
+                message = NewMessage(sender=sender, recipient=names[0], msg_id=bytes([op.msg]) * 16,
+                                     kind="msg", body=body, ts=NOW_MS)
+                r = await store.enqueue(message, policy)
+                got, seqs = [S.DUPLICATE if r.duplicate else S.ACCEPTED], [None if r.dropped else r.seq]
+            except SenderCapReached:
+                got = [S.SENDER_CAP]
+            except QuotaExceeded:
+                got = [S.QUOTA_EXCEEDED]
+            except MailboxFull:
+                got = [S.MAILBOX_FULL]
+        else:
+            delivery = Delivery(sender=sender, msg_id=bytes([op.msg]) * 16, kind="msg", body=body, ts=NOW_MS,
+                                recipients=names)
+            results = await store.enqueue_many(delivery, policy)
+            got, seqs = statuses(results), [r.seq for r in results]
+        assert got == wanted
+        for name, status, seq in zip(names, got, seqs, strict=True):
+            if status is S.ACCEPTED:
+                assert (seq is None) == ((name, sender) in blocks)
+                accepted.setdefault(key, {})[name] = seq
+                if seq is not None:
+                    queues[name].append((seq, sender, body))
+            elif status is S.DUPLICATE and seq is not None:
+                assert seq == accepted[key][name]
+
+    async def scenario() -> None:
+        store = make_store()
+        await store.open()
+        try:
+            await accounts(store, *senders, *recipients)
+            for op in ops:
+                if isinstance(op, SendOp):
+                    await send(store, op)
+                elif isinstance(op, AckOp):
+                    name = recipients[op.recipient]
+                    queue = queues[name]
+                    seq = queue[op.position][0] if op.position < len(queue) else 10**9
+                    assert await store.ack(name, [seq]) == (1 if op.position < len(queue) else 0)
+                    queues[name] = [m for m in queue if m[0] != seq]
+                elif isinstance(op, BlockOp):
+                    pair = (recipients[op.owner], senders[op.sender])
+                    await store.set_block(*pair, op.on)
+                    if op.on:
+                        blocks.add(pair)
+                    else:
+                        blocks.discard(pair)
+                else:
+                    await store.close()
+                    store = make_store()
+                    await store.open()
+                for name in recipients:
+                    queued = await store.pending(name, 0, 100)
+                    assert [(m.seq, m.sender, m.body) for m in queued] == queues[name]
+        finally:
+            await store.close()
+
     run(scenario())

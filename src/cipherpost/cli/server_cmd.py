@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..server import logfmt
+from ..server.backends import BUS_ENV, STORE_ENV, make_store
 from ..server.config import DATA_ENV, REGISTRATION_MODES, ServerConfig, default_data_dir
-from ..store.sqlite import SqliteRelayStore
+from ..store.base import StoreError
 
 log = logging.getLogger("cipherpost.server")
 
@@ -60,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="prekey bundle fetches per requesting account per hour (default 200)")
     p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=20,
                    help="prekey bundle fetches per (requester, target) per hour (default 20)")
+    p.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help=f"where state lives: sqlite:PATH or postgresql://USER@HOST/DB?schema=NAME "
+                        f"(default ${STORE_ENV}, else relay.db in the data directory)")
+    p.add_argument("--bus", default=os.environ.get(BUS_ENV) or None, metavar="URL",
+                   help=f"wake-ups across instances: redis://HOST:PORT/DB?prefix=NAME (default ${BUS_ENV}, "
+                        "else in-process); needs a postgresql:// --store")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_limit_flags(p)
     p.set_defaults(func=run_server)
@@ -67,7 +74,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     i = subparsers.add_parser("invite", help="print a one-time invite token (for --registration invite)")
     i.add_argument("--data", type=Path, default=None, help="the server's data directory")
     i.add_argument("--ttl-hours", type=float, default=INVITE_TTL_HOURS, help="validity (default 7 days)")
+    i.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
+                   help=f"the server's --store, if not the data directory's relay.db (default ${STORE_ENV})")
     i.set_defaults(func=run_invite)
+
+    m = subparsers.add_parser("migrate-store", help="move a relay's SQLite store to PostgreSQL, verified",
+                              description="Copy every account, prekey and queued message from a stopped "
+                                          "relay's SQLite file into an empty PostgreSQL schema, verify "
+                                          "counts and SHA-256 checksums per table, renew the store epoch.")
+    m.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH",
+                   help="the relay's store, e.g. sqlite:/var/lib/cipherpost/relay.db (relay stopped)")
+    m.add_argument("--to", dest="target", required=True, metavar="postgresql://...",
+                   help="an empty PostgreSQL store: postgresql://USER@HOST/DB?schema=NAME")
+    m.set_defaults(func=run_migrate_store)
 
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
@@ -123,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections_per_account=args.max_connections_per_account,
         max_outbound_bytes=args.max_outbound_bytes, bundle_fetches_per_hour=args.bundle_fetches_per_hour,
         bundle_fetches_per_target_per_hour=args.bundle_fetches_per_target_per_hour,
+        store_url=args.store, bus_url=args.bus,
         **_limit_settings(args),
     )
 
@@ -141,6 +161,9 @@ def run_server(args: argparse.Namespace) -> int:
         pass
     except OSError as exc:  # address in use, unreadable certificate ...
         print(f"cipherpost server: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # database unreachable, schema newer than this code ...
+        print(f"cipherpost server: store: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -161,6 +184,8 @@ async def _serve(config: ServerConfig) -> None:
     else:
         print("TLS certificate fingerprint: none (insecure plaintext development mode)", flush=True)
     print(f"data directory: {config.data_dir}", flush=True)
+    if server.key_fingerprint is not None:  # stays the same when the certificate is renewed with its key
+        print(f"TLS public key fingerprint: {server.key_fingerprint}", flush=True)
     listener = server.metrics_listener
     if listener is not None and listener.running:
         print(f"metrics: {listener.url}", flush=True)
@@ -175,7 +200,7 @@ def run_invite(args: argparse.Namespace) -> int:
     now = time.time_ns() // 1_000_000
 
     async def add() -> None:
-        store = SqliteRelayStore(data_dir / "relay.db")
+        store = make_store(ServerConfig(data_dir=data_dir, store_url=args.store))
         await store.open()
         try:
             await store.add_invite(hashlib.sha256(token.encode()).digest(), now,
@@ -185,6 +210,25 @@ def run_invite(args: argparse.Namespace) -> int:
 
     asyncio.run(add())
     print(token, flush=True)  # only the hash is stored on the server
+    return 0
+
+
+def run_migrate_store(args: argparse.Namespace) -> int:
+    if not args.source.startswith("sqlite:") or not args.target.startswith(("postgresql://", "postgres://")):
+        print("cipherpost migrate-store: --from must be sqlite:PATH and --to a postgresql:// URL",
+              file=sys.stderr)
+        return 2
+    from ..store.transfer import migrate_to_postgres  # needs asyncpg
+
+    try:
+        checks = asyncio.run(migrate_to_postgres(Path(args.source.removeprefix("sqlite:")), args.target,
+                                                 report=lambda line: print(line, flush=True)))
+    except (StoreError, ValueError) as exc:
+        print(f"cipherpost migrate-store: {exc}", file=sys.stderr)
+        return 1
+    total = sum(c.rows for c in checks)
+    print(f"migrated {total} rows in {len(checks)} tables, verified; store epoch renewed "
+          "(clients republish their prekeys)", flush=True)
     return 0
 
 

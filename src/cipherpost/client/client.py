@@ -132,8 +132,8 @@ class Client:
                 reply = await conn.register(identity, username, invite)
                 if reply.get("username") != username:
                     raise ClientError("the server registered a different name than asked")
-                with db.transaction():
-                    db.set_secret_meta("server_fingerprint", conn.channel)
+                with db.transaction():  # the public key, not the certificate: renewals keep working
+                    db.set_secret_meta("server_fingerprint", conn.spki)
                 # The key store is written only once the name is ours, so a failed registration
                 # leaves nothing behind and the same command can simply be run again.
                 sign_priv, dh_priv = identity.private_bytes()
@@ -225,6 +225,9 @@ class Client:
         if pinned is None:
             raise ProfileError("this profile has no pinned server certificate; create it again with init")
         conn = await Connection.open(self.server_url, pinned)
+        if conn.pinned_by_certificate:  # a pin made before public-key pins: same server, now pin its key
+            with self.db.transaction():
+                self.db.set_secret_meta("server_fingerprint", conn.spki)
         conn.on_push(self._on_push)
         try:
             reply = await conn.authenticate(self.identity, self.username)

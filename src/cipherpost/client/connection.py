@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import itertools
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from ..crypto.encoding import is_one_msgpack_value, pack
 from ..crypto.identity import IdentityKeyPair
+from ..crypto.pins import check_pin, spki_sha256
 from ..protocol.addresses import is_loopback
 from ..protocol.errors import ProtocolError
 from ..protocol.frames import decode_frame, frame_to_map
@@ -82,7 +82,9 @@ class Connection:
     def __init__(self, ws: ClientConnection, channel: bytes, nonce: bytes, limits: dict[str, int],
                  caps: frozenset[str] = frozenset()):
         self._ws = ws
-        self.channel = channel
+        self.channel = channel  # SHA-256 of the certificate: bound into login signatures
+        self.spki = channel  # SHA-256 of its public key: what the profile pins (set by open)
+        self.pinned_by_certificate = False  # the pin was an old certificate pin (upgrade it)
         self._nonce = nonce
         self.limits = limits
         self.caps = caps   # what the relay announced in its hello (docs/contracts.md section 5)
@@ -130,15 +132,20 @@ class Connection:
                 await ws.close()
                 raise ConnectionFailed("the server presented no TLS certificate")
             channel = hashlib.sha256(der).digest()
-            if pinned is not None and not hmac.compare_digest(channel, pinned):
+            spki = spki_sha256(der)  # the pin: crypto/pins.py
+            matches, by_certificate = (True, False) if pinned is None else check_pin(pinned, der)
+            if not matches:
+                assert pinned is not None
                 await ws.close()
                 raise ServerPinMismatch(
-                    f"the server's TLS certificate changed: expected {format_fingerprint(pinned)}, got "
-                    f"{format_fingerprint(channel)}. Refusing to connect: this can be an attack. If the "
-                    f"operator really replaced the certificate, check the new fingerprint with them and "
+                    f"the server's TLS certificate changed to one with another key: expected "
+                    f"{format_fingerprint(pinned)}, got {format_fingerprint(spki)} (public key "
+                    f"fingerprints). Refusing to connect: this can be an attack. If the "
+                    f"operator really replaced the key, check the new fingerprint with them and "
                     f"re-pin with `cipherpost init ... --server-fingerprint`.")
         else:
-            channel = PLAIN_CHANNEL
+            channel = spki = PLAIN_CHANNEL
+            by_certificate = False
         try:
             async with asyncio.timeout(timeout):
                 hello = _decode(await ws.recv())
@@ -156,6 +163,7 @@ class Connection:
         caps = hello.get("caps")
         announced = frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else None
         conn = cls(ws, channel, nonce, dict(limits or {}), announced or frozenset())
+        conn.spki, conn.pinned_by_certificate = spki, by_certificate
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())
         return conn
@@ -310,7 +318,8 @@ def _decode(raw: bytes | str) -> dict[str, Any]:
 
 
 async def probe_fingerprint(url: str) -> bytes:
-    """The SHA-256 of the relay's certificate, to show the user before pinning it."""
+    """The SHA-256 of the relay's certificate, to show the user before pinning it (the profile then
+    pins the certificate's public key: crypto/pins.py)."""
     conn = await Connection.open(url, None)
     try:
         return conn.channel

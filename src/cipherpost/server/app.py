@@ -22,10 +22,13 @@ from websockets.http11 import Request, Response
 
 from ..crypto.errors import CryptoError
 from ..crypto.identity import PublicIdentity
+from ..crypto.pins import spki_sha256
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls
+from .backends import describe, make_bus, make_store
+from .bus import Bus
 from .config import ServerConfig
 from .connection import Connection
 from .handlers import mail
@@ -41,11 +44,16 @@ PLAINTEXT_CHANNEL = bytes(32)  # docs/wire.md: channel binding in loopback-only 
 
 
 class RelayServer:
-    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, store: RelayStore | None = None,
+                 bus: Bus | None = None) -> None:
         config.validate()
         self.config = config
-        self.store: RelayStore = store or SqliteRelayStore(config.db_path,
-                                                           synchronous=config.sqlite_synchronous)
+        self.store: RelayStore = store or make_store(config)
+        # Scale-out (server/bus.py): wake-ups for users connected to other instances. Only the SQLite
+        # store completes commits in seq order on one writer thread; with any other store a pushed
+        # seq that is not the next one makes the connection page from the store instead.
+        self.bus: Bus = bus or make_bus(config)
+        self.gap_checked = not isinstance(self.store, SqliteRelayStore)
         self.metrics = Metrics()
         self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
@@ -54,6 +62,7 @@ class RelayServer:
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
         self.cert_fingerprint: str | None = None  # "SHA256:<hex>"; None in plaintext dev mode
+        self.key_fingerprint: str | None = None  # SHA-256 of the certificate's public key (SPKI)
         self.channel_binding: bytes = PLAINTEXT_CHANNEL
         self.url = ""
         self._routes: dict[str, set[Connection]] = {}
@@ -78,9 +87,11 @@ class RelayServer:
             der = tls.certificate_der(cert_path)
             self.channel_binding = hashlib.sha256(der).digest()
             self.cert_fingerprint = tls.fingerprint_text(der)
+            self.key_fingerprint = "SHA256:" + spki_sha256(der).hex()  # what clients pin (crypto/pins.py)
             ssl_context = tls.server_context(cert_path, key_path)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
+        await self.bus.start(self.wake, self._routes.keys, self._on_control)
         self._server = await serve(
             self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
             # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
@@ -97,8 +108,9 @@ class RelayServer:
         if cfg.metrics_listen is not None:
             self.metrics_listener = MetricsListener(self.metrics, self.store, cfg.metrics_listen)
             await self.metrics_listener.start()
-        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s", self.url, cfg.data_dir,
-                 cfg.registration, self.cert_fingerprint or "none")
+        log.info("event=listening url=%s data=%s registration=%s fingerprint=%s store=%s bus=%s", self.url,
+                 cfg.data_dir, cfg.registration, self.cert_fingerprint or "none", describe(cfg.store_url),
+                 describe(cfg.bus_url))
 
     async def stop(self) -> None:
         if self._server is None:
@@ -110,6 +122,7 @@ class RelayServer:
             await self.metrics_listener.stop()
         server.close(close_connections=True)
         await server.wait_closed()
+        await self.bus.stop()
         await self.store.close()  # commits everything already submitted
         await self.limiters.close()
         self._stopped.set()
@@ -176,10 +189,44 @@ class RelayServer:
             conns.discard(conn)
             if not conns:
                 del self._routes[conn.username]
+                self.bus.unwatch(conn.username)
+        self.bus.release(conn.username, conn)
 
     def route(self, recipient: str, message: DeliveredMessage) -> None:
         for conn in self._routes.get(recipient, ()):
             conn.push(message)
+        self.bus.publish(recipient, message)  # recipients connected to other instances
+
+    async def admit(self, username: str, conn: Connection) -> bool:
+        """Whether ``conn`` may be one more authenticated connection of ``username``: counted across
+        instances by the bus, then here (no await after this check: concurrent logins on this
+        instance cannot both pass it)."""
+        limit = self.config.max_connections_per_account
+        if not await self.bus.claim(username, conn, limit):
+            return False
+        if sum(1 for c in self._routes.get(username, ()) if not c.closed) >= limit:
+            self.bus.release(username, conn)
+            return False
+        return True
+
+    def identity_changed(self, username: str) -> None:
+        """``username``'s identity was changed or the account disabled: forget it here and on the
+        other instances (the next login reads the store)."""
+        self._identities.pop(username, None)
+        self.bus.identity_changed(username)
+
+    def _on_control(self, what: str, username: str) -> None:
+        if what == "identity":
+            self._identities.pop(username, None)
+
+    def wake(self, username: str, seq: int | None, message: DeliveredMessage | None) -> None:
+        """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance;
+        pushed when it came along (``push`` pages from the store instead if it is not the next seq)."""
+        for conn in self._routes.get(username, ()):
+            if message is not None:
+                conn.push(message)
+            else:
+                conn.wake(seq)
 
     def flush_soon(self, conn: Connection) -> None:
         """Have ``conn.flush_now()`` run once, after every callback ready in this loop iteration

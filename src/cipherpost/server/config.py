@@ -51,6 +51,8 @@ class ServerConfig:
     group_bundle_fetches_per_hour: int = 1000  # fetch_bundle with group:true per requester (= max_fanout)
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
+    store_url: str | None = None  # None: SQLite in data_dir; "sqlite:PATH"; "postgresql://...?schema=NAME"
+    bus_url: str | None = None  # None: in-process; "redis://host:port/db?prefix=NAME" (scale-out)
     server_name: str = "cipherpost-relay/0.1"
     # --- bounded state, mailboxes, metrics and logs (issue 9; docs/server.md "Limits") ---------
     one_time_prekeys_per_target_per_hour: int = 60  # all requesters together; then last-resort keys
@@ -108,6 +110,17 @@ class ServerConfig:
             raise ValueError("auth_timeout_s must be positive")
         if self.rate_per_second <= 0:
             raise ValueError("rate_per_second must be positive")
+        self._validate_backends()
+
+    def _validate_backends(self) -> None:
+        store, bus = self.store_url, self.bus_url
+        if store is not None and not store.startswith(("sqlite:", "postgresql://", "postgres://")):
+            raise ValueError("--store must be sqlite:PATH or a postgresql:// URL")
+        if bus is not None and not bus.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("--bus must be a redis:// or rediss:// URL")
+        if bus is not None and (store is None or store.startswith("sqlite:")):
+            raise ValueError("--bus redis://... joins several instances: it needs a shared "
+                             "--store postgresql://... (a SQLite file belongs to one process)")
 
     @property
     def db_path(self) -> Path:

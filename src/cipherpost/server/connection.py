@@ -236,6 +236,9 @@ class Connection:
             self._sync_buffer.append(message)
             self._sync_buffer_bytes += size
         elif message.seq > self._last_seq:
+            if self.server.gap_checked and message.seq != self._last_seq + 1:
+                self.wake(None)  # a lower seq committed but not seen here yet: page both, in order
+                return
             if (self._message_bytes + self._transport_backlog() + size > budget
                     or len(self._messages) >= MAX_OUTBOUND_FRAMES):
                 # The peer is not keeping up: stop holding its messages in memory; resume from the
@@ -250,6 +253,17 @@ class Connection:
             self._messages.append(message)
             self._message_bytes += size
             self._flush_soon()
+
+    def wake(self, seq: int | None) -> None:
+        """Mail up to ``seq`` (None: unknown) is in the store but was not pushed here (server/bus.py):
+        page it from the store, in seq order, as after a deferral."""
+        if self.closed or self.username is None or (seq is not None and seq <= self._last_seq):
+            return
+        if self._syncing:
+            self._sync_overflow = True  # the running sync pages once more before it ends
+            return
+        self._syncing = True
+        self._spawn(self._sync(self._last_seq))
 
     def _transport_backlog(self) -> int:
         """Bytes written to the transport and not yet sent to the peer (TLS and socket buffers)."""
@@ -433,9 +447,9 @@ class Connection:
             raise await self._auth_failed("signature does not verify for this account, nonce and "
                                           "server certificate")
         counts = await self.store.prekey_counts(username)
-        # checked after the last await, so that concurrent logins cannot both pass it
+        # the last await: admit's local count follows its own last await (concurrent logins)
         per_account = self.config.max_connections_per_account
-        if sum(1 for c in self.server.connections_of(username) if not c.closed) >= per_account:
+        if not await self.server.admit(username, self):  # this instance and the others (server/bus.py)
             self._abort(f"too many connections for account {username!r}")
             raise ProtocolError(E.RATE_LIMITED, f"account {username!r} already has {per_account} open "
                                                 "connections (the limit); close one and retry")
@@ -457,6 +471,7 @@ class Connection:
         """Page the stored queue after seq ``after`` to the peer, one page (at most
         ``max_outbound_bytes``) in memory at a time, then hand over to live pushes."""
         assert self.username is not None
+        await self.server.bus.watch(self.username)  # before the first query: no wake-up falls between
         budget = self.config.max_outbound_bytes
         while not self.closed:
             # backpressure: the previous page (or the live pushes queued before a deferral) is

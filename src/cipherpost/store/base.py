@@ -1,8 +1,8 @@
 """The relay's storage interface: accounts, invites, prekeys and mailboxes behind one Protocol.
 
 The server depends only on :class:`RelayStore`; :mod:`cipherpost.store.sqlite` is the default
-backend and a PostgreSQL backend implements the same methods (each mutation below is one
-transaction there: ``SELECT ... FOR UPDATE SKIP LOCKED`` for prekey consumption, a unique key on
+backend and :mod:`cipherpost.store.postgres` implements the same methods (each mutation below is
+one transaction there: the account row locked ``FOR UPDATE`` for prekey consumption, a unique key on
 ``(sender, msg_id)`` for idempotent sends, ``mailbox_heads`` rows locked in sorted order for fan-out).
 Schema versions of every backend come from one list, :mod:`cipherpost.store.migrations`.
 docs/contracts.md sections 1 and 4 describe the same contract in prose.

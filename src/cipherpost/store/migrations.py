@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import skeleton
 from .base import EPOCH_BYTES, SchemaTooNew, StoreError
+from .postgres_schema import POSTGRES_V2
 
 log = logging.getLogger("cipherpost.store")
 
@@ -200,7 +201,8 @@ def _v2_epoch(conn: sqlite3.Connection) -> None:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "first slice (7e818ef)", (_V1_SQLITE,)),
     Migration(2, "store v2: fan-out bodies, caps, blocks, account states, usage, epoch",
-              (_V2_SQLITE_ACCOUNTS, _v2_skeletons, _V2_SQLITE, _v2_epoch)),
+              (_V2_SQLITE_ACCOUNTS, _v2_skeletons, _V2_SQLITE, _v2_epoch),
+              postgres=POSTGRES_V2),  # PostgreSQL stores start here: the whole v2 schema
 )
 LATEST = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, LATEST + 1))

@@ -29,6 +29,7 @@ body is gone from ``relay.db`` and ``relay.db-wal`` within that interval.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import queue
@@ -124,23 +125,17 @@ class _Op:
 class _EnqueueOp:
     """A send to one or more recipients; consecutive ones in a batch are checked and inserted together
     (one dedup query, one executemany). Completed by calling ``callback(result, error)`` on the event
-    loop: no future per message. ``single``: the result is an EnqueueResult or a StoreError."""
+    loop: no future per message. ``item`` is a NewMessage (one recipient: the result is an
+    EnqueueResult or a StoreError) or a Delivery (a list of RecipientResult). Its fields are read on
+    the writer thread: the event loop only makes this object (the server's per-message cost)."""
 
-    __slots__ = ("body", "callback", "error", "kind", "msg_id", "policy", "recipients", "result", "sender",
-                 "single", "ts")
+    __slots__ = ("callback", "error", "item", "policy", "result")
 
-    def __init__(self, sender: str, msg_id: bytes, kind: str, body: bytes, ts: int,
-                 recipients: Sequence[str], policy: MailboxPolicy,
-                 callback: Callable[[Any, StoreError | None], None], single: bool) -> None:
-        self.sender = sender
-        self.msg_id = msg_id
-        self.kind = kind
-        self.body = body
-        self.ts = ts
-        self.recipients = recipients
+    def __init__(self, item: NewMessage | Delivery, policy: MailboxPolicy | int,
+                 callback: Callable[[Any, StoreError | None], None]) -> None:
+        self.item = item
         self.policy = policy
         self.callback = callback
-        self.single = single
         self.result: Any = None
         self.error: StoreError | None = None
 
@@ -166,10 +161,6 @@ _STOP = object()
 @functools.lru_cache(maxsize=16)
 def _queue_only(max_queue: int) -> MailboxPolicy:
     return MailboxPolicy.queue_only(max_queue)
-
-
-def _policy(policy: MailboxPolicy | int) -> MailboxPolicy:
-    return policy if isinstance(policy, MailboxPolicy) else _queue_only(policy)
 
 
 class SqliteRelayStore:
@@ -607,16 +598,14 @@ class SqliteRelayStore:
         if self._loop is None or self._closed:
             raise StoreError("store is not open")
         future: asyncio.Future[EnqueueResult] = self._loop.create_future()
-        self._queue.put(_EnqueueOp(message.sender, message.msg_id, message.kind, message.body, message.ts,
-                                   (message.recipient,), _policy(policy), partial(_resolve, future), True))
+        self._queue.put(_EnqueueOp(message, policy, partial(_resolve, future)))
         return future
 
     def enqueue_then(self, message: NewMessage, policy: MailboxPolicy | int,
                      callback: EnqueueCallback) -> None:
         if self._closed:
             raise StoreError("store is not open")
-        self._queue.put(_EnqueueOp(message.sender, message.msg_id, message.kind, message.body, message.ts,
-                                   (message.recipient,), _policy(policy), callback, True))
+        self._queue.put(_EnqueueOp(message, policy, callback))
 
     def enqueue_many_then(self, delivery: Delivery, policy: MailboxPolicy,
                           callback: EnqueueManyCallback) -> None:
@@ -626,8 +615,9 @@ class SqliteRelayStore:
         if not 1 <= len(recipients) <= MAX_FANOUT or len(set(recipients)) != len(recipients):
             raise InvalidDelivery(f"a delivery names 1 to {MAX_FANOUT} distinct recipients "
                                   f"(got {len(recipients)}, {len(set(recipients))} distinct)")
-        self._queue.put(_EnqueueOp(delivery.sender, delivery.msg_id, delivery.kind, delivery.body,
-                                   delivery.ts, recipients, policy, callback, False))
+        if delivery.recipients is not recipients:  # a copy the caller cannot change any more
+            delivery = dataclasses.replace(delivery, recipients=recipients)
+        self._queue.put(_EnqueueOp(delivery, policy, callback))
 
     async def enqueue_many(self, delivery: Delivery, policy: MailboxPolicy) -> list[RecipientResult]:
         if self._loop is None:
@@ -644,7 +634,7 @@ class SqliteRelayStore:
             chunk = ops[start:start + _DEDUP_CHUNK]
             params: list[Any] = []
             for op in chunk:
-                params += (op.sender, op.msg_id)
+                params += (op.item.sender, op.item.msg_id)
             values = ",".join(["(?,?)"] * len(chunk))
             for sender, msg_id, accepted in conn.execute(
                     "SELECT s.sender, s.msg_id, s.accepted FROM (VALUES " + values + ") AS v "  # noqa: S608
@@ -680,12 +670,20 @@ class SqliteRelayStore:
         boxes = self._boxes
         recent = self._recent
         for op in ops:
-            sender, body, recipients, policy = op.sender, op.body, op.recipients, op.policy
+            item = op.item
+            sender, body, msg_id, ts = item.sender, item.body, item.msg_id, item.ts
+            policy = _queue_only(op.policy) if isinstance(op.policy, int) else op.policy
             size = len(body)
-            key = (sender, op.msg_id)
+            key = (sender, msg_id)
             accepted = sent.get(key)
-            if op.single and accepted is None:  # the 1:1 hot path: the loop below for one new recipient
-                name = recipients[0]
+            recipients: Sequence[str]
+            single = type(item) is NewMessage
+            if single:
+                name = item.recipient  # type: ignore[union-attr]
+                recipients = (name,)
+            else:
+                recipients = item.recipients  # type: ignore[union-attr]
+            if single and accepted is None:  # the 1:1 hot path: the loop below for one new recipient
                 box = boxes.get(name) or self._box(conn, name)
                 status = _UNKNOWN if box is None else self._admit(box, sender, size, policy)
                 budget = policy.disk_budget_bytes
@@ -700,7 +698,7 @@ class SqliteRelayStore:
                     box.per_sender[sender] = box.per_sender.get(sender, 0) + 1
                     if self._total_bytes is not None:
                         self._total_bytes += size
-                    rows.append((seq, name, sender, op.msg_id, op.kind, op.ts, size, body, None))
+                    rows.append((seq, name, sender, msg_id, item.kind, ts, size, body, None))
                     recent[seq] = (name, sender, size, None)
                     op.result = EnqueueResult(seq=seq, duplicate=False)
                 elif status is None:
@@ -710,8 +708,8 @@ class SqliteRelayStore:
                     op.error = _SINGLE_ERRORS[status](name)
                     continue
                 sent[key] = {name: seq}
-                touched[key] = op.ts
-                hour_key = (sender, op.ts // USAGE_BUCKET_MS)
+                touched[key] = ts
+                hour_key = (sender, ts // USAGE_BUCKET_MS)
                 counts = usage.get(hour_key)
                 if counts is None:
                     usage[hour_key] = [1, size]
@@ -734,7 +732,7 @@ class SqliteRelayStore:
                     if accepted is None:
                         accepted = sent[key] = {}
                     accepted[name] = 0
-                    touched.setdefault(key, op.ts)
+                    touched.setdefault(key, ts)
                     delivered += 1
                     status = _ACCEPTED
                 elif status is _ACCEPTED:
@@ -749,7 +747,7 @@ class SqliteRelayStore:
             if store:
                 if accepted is None:
                     accepted = sent[key] = {}
-                touched.setdefault(key, op.ts)
+                touched.setdefault(key, ts)
                 inline: bytes | None = body
                 body_id = None
                 if len(store) > 1:  # a fan-out: one body, a reference per recipient
@@ -765,18 +763,18 @@ class SqliteRelayStore:
                     box.queued += 1
                     box.stored_bytes += size
                     box.per_sender[sender] = box.per_sender.get(sender, 0) + 1
-                    rows.append((new_seq, name, sender, op.msg_id, op.kind, op.ts, size, inline, body_id))
+                    rows.append((new_seq, name, sender, msg_id, item.kind, ts, size, inline, body_id))
                     recent[new_seq] = (name, sender, size, body_id)
                 delivered += len(store)
             if delivered:
-                hour_key = (sender, op.ts // USAGE_BUCKET_MS)
+                hour_key = (sender, ts // USAGE_BUCKET_MS)
                 counts = usage.get(hour_key)
                 if counts is None:
                     usage[hour_key] = [delivered, delivered * size]
                 else:
                     counts[0] += delivered
                     counts[1] += delivered * size
-            if op.single:
+            if single:
                 status, seq_or_none = statuses[0], seqs[0]
                 if status is _ACCEPTED or status is _DUPLICATE:
                     op.result = EnqueueResult(seq=seq_or_none or 0, duplicate=status is _DUPLICATE,
