@@ -408,3 +408,28 @@ def test_member_that_missed_a_change_asks_and_catches_up(tmp_path: Path, relay: 
             for c in clients:
                 await c.close()
     asyncio.run(scenario())
+
+
+def test_a_group_message_from_a_newer_state_brings_the_missed_change(tmp_path: Path,
+                                                                     relay: RelayProcess) -> None:
+    async def scenario() -> None:
+        clients = await _clients(tmp_path, relay, "alice", "bob", "carol")
+        alice, bob, carol = clients
+        try:
+            await alice.create_group("team", ["bob", "carol"])
+            await _settle([bob, carol])
+            await alice.disconnect()
+            await alice.group_remove("team", ["bob"])          # version 2, queued
+            lost = [i for i in alice.db.outbox() if i.contact == "carol"]
+            with alice.db.transaction():                      # the relay loses carol's copy
+                alice.db.remove_outbox(lost[0].msg_id)
+            await alice.connect()
+            await alice.send_group("team", "written at version 2")   # no later change comes
+            assert "written at version 2" in await _texts_of(carol)
+            await _settle([alice, carol])
+            info = carol.group_info("team")
+            assert info.version == 2 and sorted(m.name for m in info.members) == ["alice", "carol"]
+        finally:
+            for c in clients:
+                await c.close()
+    asyncio.run(scenario())

@@ -231,9 +231,11 @@ class GroupReceiver:
         except CryptoError as exc:
             return [self._s.notice(sender, f"refused a message in {state.name} from {sender}: {exc}")]
         try:
-            text, sent_at, _version = decode_text(_unpad(plaintext), sender=sender, group_id=gid)
+            text, sent_at, version = decode_text(_unpad(plaintext), sender=sender, group_id=gid)
         except ClientError as exc:
             return [self._s.notice(sender, f"refused a message in {state.name} from {sender}: {exc}")]
+        if version > state.version:
+            self._ask_state(rec, sender)   # the sender knows a newer state: we missed a change
         warning = None
         if known is not None and message.iteration < known.iteration:
             warning = "arrived out of order (the relay reordered or delayed it)"
