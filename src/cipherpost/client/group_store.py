@@ -34,9 +34,10 @@ def history_key(group_id: bytes) -> str:
     return "#" + group_id.hex()
 
 
-@dataclass
+@dataclass(repr=False)
 class GroupRecord:
-    """One group as this member holds it (stored encrypted; see the module docstring)."""
+    """One group as this member holds it (stored encrypted; see the module docstring). It holds
+    chain keys (``snapshots``) and waiting ciphertexts: ``repr`` hides them."""
 
     log: list[Change]
     status: str = "member"                              # member | removed | left
@@ -62,6 +63,10 @@ class GroupRecord:
     def decode(cls, data: bytes) -> GroupRecord:
         a = unpack(data, what="group record")
         return cls(decode_log(a[1]), a[2], a[3], dict(a[4]), dict(a[5]), a[6], dict(a[7]))
+
+    def __repr__(self) -> str:
+        return (f"GroupRecord(id={self.log[0].group_id.hex()[:8]}, version={len(self.log)}, "
+                f"status={self.status}, keys=<hidden>)")
 
     def allow(self, key: str, per_hour: int) -> bool:
         now = now_ms()
