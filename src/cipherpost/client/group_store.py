@@ -11,11 +11,12 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from ..crypto.encoding import pack, unpack
 from ..crypto.sender_keys import SenderKeyRecord
-from .errors import UnknownContact
+from .errors import ProfileError, UnknownContact
 from .group_state import Change, GroupState, decode_log, distribution_id, replay
 from .inbox import IncomingMessage
 
@@ -55,14 +56,25 @@ class GroupRecord:
         return self.state
 
     def encode(self) -> bytes:
+        # The state the log leads to is stored too: the record is sealed and authenticated
+        # (docs/at-rest.md), so loading it need not verify every signed change again per message.
+        state = self.current
         return pack([1, [c.encode() for c in self.log], self.status, self.rotate,
                      list(self.distributed.items()), list(self.snapshots.items()), self.pending,
-                     list(self.limits.items())])
+                     list(self.limits.items()),
+                     [state.name, [[n, k] for n, k in state.members.items()], sorted(state.admins),
+                      state.version]])
 
     @classmethod
     def decode(cls, data: bytes) -> GroupRecord:
         a = unpack(data, what="group record")
-        return cls(decode_log(a[1]), a[2], a[3], dict(a[4]), dict(a[5]), a[6], dict(a[7]))
+        log = decode_log(a[1])
+        name, members, admins, version = a[8]
+        state = GroupState(log[0].group_id, name, MappingProxyType({n: k for n, k in members}),
+                           frozenset(admins), version)
+        if version != log[-1].version:
+            raise ProfileError("a group record's state does not match its log")
+        return cls(log, a[2], a[3], dict(a[4]), dict(a[5]), a[6], dict(a[7]), state)
 
     def __repr__(self) -> str:
         return (f"GroupRecord(id={self.log[0].group_id.hex()[:8]}, version={len(self.log)}, "
