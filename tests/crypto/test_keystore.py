@@ -15,6 +15,7 @@ from cipherpost.crypto.keystore import (
     derive_argon2id,
     keystore_params,
     open_keystore,
+    reseal_keystore,
     seal_keystore,
 )
 
@@ -144,3 +145,18 @@ def test_weaker_than() -> None:
     assert FAST.weaker_than(RFC9106_SECOND_RECOMMENDED)
     assert not RFC9106_SECOND_RECOMMENDED.weaker_than(RFC9106_SECOND_RECOMMENDED)
     assert Argon2Params(65536, 2, 4).weaker_than(RFC9106_SECOND_RECOMMENDED)
+
+
+def test_reseal_changes_the_passphrase_and_never_lowers_the_cost() -> None:
+    strong = Argon2Params(memory_kib=256, iterations=2, lanes=2)
+    blob = seal_keystore("old one", SECRET, params=strong)
+    new = reseal_keystore("old one", "new one", blob)
+    assert open_keystore("new one", new) == SECRET
+    with pytest.raises(WrongPassphrase):
+        open_keystore("old one", new)
+    assert keystore_params(new) == strong
+    assert keystore_params(reseal_keystore("old one", "x", blob, params=FAST)) == strong   # not lowered
+    stronger = Argon2Params(memory_kib=512, iterations=3, lanes=2)
+    assert keystore_params(reseal_keystore("old one", "x", blob, params=stronger)) == stronger
+    with pytest.raises(WrongPassphrase):
+        reseal_keystore("not it", "x", blob)

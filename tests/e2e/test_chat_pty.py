@@ -6,6 +6,7 @@ as a text stream with ANSI sequences and carriage returns removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -253,8 +254,26 @@ def test_wrong_passphrase_and_cancel_exit_cleanly(make_user, tmp_path: Path) -> 
         alice.wait_for(r"Passphrase for alice: ?")
         alice.line("not the passphrase")
         alice.wait_for(r"unlocking\.\.\.\n")
+        alice.wait_for(r"!! wrong passphrase; try again\n")     # asked again, not thrown out
+        alice.wait_for(r"Passphrase for alice: ?")
+        alice.line(PASSPHRASE)
+        alice.wait_for(r"You are alice on ")
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+        assert "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+    # Three wrong passphrases end it, with one line.
+    alice = Terminal(alice_cli.home)
+    try:
+        alice.wait_for(r"Username \[alice\] \(a new name creates a new identity\): ?")
+        alice.line("")
+        for _ in range(3):
+            alice.wait_for(r"Passphrase for alice: ?")
+            alice.line("not the passphrase")
         assert alice.exit_code() == 1
-        assert alice.screen[alice.pos:].strip() == "cipherpost: error: wrong passphrase"
+        assert alice.screen[alice.pos:].strip().endswith("cipherpost: error: wrong passphrase 3 times; "
+                                                         "nothing was changed")
         assert "Traceback" not in alice.screen
     finally:
         alice.kill()
@@ -345,3 +364,114 @@ def test_reconnecting_leaves_no_orphaned_connection_tasks(relay: RelayProcess, t
         return loop_errors
 
     assert asyncio.run(asyncio.wait_for(scenario(), TIMEOUT)) == []
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _paste_discarding_echo(term: Terminal, data: str, chunk: int = 4096) -> None:
+    """Type ``data`` as a terminal would deliver a paste, keeping the screen but not the redraws of
+    the long line (runs of one repeated letter are cut, so the screen stays small to search)."""
+    drained: list[str] = []
+    for i in range(0, len(data), chunk):
+        term.child.send(data[i : i + chunk])
+        with contextlib.suppress(pexpect.TIMEOUT):
+            while True:
+                drained.append(term.child.read_nonblocking(1 << 20, timeout=0))
+    kept = re.sub(r"([a-z])\1{40,}", "", ANSI.sub("", term.raw + "".join(drained)).replace("\r", ""))
+    term.raw = term.screen = kept
+    term.pos = 0
+
+
+def test_over_long_input_is_refused_at_once_and_memory_stays_flat(make_user, relay: RelayProcess) -> None:
+    from cipherpost.client.plaintext import MAX_TEXT_BYTES
+    alice_cli, bob = make_user("alice"), make_user("bob")
+    alice = Terminal(alice_cli.home, passphrase=PASSPHRASE)
+    try:
+        alice.wait_for(r"Username \[alice\].*: ?")
+        alice.line("")
+        alice.wait_for(r"-- connected\n> ?")
+        alice.line("/to bob")
+        alice.wait_for(r"bob> ?")
+        baseline = _peak_rss_mb(alice.child.pid)
+        # 100 KB typed as a stream of keys (a terminal without bracketed paste), then Enter.
+        _paste_discarding_echo(alice, "x" * 100_000 + "\r")
+        alice.wait_for(rf"input refused: a message is at most {MAX_TEXT_BYTES} bytes; the line was cleared, "
+                       "NOT sent")
+        # 100 KB as a bracketed paste (what prompt_toolkit asks a terminal for): refused whole.
+        _paste_discarding_echo(alice, "\x1b[200~" + "y" * 100_000 + "\x1b[201~")
+        alice.wait_for(rf"input refused: a message is at most {MAX_TEXT_BYTES} bytes; nothing of the paste")
+        alice.line("still here")
+        alice.wait_for(r"\] you -> bob: still here\n")
+        assert _peak_rss_mb(alice.child.pid) < baseline + 150     # flat: not gigabytes
+        # A paste that fits is kept and sent as typed.
+        alice.type("\x1b[200~" + "z" * 5000 + "\x1b[201~")
+        alice.line("")
+        alice.wait_for(r"\] you -> bob: z{5000}\n")
+        assert [m["text"] for m in bob.recv(wait=10)] == ["still here", "z" * 5000]
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+        assert "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+
+
+def test_chat_verifies_a_non_contact_by_password_and_shows_a_block(make_user, relay: RelayProcess) -> None:
+    import subprocess
+    alice_cli, bob = make_user("alice"), make_user("bob")
+    alice = Terminal(alice_cli.home, passphrase=PASSPHRASE)
+    try:
+        alice.wait_for(r"Username \[alice\].*: ?")
+        alice.line("")
+        alice.wait_for(r"-- connected\n> ?")
+        # bob is no contact of alice yet: the chat accepts it, as `cipherpost verify --password` does.
+        env = {**os.environ, "CIPHERPOST_HOME": str(bob.home), "CIPHERPOST_PASSPHRASE": PASSPHRASE,
+               "CIPHERPOST_VERIFY_PASSWORD": "not the same"}
+        peer = subprocess.Popen([sys.executable, "-m", "cipherpost", "verify", "alice", "--password",
+                                 "--timeout", "60"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        alice.line("/verify bob password")
+        alice.wait_for(r"Password you share with bob: ?")
+        alice.line("a shared secret")
+        alice.wait_for(r"verification FAILED")
+        assert peer.wait(timeout=90) == 1
+        alice.line("/contacts")
+        # A blocked contact is shown as blocked, not as "unverified" (issue 8 item 14).
+        alice.wait_for(r"  bob  BLOCKED: the last password verification failed.*"
+                       r"\(verify again: /verify bob password\)")
+        alice.line("/quit")
+        assert alice.exit_code() == 0 and "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+
+
+def test_a_cancelled_verification_is_withdrawn_on_the_peers_screen(make_user, relay: RelayProcess) -> None:
+    import signal
+    import subprocess
+    alice_cli, bob = make_user("alice"), make_user("bob")
+    bob.ok("send", "alice", "hi")
+    alice = Terminal(alice_cli.home, passphrase=PASSPHRASE)
+    try:
+        alice.wait_for(r"Username \[alice\].*: ?")
+        alice.line("")
+        alice.wait_for(r"-- connected\n")
+        env = {**os.environ, "CIPHERPOST_HOME": str(bob.home), "CIPHERPOST_PASSPHRASE": PASSPHRASE,
+               "CIPHERPOST_VERIFY_PASSWORD": "our secret"}
+        peer = subprocess.Popen([sys.executable, "-m", "cipherpost", "verify", "alice", "--password",
+                                 "--timeout", "60"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        alice.wait_for(r"-- bob started a password verification with you: type /verify bob password")
+        peer.send_signal(signal.SIGINT)                 # bob gives up (Ctrl-C)
+        _, err = peer.communicate(timeout=60)
+        assert peer.returncode == 130 and "Traceback" not in err
+        alice.wait_for(r"-- bob cancelled the password verification they started; nothing to do")
+        alice.line("/contacts")
+        alice.wait_for(r"  bob  unverified")
+        alice.line("/quit")
+        assert alice.exit_code() == 0 and "Traceback" not in alice.screen
+    finally:
+        alice.kill()

@@ -47,8 +47,10 @@ def test_server_fingerprint_mismatch_refused(make_user, relay: RelayProcess, tmp
     wrong = "SHA256:" + "00" * 32
     result = carol.run("init", "carol", "--server", relay.url, "--server-fingerprint", wrong)
     assert result.returncode == 1
-    assert "certificate changed" in result.stderr and "Traceback" not in result.stderr
-    assert not (carol.home / "profiles" / "carol" / "keystore.bin").exists()
+    # First contact: it does not match what was given; nothing "changed" (issue 8 item 14).
+    assert "does not match the fingerprint given with --server-fingerprint" in result.stderr
+    assert "changed" not in result.stderr and "Traceback" not in result.stderr
+    assert not (carol.home / "profiles" / "carol").exists()
     # A relay that comes back with another certificate is refused by a pinned profile.
     alice = make_user("alice")
     relay.stop()

@@ -14,9 +14,10 @@ from typing import Any
 
 from e2e_support import PASSPHRASE, RelayProcess
 
-from cipherpost.client.client import Client, pad
+from cipherpost.client.client import Client
 from cipherpost.client.connection import parse_fingerprint
 from cipherpost.client.errors import VerificationError
+from cipherpost.client.plaintext import pad
 from cipherpost.crypto.encoding import pack
 from cipherpost.crypto.session import encrypt
 

@@ -84,8 +84,8 @@ def test_fast_encoders_write_what_encode_frame_writes(rid, msg_id, messages):
 
 def test_sample_frames_cover_every_type_and_round_trip():
     samples = frame_samples()
-    assert {type(f) for f in samples} == {*F.CLIENT_FRAME_TYPES, F.Hello, F.Ok, F.Bundle, F.Accepted,
-                                          F.Pong, F.Deliver, F.PrekeysLow, F.Error}
+    # Every type the decoder knows, so a new frame without a sample (and fuzz seed) fails here.
+    assert {f.t for f in samples} == set(F._DECODERS)
     for frame in samples:
         assert F.decode_frame(F.encode_frame(frame)) == frame
 

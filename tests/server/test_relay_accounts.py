@@ -70,7 +70,8 @@ def test_closed_registration(tmp_path: Path) -> None:
 
 
 def _invite(data: Path) -> str:
-    out = subprocess.run([sys.executable, "-c", SERVER_MAIN, "invite", "--data", str(data)], cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", SERVER_MAIN, "invite", "--data", str(data), "--create"],
+                         cwd=REPO,
                          capture_output=True, text=True, timeout=30, check=True)
     token = out.stdout.strip()
     assert len(token) >= 20

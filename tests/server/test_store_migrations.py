@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import sqlite3
-import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pg_support import NEEDS_POSTGRES, PG_URL, drop_schema, fresh_name
 from relay_harness import harness, run
 
 from cipherpost.crypto.identity import IdentityKeyPair
@@ -157,40 +157,34 @@ def test_a_fresh_store_records_every_version(tmp_path: Path) -> None:
         (m.version, m.name) for m in MIGRATIONS]
 
 
-POSTGRES_URL = os.environ.get("CIPHERPOST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
+@NEEDS_POSTGRES
 def test_postgres_runner_runs_each_version_once_when_instances_start_together() -> None:
-    asyncpg = pytest.importorskip("asyncpg")
-    schema = f"cp_migrations_{uuid.uuid4().hex[:12]}"
+    import asyncpg
 
-    async def connect() -> object:
-        try:
-            return await asyncpg.connect(POSTGRES_URL, server_settings={"search_path": schema})
-        except OSError as exc:
-            if "CIPHERPOST_TEST_POSTGRES" in os.environ:
-                raise
-            pytest.skip(f"no PostgreSQL at {POSTGRES_URL} ({exc}); set CIPHERPOST_TEST_POSTGRES")
+    schema = fresh_name("cp_migrations")
 
-    async def instance(conn: object) -> int:
-        async with conn.transaction():  # type: ignore[attr-defined]
-            return await migrate_postgres(conn.execute, conn.fetchval)  # type: ignore[attr-defined]
+    async def connect() -> Any:
+        return await asyncpg.connect(PG_URL, server_settings={"search_path": schema})
+
+    async def instance(conn: Any) -> int:
+        async with conn.transaction():
+            return await migrate_postgres(conn.execute, conn.fetchval)
 
     async def scenario() -> None:
-        admin = await connect()
-        await admin.execute(f'CREATE SCHEMA "{schema}"')  # type: ignore[attr-defined]
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f'CREATE SCHEMA "{schema}"')
         try:
             conns = [await connect() for _ in range(3)]
             started = await asyncio.gather(*[instance(c) for c in conns])
             assert sorted(started) == [0, LATEST, LATEST]  # one ran the steps, the others found them done
-            versions = await admin.fetch(f'SELECT version FROM "{schema}".schema_version')  # type: ignore[attr-defined]
+            versions = await admin.fetch(f'SELECT version FROM "{schema}".schema_version')
             assert sorted(r["version"] for r in versions) == list(range(1, LATEST + 1))
             assert await instance(conns[0]) == LATEST
             for c in conns:
-                await c.close()  # type: ignore[attr-defined]
+                await c.close()
         finally:
-            await admin.execute(f'DROP SCHEMA "{schema}" CASCADE')  # type: ignore[attr-defined]
-            await admin.close()  # type: ignore[attr-defined]
+            await admin.close()
+            await drop_schema(schema)
 
     run(scenario())
 

@@ -24,15 +24,16 @@ from prompt_toolkit.patch_stdout import patch_stdout
 
 from ..client.client import Client, IncomingMessage
 from ..client.connection import check_server_url, format_fingerprint, parse_fingerprint, probe_fingerprint
-from ..client.errors import ClientError, IdentityChanged, ServerError
+from ..client.errors import ClientError, IdentityChanged, ServerError, WrongPassphraseError
 from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
-from .common import PASSPHRASE_ENV, group_digits, message_lines, printable
+from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
 from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
 from .group_cmd import CHAT_HELP as GROUP_HELP
 from .group_cmd import chat_command as group_command
+from .input_limit import BoundedInput, limited_input_bindings
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
 MIN_PASSPHRASE = 8          # as `cipherpost init` asks
@@ -61,7 +62,11 @@ class SetupCancelled(Exception):
 
 class Cancelled(Exception):
     """Ctrl-C or Ctrl-D at a question. An ordinary exception: a KeyboardInterrupt escaping a task
-    would stop the whole event loop."""
+    would stop the whole event loop. ``interrupted``: it was Ctrl-C (exit code 130 at setup)."""
+
+    def __init__(self, *, interrupted: bool) -> None:
+        super().__init__("interrupted" if interrupted else "end of input")
+        self.interrupted = interrupted
 
 
 def clock(ms: int | None) -> str:
@@ -80,8 +85,10 @@ def question_session() -> PromptSession[str]:
 
 
 def chat_session() -> PromptSession[str]:
-    """For chat lines: the typed line is erased on Enter and reprinted with a time and status."""
-    return PromptSession(erase_when_done=True)
+    """For chat lines: the typed line is erased on Enter and reprinted with a time and status; a
+    line longer than one message is refused as it is typed or pasted (cli/input_limit.py)."""
+    bounded = BoundedInput(print) if sys.stdin.isatty() else None
+    return PromptSession(erase_when_done=True, key_bindings=limited_input_bindings(print), input=bounded)
 
 
 async def ask(prompt: PromptSession[str], message: str, *, password: bool = False) -> str:
@@ -90,8 +97,10 @@ async def ask(prompt: PromptSession[str], message: str, *, password: bool = Fals
     # would remove the one _interruptible installs around a command that asks a question.
     try:
         return await prompt.prompt_async(message, is_password=password, handle_sigint=False)
-    except (EOFError, KeyboardInterrupt):
-        raise Cancelled from None
+    except KeyboardInterrupt:
+        raise Cancelled(interrupted=True) from None
+    except EOFError:
+        raise Cancelled(interrupted=False) from None
 
 
 class Chat:
@@ -136,6 +145,10 @@ class Chat:
     def on_pake_request(self, name: str) -> None:
         if name not in self.verifying:   # not when it is the answer to our own /verify
             print(f"-- {name} started a password verification with you: type /verify {name} password")
+
+    def on_pake_cancel(self, name: str) -> None:
+        if name not in self.verifying:   # our own /verify reports it as its error
+            print(f"-- {name} cancelled the password verification they started; nothing to do")
 
     def status(self, text: str) -> None:
         """Connection news from ``stay_connected``; a retry loop is reported once, not every retry."""
@@ -223,11 +236,11 @@ class Chat:
             print("no contacts yet: /to NAME, then type a message")
         width = max((len(printable(c.name)) for c in contacts), default=0)
         for c in contacts:
-            name = printable(c.name)   # a profile from before names were checked may hold any
-            state = "verified" if c.verified else f"unverified (compare: /safety {name})"
-            if c.pending_identity:
-                state = f"KEY CHANGED - check it: /verify {name}"
-            print(f"  {name:<{width}}  {state}")
+            state, text = contact_state(c)
+            hint = {"unverified": f" (compare: /safety {printable(c.name)})",
+                    "key_changed": f" - check it: /verify {printable(c.name)}",
+                    "blocked": f" (verify again: /verify {printable(c.name)} password)"}.get(state, "")
+            print(f"  {printable(c.name):<{width}}  {printable(text)}{hint}")
 
     def show_history(self, name: str) -> None:
         messages = self.client.history(name)
@@ -261,7 +274,7 @@ class Chat:
             else:
                 print(f"!! NOT SENT to {name}: {printable(str(exc))}: {shown}")
             return
-        queued = any(item.msg_id == msg_id for item in self.client.db.outbox())
+        queued = self.client.is_queued(msg_id)
         mark = "  (queued: not connected; it is sent when the connection is back)" if queued else ""
         self.had_queued |= queued
         print(f"[{clock(now_ms())}] you -> {name}: {shown}{mark}")
@@ -269,8 +282,7 @@ class Chat:
     async def verify(self, arg: str) -> None:
         name, _, mode = arg.partition(" ")
         name = normalize_username(name)
-        contact = self.client.contact(name)
-        if mode.strip() == "password":
+        if mode.strip() == "password":   # as the CLI: also for someone not yet a contact
             from .verify_password import verify_with_password
             password = await ask(self.questions, f"Password you share with {name}: ", password=True)
             self.verifying.add(name)
@@ -279,6 +291,7 @@ class Chat:
             finally:
                 self.verifying.discard(name)
             return
+        contact = self.client.contact(name)
         candidate = contact.pending_identity or contact.identity
         if contact.pending_identity:
             print(f"!! {name}'s identity key CHANGED. The new safety number is below.")
@@ -377,9 +390,17 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
     username = normalize_username(user) if user is not None else await _ask_username(prompt, existing)
     env_passphrase = os.environ.get(PASSPHRASE_ENV)
     if username in existing:
-        passphrase = env_passphrase or await ask(prompt, f"Passphrase for {username}: ", password=True)
-        print("unlocking...")
-        return Client.open(home, username, passphrase)
+        if env_passphrase:
+            print("unlocking...")
+            return Client.open(home, username, env_passphrase)
+        for _ in range(SETUP_ATTEMPTS):   # a mistyped passphrase is asked again
+            passphrase = await ask(prompt, f"Passphrase for {username}: ", password=True)
+            print("unlocking...")
+            try:
+                return Client.open(home, username, passphrase)
+            except WrongPassphraseError:
+                print("!! wrong passphrase; try again")
+        raise SetupCancelled(f"wrong passphrase {SETUP_ATTEMPTS} times; nothing was changed")
     print(f"'{username}' is new here: creating an identity for it.")
     url, fingerprint = await _ask_server(prompt, server)
     passphrase = env_passphrase if env_passphrase is not None else await _ask_new_passphrase(prompt)
@@ -443,9 +464,9 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     prompt = question_session()
     try:
         client = await _unlock_or_create(prompt, home, user, server)
-    except Cancelled:
-        _error("cancelled; nothing was changed")
-        return 1
+    except Cancelled as exc:
+        _error(("interrupted" if exc.interrupted else "cancelled") + "; nothing was changed")
+        return EXIT_INTERRUPTED if exc.interrupted else 1
     except SetupCancelled as exc:
         _error(str(exc))
         return 1
@@ -456,6 +477,7 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
     with patch_stdout(raw=True):
         client.add_listener(chat.on_incoming)
         client.on_pake_request(chat.on_pake_request)
+        client.pake_mailbox.on_cancel(chat.on_pake_cancel)
         print(f"You are {client.username} on {client.server_url}. /to NAME starts a conversation; "
               "/help lists commands; Ctrl-D leaves.")
         keeper = asyncio.create_task(client.stay_connected(chat.status))
@@ -494,6 +516,6 @@ async def _chat(home: Path, user: str | None, server: str | None) -> int:
 def run_chat(home: Path, user: str | None, server: str | None) -> int:
     try:
         return asyncio.run(_chat(home, user, server))
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:   # Ctrl-C outside a prompt (registering): Client.create undid its work
+        _error("interrupted; nothing was changed")
+        return EXIT_INTERRUPTED

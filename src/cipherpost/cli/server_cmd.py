@@ -43,11 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="who may create accounts (default open)")
     p.add_argument("--insecure-plaintext-dev", action="store_true",
                    help="plain ws:// without TLS, for development; loopback addresses only")
-    p.add_argument("--max-connections", type=int, default=1000)
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections in all (default 1000)")
     p.add_argument("--max-queue", type=int, default=10_000, help="queued messages per recipient")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest message body in bytes")
     p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
-    p.add_argument("--rate-burst", type=int, default=1000)
+    p.add_argument("--rate-burst", type=int, default=1000,
+                   help="frames a connection may send at once above --rate (default 1000)")
     p.add_argument("--auth-timeout", type=float, default=10.0,
                    help="seconds a connection may stay unauthenticated (default 10)")
     p.add_argument("--max-connections-per-ip", type=int, default=64,
@@ -67,12 +69,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--bus", default=os.environ.get(BUS_ENV) or None, metavar="URL",
                    help=f"wake-ups across instances: redis://HOST:PORT/DB?prefix=NAME (default ${BUS_ENV}, "
                         "else in-process); needs a postgresql:// --store")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="least severe log lines printed (default info)")
     _add_limit_flags(p)
     p.set_defaults(func=run_server)
 
     i = subparsers.add_parser("invite", help="print a one-time invite token (for --registration invite)")
-    i.add_argument("--data", type=Path, default=None, help="the server's data directory")
+    i.add_argument("--data", type=Path, default=None,
+                   help=f"the server's data directory, as it runs with (default ${DATA_ENV} or the "
+                        "platform data dir); it must hold the relay's database")
+    i.add_argument("--create", action="store_true",
+                   help="create the relay's database there if it has none (before the first start)")
     i.add_argument("--ttl-hours", type=float, default=INVITE_TTL_HOURS, help="validity (default 7 days)")
     i.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
                    help=f"the server's --store, if not the data directory's relay.db (default ${STORE_ENV})")
@@ -196,6 +203,14 @@ async def _serve(config: ServerConfig) -> None:
 
 def run_invite(args: argparse.Namespace) -> int:
     data_dir: Path = args.data or default_data_dir()
+    if not args.create and not (data_dir / "relay.db").is_file():
+        # A mistyped --data would otherwise create an empty relay database whose invites no
+        # running relay ever sees.
+        print(f"cipherpost invite: no relay data in {data_dir} (no relay.db there): give the directory "
+              "the server runs with (`cipherpost server` prints it as 'data directory: ...'), or "
+              "--create to make the relay's database before its first start",
+              file=sys.stderr)
+        return 1
     token = secrets.token_urlsafe(18)
     now = time.time_ns() // 1_000_000
 

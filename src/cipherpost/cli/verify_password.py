@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import sys
 
 from ..client.client import Client
 from ..client.errors import VerificationError
+from .common import prompt_line
 
 PASSWORD_ENV = "CIPHERPOST_VERIFY_PASSWORD"  # noqa: S105 (a variable name, for scripts and tests)
 
@@ -21,7 +21,7 @@ async def verify_with_password(client: Client, name: str, *, timeout: float,
             print(f"cipherpost: no terminal to ask for the shared password: set {PASSWORD_ENV}",
                   file=sys.stderr)
             return 2
-        password = getpass.getpass(f"Password you share with {name}: ")
+        password = prompt_line(f"Password you share with {name}: ", secret=True)
     print(f"verifying {name}: waiting up to {timeout:.0f}s for them to enter the same password...",
           flush=True)
     try:

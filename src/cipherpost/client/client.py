@@ -30,7 +30,6 @@ from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
-from ..protocol.frames import DEFAULT_MAX_BODY
 from ..protocol.usernames import normalize_username
 from .blocks import BlockList
 from .connection import Connection, format_fingerprint
@@ -44,11 +43,15 @@ from .errors import (
     ServerError,
     UnknownContact,
     VerificationError,
+    WrongPassphraseError,
 )
 from .group_store import GroupInfo
 from .groups import Groups
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .inbox import IncomingMessage, Receiver
+from .plaintext import build_text_payload
+from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
+from .plaintext import unpad as unpad
 from .prekeys_low import PrekeysLowGate
 from .profile import Contact, ProfileDB, StoredMessage
 from .requests import Request, Requests
@@ -57,14 +60,10 @@ from .verification import PakeMailbox, verify_with_password
 __all__ = ["Client", "IncomingMessage", "pad", "unpad"]
 
 KEYSTORE_VERSION = 1
-PLAINTEXT_VERSION = 1
 ONE_TIME_POOL_TARGET = 100
 ONE_TIME_POOL_LOW = 25
 UPLOAD_CHUNK = 50
 SIGNED_PREKEY_LIFETIME_MS = 7 * 24 * 3600 * 1000
-ENVELOPE_OVERHEAD = 2048   # initial message (ML-KEM ciphertext, identity, keys) + header + tag, rounded up
-MAX_TIMESTAMP_MS = 1 << 53
-PAD_BLOCK = 160   # plaintexts are padded to a multiple of this, as Signal does, to blur their length
 
 Observer = Callable[[str, dict[str, Any]], None]
 
@@ -166,7 +165,7 @@ class Client:
             try:
                 plain = open_keystore(passphrase, paths.keystore.read_bytes())
             except WrongPassphrase:
-                raise ProfileError("wrong passphrase") from None
+                raise WrongPassphraseError("wrong passphrase") from None
             except CryptoError as exc:
                 raise ProfileError(f"key store {paths.keystore} is damaged: {exc}") from None
             arr = expect_array(unpack(plain, what="key store"), what="key store",
@@ -427,13 +426,9 @@ class Client:
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
-        # The names are inside the encryption, so the relay cannot relabel who wrote to whom.
-        payload = pad(pack([PLAINTEXT_VERSION, "text", text, now_ms(), self.username, name]))
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
-        limit = (self._conn.limits.get("max_body") if self._conn else None) or DEFAULT_MAX_BODY
-        if len(payload) + ENVELOPE_OVERHEAD > limit:
-            raise ClientError(f"message too long: {len(text.encode())} bytes; this relay accepts about "
-                              f"{max(limit - ENVELOPE_OVERHEAD, 0)} bytes per message")
+        payload = build_text_payload(text, now_ms(), self.username, name,
+                                     self._conn.limits.get("max_body") if self._conn else None)
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
@@ -533,6 +528,9 @@ class Client:
                       mark_shown: bool = True) -> list[IncomingMessage]:
         """Connect, take what the server holds, and wait up to ``wait`` seconds for more."""
         return await self.receiver.receive(wait=wait, settle=settle, mark_shown=mark_shown)
+
+    def is_queued(self, msg_id: bytes) -> bool:
+        return any(item.msg_id == msg_id for item in self.db.outbox())
 
     def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
         return self.db.history(name, limit)
@@ -641,18 +639,6 @@ class Client:
     def _psk(self, name: str) -> bytes | None:
         contact = self.db.get_contact(name)
         return None if contact is None else contact.psk
-
-
-def pad(data: bytes, block: int = PAD_BLOCK) -> bytes:
-    """ISO/IEC 7816-4 padding (0x80 then zeros) up to a multiple of ``block``; the AEAD covers it."""
-    return data + b"\x80" + bytes(-(len(data) + 1) % block)
-
-
-def unpad(data: bytes) -> bytes:
-    end = len(data.rstrip(b"\x00"))
-    if end == 0 or data[end - 1] != 0x80:
-        raise ClientError("message padding is malformed")
-    return data[: end - 1]
 
 
 def _grouped(digits: str) -> str:

@@ -24,6 +24,10 @@ class ProfileError(ClientError):
     """The local profile is missing, locked by another process, or damaged."""
 
 
+class WrongPassphraseError(ProfileError):
+    """The passphrase does not open this profile's key store (or the file was modified)."""
+
+
 class ProfileLocked(ProfileError):
     """Another cipherpost process has this profile open."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -38,15 +39,22 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``, mode 0600, fsynced (a crash leaves old or new)."""
+def write_private_file(path: Path, data: bytes, *, before_replace: Callable[[], None] | None = None) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600, fsynced (a crash leaves old or new).
+
+    ``before_replace`` runs once the new content is durable in ``path.tmp`` and before the rename
+    (crash tests stop there)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:   # os.write may write less than asked
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

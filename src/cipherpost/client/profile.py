@@ -19,10 +19,39 @@ from typing import Any
 from ..crypto.encoding import pack, unpack
 from ..crypto.errors import CryptoError
 from ..crypto.records import RecordCipher
-from .errors import ProfileError
+from .errors import ClientError, ProfileError
+from .plaintext import pad, unpad
 
 SCHEMA_VERSION = 1
 SESSIONS_KEPT_PER_CONTACT = 5
+# Message records: RECORD_V2 + pad(msgpack [text, extra]), padded like the wire (plaintext.PAD_BLOCK)
+# so a record's length shows a bucket, not the text's exact length. Records written before
+# (a bare msgpack map, first byte 0x8N) are still read.
+MESSAGE_RECORD_V2 = 0x02
+MAX_MESSAGE_RECORD = 4 << 20
+
+
+def encode_message_record(text: str, extra: dict[str, Any]) -> bytes:
+    return bytes([MESSAGE_RECORD_V2]) + pad(pack([text, extra]))
+
+
+def decode_message_record(plain: bytes) -> tuple[str, dict[str, Any]]:
+    text: Any = None
+    extra: Any = None
+    try:
+        if plain[:1] == bytes([MESSAGE_RECORD_V2]):
+            a = unpack(unpad(plain[1:]), what="message record", max_size=MAX_MESSAGE_RECORD)
+            if isinstance(a, list) and len(a) == 2:
+                text, extra = a
+        else:   # written before padding (the first slice's format)
+            m = unpack(plain, what="message record", max_size=MAX_MESSAGE_RECORD)
+            if isinstance(m, dict):
+                text, extra = m.get("text"), m.get("extra", {})
+    except (CryptoError, ClientError) as exc:
+        raise ProfileError(f"a message record is damaged ({exc})") from None
+    if not isinstance(text, str) or not isinstance(extra, dict):
+        raise ProfileError("a message record is damaged")
+    return text, extra
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -115,6 +144,9 @@ class ProfileDB:
                 path.chmod(0o600)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Freed space (a replaced ratchet state, a used prekey) is overwritten with zeros, and
+            # superseded page versions leave the WAL at the next scrub (see _scrub).
+            self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -122,12 +154,30 @@ class ProfileDB:
                 self._db.execute("INSERT INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise ProfileError(f"{path}: unsupported profile schema version {row[0]!r}")
+            self._scrub()   # states superseded before a crash leave the WAL now
         except sqlite3.DatabaseError as exc:
             raise ProfileError(f"{path}: profile database is damaged or unreadable ({exc})") from None
         self._depth = 0
+        self._superseded = False
 
     def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._scrub()
         self._db.close()
+
+    def _scrub(self) -> None:
+        """Copy the WAL into the database and truncate it to zero bytes.
+
+        In WAL mode every commit appends the new version of each page it changed; the versions
+        it replaced stay in ``profile.db-wal`` until a checkpoint, each one a readable old ratchet
+        state for whoever has the passphrase (forward secrecy on the device lost). A TRUNCATE
+        checkpoint writes the newest versions into ``profile.db`` (where ``secure_delete`` has
+        zeroed freed space) and empties the WAL file. It runs after each commit that replaced
+        secret state (a ratchet state, the prekey store, a contact's record), once per commit, so a
+        batch of messages in one transaction pays it once. Blocks the filesystem or SSD freed are
+        out of scope (docs/at-rest.md).
+        """
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _open(self, blob: bytes, *, aad: bytes) -> bytes:
         """Decrypt a record; a failure means the file was damaged or edited behind our back."""
@@ -157,8 +207,12 @@ class ProfileDB:
             raise
         else:
             self._db.execute("COMMIT")
+            if self._superseded:
+                self._superseded = False
+                self._scrub()
         finally:
             self._depth = 0
+            self._superseded = False
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -188,6 +242,7 @@ class ProfileDB:
         return self._open(row[0], aad=b"meta:" + key.encode())
 
     def set_secret_meta(self, key: str, value: bytes) -> None:
+        self._superseded = True
         blob = self._cipher.encrypt(value, aad=b"meta:" + key.encode())
         self._db.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, blob))
 
@@ -199,6 +254,7 @@ class ProfileDB:
         return Contact(name, a[1], bool(a[2]), a[3], a[4], a[5], a[6], a[7])
 
     def _put_contact(self, contact: Contact) -> None:
+        self._superseded = True
         blob = self._cipher.encrypt(contact.encode(), aad=b"contact:" + contact.name.encode())
         self._db.execute("INSERT OR REPLACE INTO contacts(name, trust) VALUES(?, ?)", (contact.name, blob))
 
@@ -274,6 +330,7 @@ class ProfileDB:
 
     def save_session(self, session_id: bytes, contact: str, identity: bytes, state: bytes,
                      now: int, *, with_psk: bool = False) -> None:
+        self._superseded = True
         existing = self._db.execute("SELECT contact, identity, with_psk FROM sessions WHERE session_id=?",
                                     (session_id,)).fetchone()
         if existing is not None:
@@ -296,6 +353,7 @@ class ProfileDB:
 
     def drop_sessions_except(self, contact: str, identities: list[bytes]) -> None:
         """Forget sessions with keys that are neither pinned nor pending for ``contact``."""
+        self._superseded = True
         marks = ",".join("?" * len(identities))
         self._db.execute(f"DELETE FROM sessions WHERE contact=? AND identity NOT IN ({marks})",  # noqa: S608
                          (contact, *identities))
@@ -318,7 +376,7 @@ class ProfileDB:
                     sent_at: int | None, received_at: int | None, status: str,
                     extra: dict[str, Any] | None = None) -> int | None:
         """Store a message; ``None`` if (contact, direction, msg_id) is already stored (a duplicate)."""
-        plain = pack({"text": text, "extra": extra or {}})
+        plain = encode_message_record(text, extra or {})
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
         cur = self._db.execute(
             "INSERT OR IGNORE INTO messages(contact, direction, msg_id, body, sent_at, received_at, status)"
@@ -377,9 +435,8 @@ class ProfileDB:
     def _message(self, row: tuple[Any, ...]) -> StoredMessage:
         rid, contact, direction, msg_id, body, sent_at, received_at, status = row
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
-        plain = unpack(self._open(body, aad=aad), what="message")
-        return StoredMessage(rid, contact, direction, msg_id, plain["text"], sent_at, received_at,
-                             status, plain.get("extra", {}))
+        text, extra = decode_message_record(self._open(body, aad=aad))
+        return StoredMessage(rid, contact, direction, msg_id, text, sent_at, received_at, status, extra)
 
     _COLUMNS = "id, contact, direction, msg_id, body, sent_at, received_at, status"
 

@@ -51,7 +51,13 @@ def is_one_msgpack_value(data: bytes) -> bool:
 
 
 def unpack(data: bytes, *, what: str, max_size: int = 1 << 20) -> Any:
-    """Decode msgpack strictly: no trailing bytes, no str where bytes expected is checked by callers."""
+    """Decode msgpack strictly: no trailing bytes, no str where bytes expected is checked by callers.
+
+    Strings and byte strings may be as long as ``max_size`` allows (the input is refused above
+    it, so none can be longer; a fixed 4,096-byte string cap here once made every message text
+    longer than that undecryptable, issue 8 item 1). Array and map counts stay capped at 100,000
+    (and at ``max_size``): msgpack preallocates a list for the count it reads.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EncodingError(f"{what}: expected bytes")
     if len(data) > max_size:
@@ -61,7 +67,8 @@ def unpack(data: bytes, *, what: str, max_size: int = 1 << 20) -> Any:
     try:
         return msgpack.unpackb(
             bytes(data), raw=False, strict_map_key=True, use_list=True,
-            max_bin_len=max_size, max_str_len=4096, max_array_len=100_000, max_map_len=100_000,
+            max_bin_len=max_size, max_str_len=max_size, max_array_len=min(max_size, 100_000),
+            max_map_len=min(max_size, 100_000),
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise EncodingError(f"{what}: not valid msgpack ({type(exc).__name__})") from None

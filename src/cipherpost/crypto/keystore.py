@@ -158,3 +158,14 @@ def open_keystore(passphrase: str, blob: bytes) -> bytes:
         return AESGCM(key).decrypt(nonce, ciphertext, _header(params, salt))
     except InvalidTag:
         raise WrongPassphrase("key store: wrong passphrase (or the key store file was modified)") from None
+
+
+def reseal_keystore(old_passphrase: str, new_passphrase: str, blob: bytes, *,
+                    params: Argon2Params | None = None) -> bytes:
+    """Open ``blob`` with the old passphrase and seal the same plaintext under the new one (fresh
+    salt and nonce). The parameters are the blob's own, or ``params`` if given and not weaker:
+    changing the passphrase never lowers the cost of guessing it. Raises as :func:`open_keystore`."""
+    current = keystore_params(blob)
+    plaintext = open_keystore(old_passphrase, blob)
+    chosen = current if params is None or params.weaker_than(current) else params
+    return seal_keystore(new_passphrase, plaintext, params=chosen)

@@ -665,58 +665,49 @@ class SqliteRelayStore:
         sent = self._load_sent(conn, ops)
         in_db = set(sent)
         touched: dict[tuple[str, bytes], int] = {}  # sent rows to write -> ts of their first acceptance
+        fresh: list[tuple[Any, ...]] = []  # new sent rows written by the fast path
         rows: list[tuple[Any, ...]] = []
         usage = self._usage_batch
         boxes = self._boxes
         recent = self._recent
         for op in ops:
             item = op.item
-            sender, body, msg_id, ts = item.sender, item.body, item.msg_id, item.ts
-            policy = _queue_only(op.policy) if isinstance(op.policy, int) else op.policy
-            size = len(body)
+            sender, msg_id, body, ts = item.sender, item.msg_id, item.body, item.ts
             key = (sender, msg_id)
             accepted = sent.get(key)
-            recipients: Sequence[str]
+            policy = op.policy if type(op.policy) is MailboxPolicy else _queue_only(op.policy)
+            size = len(body)
             single = type(item) is NewMessage
-            if single:
+            if single and accepted is None:
+                # The 1:1 hot path: a new message that passes every rule (the loop below, for one
+                # recipient with no block and no disk budget). Anything else takes the loop.
                 name = item.recipient  # type: ignore[union-attr]
-                recipients = (name,)
-            else:
-                recipients = item.recipients  # type: ignore[union-attr]
-            if single and accepted is None:  # the 1:1 hot path: the loop below for one new recipient
                 box = boxes.get(name) or self._box(conn, name)
-                status = _UNKNOWN if box is None else self._admit(box, sender, size, policy)
-                budget = policy.disk_budget_bytes
-                if status is _ACCEPTED and budget is not None and self._total(conn) + size > budget:
-                    status = _QUOTA
-                if status is _ACCEPTED:
-                    assert box is not None
-                    seq = self._next_seq
-                    self._next_seq = seq + 1
-                    box.queued += 1
-                    box.stored_bytes += size
-                    box.per_sender[sender] = box.per_sender.get(sender, 0) + 1
-                    if self._total_bytes is not None:
-                        self._total_bytes += size
-                    rows.append((seq, name, sender, msg_id, item.kind, ts, size, body, None))
-                    recent[seq] = (name, sender, size, None)
-                    op.result = EnqueueResult(seq=seq, duplicate=False)
-                elif status is None:
-                    seq = 0
-                    op.result = EnqueueResult(seq=0, duplicate=False, dropped=True)
-                else:
-                    op.error = _SINGLE_ERRORS[status](name)
-                    continue
-                sent[key] = {name: seq}
-                touched[key] = ts
-                hour_key = (sender, ts // USAGE_BUCKET_MS)
-                counts = usage.get(hour_key)
-                if counts is None:
-                    usage[hour_key] = [1, size]
-                else:
-                    counts[0] += 1
-                    counts[1] += size
-                continue
+                if box is not None and box.active and box.blocks is None and policy.disk_budget_bytes is None:
+                    from_sender = box.per_sender.get(sender, 0)
+                    if box.queued < policy.max_queue and from_sender < policy.max_queue_per_sender and \
+                            box.stored_bytes + size <= policy.max_stored_bytes:
+                        seq = self._next_seq
+                        self._next_seq = seq + 1
+                        box.queued += 1
+                        box.stored_bytes += size
+                        box.per_sender[sender] = from_sender + 1
+                        if self._total_bytes is not None:
+                            self._total_bytes += size
+                        rows.append((seq, name, sender, msg_id, item.kind, ts, size, body, None))
+                        recent[seq] = (name, sender, size, None)
+                        sent[key] = {name: seq}
+                        fresh.append((sender, msg_id, seq, ts, f"{name}:{seq}"))
+                        op.result = EnqueueResult(seq, False)
+                        hour_key = (sender, ts // USAGE_BUCKET_MS)
+                        counts = usage.get(hour_key)
+                        if counts is None:
+                            usage[hour_key] = [1, size]
+                        else:
+                            counts[0] += 1
+                            counts[1] += size
+                        continue
+            recipients: Sequence[str] = (item.recipient,) if single else item.recipients  # type: ignore[union-attr]
             statuses: list[RecipientStatus] = []
             seqs: list[int | None] = []
             store: list[tuple[int, str, _Box]] = []
@@ -789,6 +780,11 @@ class SqliteRelayStore:
         if rows:
             conn.executemany("INSERT INTO messages(seq, recipient, sender, msg_id, kind, ts, size, body, "
                              "body_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        if touched and fresh:  # a key the fast path wrote and a later op of this batch changed
+            fresh = [row for row in fresh if (row[0], row[1]) not in touched]
+        if fresh:
+            conn.executemany("INSERT INTO sent(sender, msg_id, seq, ts, accepted) VALUES (?, ?, ?, ?, ?)",
+                             fresh)
         if touched:
             new: list[tuple[Any, ...]] = []
             changed: list[tuple[Any, ...]] = []
@@ -828,17 +824,17 @@ class SqliteRelayStore:
         recipient = op.recipient
         recent = self._recent
         known: list[tuple[int, str]] = []
-        gone: list[tuple[str, int, int | None]] = []
+        gone: list[tuple[Any, ...]] = []  # (recipient, sender, size, body_id) of each deleted message
         other: list[int] = []
         for seq in op.seqs:
             entry = recent.pop(seq, None)
             if entry is None:
                 other.append(seq)
-            elif entry[0] != recipient:  # not this recipient's: nothing to delete
-                recent[seq] = entry
-            else:
+            elif entry[0] == recipient:
                 known.append((seq, recipient))
-                gone.append(entry[1:])
+                gone.append(entry)
+            else:  # not this recipient's: nothing to delete
+                recent[seq] = entry
         if known:
             before = conn.total_changes
             conn.executemany("DELETE FROM messages WHERE seq=? AND recipient=?", known)
@@ -849,12 +845,12 @@ class SqliteRelayStore:
                 gone = []
         for start in range(0, len(other), _ACK_CHUNK):
             chunk = other[start:start + _ACK_CHUNK]
-            gone += conn.execute("DELETE FROM messages WHERE recipient=? AND seq IN ("  # noqa: S608
-                                 + ",".join("?" * len(chunk)) + ") RETURNING sender, size, body_id",
-                                 [recipient, *chunk]).fetchall()
+            sql = ("DELETE FROM messages WHERE recipient=? AND seq IN (" + ",".join("?" * len(chunk))  # noqa: S608
+                   + ") RETURNING recipient, sender, size, body_id")
+            gone += conn.execute(sql, [recipient, *chunk]).fetchall()
         box = self._boxes.get(recipient)
-        shared: set[int] = set()
-        for sender, size, body_id in gone:
+        shared: set[int] | None = None
+        for _, sender, size, body_id in gone:
             if box is not None:
                 box.queued -= 1
                 box.stored_bytes -= size
@@ -864,11 +860,14 @@ class SqliteRelayStore:
                 else:
                     del box.per_sender[sender]
             if body_id is not None:
+                if shared is None:
+                    shared = set()
                 shared.add(body_id)
             elif self._total_bytes is not None:
                 self._total_bytes -= size
-        for body_id in shared:
-            self._drop_body(conn, body_id)
+        if shared:
+            for body_id in shared:
+                self._drop_body(conn, body_id)
         op.result = len(gone)
 
     def ack_later(self, recipient: str, seqs: Sequence[int]) -> None:
