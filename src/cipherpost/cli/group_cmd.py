@@ -25,31 +25,35 @@ def register(sub: Any, run: Runner) -> None:
     p = sub.add_parser("group", help="group chats: create, add, remove, leave, list, info")
     gsub = p.add_subparsers(dest="group_command", metavar="ACTION", required=True)
     q = gsub.add_parser("create", help="create the group NAME with MEMBER... (you are its admin)")
-    q.add_argument("name")
-    q.add_argument("members", nargs="+")
+    q.add_argument("name", help="the group's name (yours alone: the relay never sees it)")
+    q.add_argument("members", nargs="+", help="usernames of the other members")
     q.add_argument("--admin", action="append", default=[], metavar="MEMBER",
                    help="make MEMBER an admin too (repeatable)")
     q.set_defaults(func=lambda a: run(a, lambda c: _change(c, "create", a.name, a.members, a.admin)))
     for action, text in (("add", "add MEMBER... (admins only)"),
                          ("remove", "remove MEMBER... (admins only)")):
         q = gsub.add_parser(action, help=text)
-        q.add_argument("name")
-        q.add_argument("members", nargs="+")
+        q.add_argument("name", help="the group")
+        q.add_argument("members", nargs="+", help="usernames")
         q.set_defaults(func=lambda a, action=action: run(a, lambda c: _change(c, action, a.name, a.members)))
     q = gsub.add_parser("leave", help="leave the group NAME")
-    q.add_argument("name")
+    q.add_argument("name", help="the group")
     q.set_defaults(func=lambda a: run(a, lambda c: _change(c, "leave", a.name, [])))
     q = gsub.add_parser("list", help="your groups")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true",
+                   help="one JSON object per group: name, id, version, status, members, admins, verified, "
+                        "key_changed")
     q.set_defaults(func=lambda a: run(a, lambda c: _list(c, a.json)))
     q = gsub.add_parser("history", help="the group's conversation, from the local encrypted history")
-    q.add_argument("name")
-    q.add_argument("--limit", type=int, default=50)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("name", help="the group")
+    q.add_argument("--limit", type=int, default=50, help="show the last N entries (default 50)")
+    q.add_argument("--json", action="store_true",
+                   help="one JSON object per entry: id, direction, from, text, sent_at, received_at, status, "
+                        "warning")
     q.set_defaults(func=lambda a: run(a, lambda c: _history(c, a.name, a.limit, a.json)))
     q = gsub.add_parser("info", help="members, admins and each member's verification state")
-    q.add_argument("name")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("name", help="the group")
+    q.add_argument("--json", action="store_true", help="one JSON object, as one line of `group list --json`")
     q.set_defaults(func=lambda a: run(a, lambda c: _info(c, a.name, a.json)))
 
 
