@@ -58,6 +58,8 @@ environment:
   CIPHERPOST_NEW_PASSPHRASE   the new passphrase for `cipherpost passphrase`, for scripts
   CIPHERPOST_VERIFY_PASSWORD  the shared password for `verify NAME --password`, for scripts
   CIPHERPOST_DATA             the relay's data directory (as `server --data` and `invite --data`)
+  CIPHERPOST_STORE            the relay's store (as `server --store`: postgresql://...; default SQLite)
+  CIPHERPOST_BUS              the relay's wake-up bus across instances (as `server --bus redis://...`)
   CIPHERPOST_LIMITS_REDIS     the relay's shared rate-limit store (as `server --limits-redis URL`)
 
 exit codes: 0 done, 1 failed (one line on stderr says why), 2 wrong usage, 130 interrupted

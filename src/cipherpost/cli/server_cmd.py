@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="who may create accounts (default open)")
     p.add_argument("--insecure-plaintext-dev", action="store_true",
                    help="plain ws:// without TLS, for development; loopback addresses only")
-    p.add_argument("--max-connections", type=int, default=1000,
-                   help="open connections in all (default 1000)")
+    p.add_argument("--max-connections", type=int, default=10_000,
+                   help="open connections, counted from TCP accept (default 10000)")
     p.add_argument("--max-queue", type=int, default=10_000, help="queued messages per recipient")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest message body in bytes")
     p.add_argument("--rate", type=float, default=500.0, help="frames per second per connection")
@@ -63,6 +63,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="prekey bundle fetches per requesting account per hour (default 200)")
     p.add_argument("--bundle-fetches-per-target-per-hour", type=int, default=20,
                    help="prekey bundle fetches per (requester, target) per hour (default 20)")
+    # connections at accept time (server/admission.py; docs/server.md "Connections")
+    p.add_argument("--max-pending-connections", type=int, default=2048,
+                   help="connections not yet authenticated, all addresses together (default 2048)")
+    p.add_argument("--max-pending-per-prefix", type=int, default=64,
+                   help="unauthenticated connections per IPv4 /24 or IPv6 /64 (default 64)")
+    p.add_argument("--tls-handshake-timeout", type=float, default=3.0,
+                   help="seconds from TCP accept to the end of the TLS handshake (default 3)")
+    p.add_argument("--open-files-reserve", type=int, default=256,
+                   help="open files kept free for the store and logs (default 256)")
     p.add_argument("--store", default=os.environ.get(STORE_ENV) or None, metavar="URL",
                    help=f"where state lives: sqlite:PATH or postgresql://USER@HOST/DB?schema=NAME "
                         f"(default ${STORE_ENV}, else relay.db in the data directory)")
@@ -149,6 +158,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections_per_account=args.max_connections_per_account,
         max_outbound_bytes=args.max_outbound_bytes, bundle_fetches_per_hour=args.bundle_fetches_per_hour,
         bundle_fetches_per_target_per_hour=args.bundle_fetches_per_target_per_hour,
+        max_pending_connections=args.max_pending_connections,
+        max_pending_per_prefix=args.max_pending_per_prefix,
+        tls_handshake_timeout_s=args.tls_handshake_timeout, open_files_reserve=args.open_files_reserve,
         store_url=args.store, bus_url=args.bus,
         **_limit_settings(args),
     )

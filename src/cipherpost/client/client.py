@@ -31,6 +31,7 @@ from ..crypto.records import RecordCipher
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.usernames import normalize_username
+from .backoff import reconnect_delay
 from .blocks import BlockList
 from .connection import Connection, format_fingerprint
 from .decryption_errors import Retries
@@ -255,14 +256,16 @@ class Client:
         return self._conn
 
     async def stay_connected(self, on_status: Callable[[str], None] | None = None) -> None:
-        """Keep a connection up, reconnecting with exponential backoff (for the interactive chat)."""
-        delay = 0.5
+        """Keep a connection up, reconnecting with exponential backoff and full jitter (for the
+        interactive chat): clients dropped together by a relay restart do not return together."""
+        attempt = 0
         while True:
+            delay = reconnect_delay(attempt)
             try:
                 await self.connect()
                 if on_status:
                     on_status("connected")
-                delay = 0.5
+                attempt, delay = 0, reconnect_delay(0)
                 assert self._conn is not None
                 await self._conn.closed.wait()
                 reason = self._conn.close_reason
@@ -274,7 +277,7 @@ class Client:
                 if on_status:
                     on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            attempt += 1
 
     # ------------------------------------------------------------------ prekeys
     def _load_prekeys(self) -> PrekeyStore:

@@ -5,6 +5,10 @@
 listening, close every connection (1001), then let the store commit everything already submitted.
 HTTP ``GET /healthz`` is answered on the same port (``process_request``); ``GET /metrics`` only on
 the separate metrics listener (``--metrics-listen``, loopback by default: ``server/metrics.py``).
+
+Connections are counted and capped from TCP accept, before TLS, by ``admission.GatedListener``
+(the listening socket handed to ``serve``); ``admitted(conn)`` moves a connection from pending to
+established when it authenticates. Idle TLS connections share one read buffer (``tlsbuffer``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable
+from functools import partial
 from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
@@ -26,7 +32,15 @@ from ..crypto.pins import spki_sha256
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
 from ..store.sqlite import SqliteRelayStore
-from . import tls
+from . import tls, tlsbuffer
+from .admission import (
+    Admission,
+    AdmissionLimits,
+    GatedListener,
+    gated_listener,
+    raise_open_file_limit,
+    tcp_progressed,
+)
 from .backends import describe, make_bus, make_store
 from .bus import Bus
 from .config import ServerConfig
@@ -58,7 +72,11 @@ class RelayServer:
         self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
         self.metrics_listener: MetricsListener | None = None
-        self._per_ip: dict[str, int] = {}  # open connections per source address
+        self.admission = Admission(AdmissionLimits(config.max_connections, config.max_pending_connections,
+                                                   config.max_pending_per_prefix,
+                                                   config.max_connections + config.open_files_reserve // 2))
+        self._listener: GatedListener | None = None
+        self._evictions: set[asyncio.Task[Any]] = set()
         self.valid_names: set[str] = set()  # recipients known to be in normal form (skip re-checking)
         self.port: int = config.port
         self.cert_fingerprint: str | None = None  # "SHA256:<hex>"; None in plaintext dev mode
@@ -89,18 +107,28 @@ class RelayServer:
             self.cert_fingerprint = tls.fingerprint_text(der)
             self.key_fingerprint = "SHA256:" + spki_sha256(der).hex()  # what clients pin (crypto/pins.py)
             ssl_context = tls.server_context(cert_path, key_path)
+            tlsbuffer.install()  # one TLS read buffer per event loop, not 256 KiB per connection
+        self.admission = Admission(self._admission_limits(), progressed=tcp_progressed)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
         await self.bus.start(self.wake, self._routes.keys, self._on_control)
-        self._server = await serve(
-            self._handle, cfg.host, cfg.port, ssl=ssl_context, process_request=self._process_request,
-            # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
-            # error; beyond that websockets closes the connection (1009) without reading it.
-            max_size=2 * cfg.max_frame, compression=None, server_header=None,
-            ping_interval=30, ping_timeout=30, close_timeout=5, create_connection=BatchingServerConnection,
-        )
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
+        self._listener = gated_listener(cfg.host, cfg.port, self.admission, on_refused=self._refused)
+        try:
+            self._server = await serve(
+                self._handle, None, None, sock=self._listener, ssl=ssl_context,
+                process_request=self._process_request,
+                ssl_handshake_timeout=cfg.tls_handshake_timeout_s if ssl_context else None,
+                open_timeout=max(cfg.tls_handshake_timeout_s, 3.0),
+                # Frames up to twice max_frame are read so that an oversized one gets a typed too_large
+                # error; beyond that websockets closes the connection (1009) without reading it.
+                max_size=2 * cfg.max_frame, compression=None, server_header=None,
+                ping_interval=30, ping_timeout=30, close_timeout=5,
+                create_connection=BatchingServerConnection.with_fragments_limit(cfg.max_frame),
+            )
+        except BaseException:
+            self._listener.close()
+            raise
+        self.port = self._listener.getsockname()[1]
         scheme = "ws" if cfg.insecure_plaintext_dev else "wss"
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{scheme}://{host}:{self.port}"
@@ -111,6 +139,30 @@ class RelayServer:
         log.info("event=listening url=%s data=%s registration=%s fingerprint=%s store=%s bus=%s", self.url,
                  cfg.data_dir, cfg.registration, self.cert_fingerprint or "none", describe(cfg.store_url),
                  describe(cfg.bus_url))
+
+    def _admission_limits(self) -> AdmissionLimits:
+        """Raise the open-file limit to fit ``max_connections``; if the hard limit forbids it, cap
+        connections below the limit (so accept never fails with EMFILE) and say how to fix it."""
+        cfg = self.config
+        reserve = cfg.open_files_reserve
+        files = raise_open_file_limit(cfg.max_connections + reserve)
+        fits = cfg.max_connections if files is None else max(1, files.soft - reserve)
+        if files is not None and files.raised_from is not None:
+            log.info("event=open_file_limit_raised soft=%d from=%d hard=%d", files.soft, files.raised_from,
+                     files.hard)
+        if fits < cfg.max_connections:
+            assert files is not None
+            log.warning("event=open_file_limit_low soft=%d hard=%d max_connections=%d fits=%d "
+                        "message=\"the open-file limit fits only %d connections (it must be at least "
+                        "max_connections + %d reserved); raise the hard limit to at least %d (ulimit -Hn, "
+                        "systemd LimitNOFILE=, /etc/security/limits.conf) or lower --max-connections\"",
+                        files.soft, files.hard, cfg.max_connections, fits, fits, reserve,
+                        cfg.max_connections + reserve)
+        fd_limit = cfg.max_connections + reserve // 2 if files is None else files.soft - reserve // 2
+        return AdmissionLimits(max_connections=min(cfg.max_connections, fits),
+                               max_pending=cfg.max_pending_connections,
+                               max_pending_per_prefix=cfg.max_pending_per_prefix,
+                               fd_limit=max(1, fd_limit))
 
     async def stop(self) -> None:
         if self._server is None:
@@ -147,11 +199,10 @@ class RelayServer:
         if path == "/metrics":  # served on the metrics listener only (a presence oracle here)
             return connection.respond(HTTPStatus.NOT_FOUND, "not found: /metrics is served on the "
                                                             "metrics listener (--metrics-listen)\n")
-        if self.metrics.connections_open >= self.config.max_connections:
-            self.metrics.connections_refused += 1
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        # max_connections and the pending caps apply at accept (server/admission.py); the per-address
+        # cap is checked here so that the client reads why (HTTP 429). Counted from accept.
         per_ip = self.config.max_connections_per_ip
-        if self._per_ip.get(_source_ip(connection), 0) >= per_ip:
+        if self.admission.connections_from(_source_ip(connection)) > per_ip:
             self.metrics.connections_refused += 1
             return connection.respond(HTTPStatus.TOO_MANY_REQUESTS,
                                       f"too many connections from this address (limit {per_ip})\n")
@@ -163,20 +214,36 @@ class RelayServer:
         assert isinstance(ws, BatchingServerConnection)
         self.metrics.connections_total += 1
         self.metrics.connections_open += 1
-        ip = _source_ip(ws)
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        ws.forget_handshake()
         conn = Connection(self, ws)
         log.debug("event=connected peer=%s", conn.peer)
         try:
             await conn.run()
         finally:
             self.metrics.connections_open -= 1
-            left = self._per_ip[ip] - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                del self._per_ip[ip]
             log.debug("event=disconnected peer=%s user=%s", conn.peer, conn.username or "-")
+
+    def _refused(self) -> None:
+        self.metrics.connections_refused += 1  # reset at accept (server/admission.py)
+
+    def admitted(self, conn: Connection) -> None:
+        """``conn`` authenticated: its slot is no longer pending. If the relay is full and its
+        address prefix holds more than its share, it may be evicted: with a close frame (1013)."""
+        if self._listener is None:
+            return
+        sock = conn.ws.transport.get_extra_info("socket")
+        slot = None if sock is None else self._listener.slot_of(sock.fileno(), conn.ws.remote_address)
+        if slot is not None:
+            self.admission.authenticated(slot)
+            slot.closer = partial(self._evict, conn)
+
+    def _evict(self, conn: Connection) -> None:
+        log.info("event=connection_evicted user=%s peer=%s reason=prefix_over_share", conn.username,
+                 conn.peer)
+        task = asyncio.get_running_loop().create_task(
+            conn.ws.close(1013, "relay full and your network holds more than its share; retry later"))
+        self._evictions.add(task)
+        task.add_done_callback(self._evictions.discard)
 
     def route_to(self, username: str, conn: Connection) -> None:
         self._routes.setdefault(username, set()).add(conn)

@@ -32,7 +32,7 @@ class ServerConfig:
     tls_key: Path | None = None
     insecure_plaintext_dev: bool = False  # ws:// on loopback only, for development
     registration: str = "open"
-    max_connections: int = 1000
+    max_connections: int = 10_000  # all TCP connections, counted from accept (server/admission.py)
     max_frame: int = DEFAULT_MAX_FRAME
     max_body: int = DEFAULT_MAX_BODY
     max_queue: int = 10_000  # messages waiting per recipient
@@ -54,6 +54,11 @@ class ServerConfig:
     store_url: str | None = None  # None: SQLite in data_dir; "sqlite:PATH"; "postgresql://...?schema=NAME"
     bus_url: str | None = None  # None: in-process; "redis://host:port/db?prefix=NAME" (scale-out)
     server_name: str = "cipherpost-relay/0.1"
+    # --- connections at accept time (server/admission.py, docs/server.md "Connections") ---
+    max_pending_connections: int = 2048  # not yet authenticated, all addresses together
+    max_pending_per_prefix: int = 64  # per IPv4 /24 or IPv6 /64; also each prefix's share when full
+    tls_handshake_timeout_s: float = 3.0  # from accept to the end of the TLS handshake
+    open_files_reserve: int = 256  # open files kept for the store, logs and certificates
     # --- bounded state, mailboxes, metrics and logs (issue 9; docs/server.md "Limits") ---------
     one_time_prekeys_per_target_per_hour: int = 60  # all requesters together; then last-resort keys
     registrations_per_prefix_per_hour: int = 20  # per IPv4 /24 or IPv6 /64
@@ -90,7 +95,8 @@ class ServerConfig:
             raise ValueError("max_body must be smaller than max_frame")
         for name in ("max_connections", "max_frame", "max_body", "max_queue", "max_prekey_pool",
                      "rate_burst", "max_connections_per_ip", "max_connections_per_account",
-                     "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour"):
+                     "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour",
+                     "max_pending_connections", "max_pending_per_prefix", "open_files_reserve"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_outbound_bytes < 2 * self.max_frame:
@@ -108,6 +114,8 @@ class ServerConfig:
             metrics_address(self.metrics_listen)
         if self.auth_timeout_s <= 0:
             raise ValueError("auth_timeout_s must be positive")
+        if self.tls_handshake_timeout_s <= 0:
+            raise ValueError("tls_handshake_timeout_s must be positive")
         if self.rate_per_second <= 0:
             raise ValueError("rate_per_second must be positive")
         self._validate_backends()

@@ -132,7 +132,9 @@ class Connection:
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
-        self._spawn(self._auth_deadline())
+        deadline = asyncio.get_running_loop().call_later(  # a timer: no task per connection while idle
+            self.config.auth_timeout_s,
+            lambda: None if self.username or self.closed else self._spawn(self._auth_deadline()))
         try:
             cfg = self.config
             self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name, caps=list(CAPS),
@@ -158,6 +160,7 @@ class Connection:
         finally:
             self.closed = True
             self.server.unroute(self)
+            deadline.cancel()
             writer.cancel()
             for task in list(self._tasks):
                 task.cancel()
@@ -175,12 +178,9 @@ class Connection:
     # --- outbound ---------------------------------------------------------------------------
 
     async def _auth_deadline(self) -> None:
-        """Close a connection that has not authenticated in ``auth_timeout_s``: an idle socket must
-        not hold a connection slot (docs/server.md, limits)."""
+        """Close a connection that has not authenticated in ``auth_timeout_s`` (started by the timer
+        in ``run``): an idle socket must not hold a connection slot (docs/server.md, limits)."""
         timeout = self.config.auth_timeout_s
-        await asyncio.sleep(timeout)
-        if self.username is not None or self.closed:
-            return
         self.send_error(None, E.NOT_AUTHENTICATED, f"no auth or register within {timeout:g} s; closing")
         log.warning("event=connection_aborted peer=%s reason=auth_timeout", self.peer)
         self._flushed.clear()
@@ -464,6 +464,7 @@ class Connection:
     def _authenticated(self, username: str) -> None:
         self.username = username
         self._syncing = True
+        self.server.admitted(self)  # no longer pending at the accept gate (server/admission.py)
         self.server.route_to(username, self)
         self._spawn(self._sync(0))  # pushes of queued messages begin right after auth
 
