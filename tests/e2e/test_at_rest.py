@@ -113,6 +113,7 @@ def test_states_superseded_before_a_crash_leave_the_wal_at_the_next_open(make_us
     profile = bob.home / "profiles" / "bob"
     alice.ok("send", "bob", "one")
     assert [m["text"] for m in bob.recv()] == ["one"]
+    bob.ok("accept", "alice")                              # alice was a stranger: a request
     db = sqlite3.connect(profile / "profile.db")
     [old] = [r[0] for r in db.execute("SELECT state FROM sessions")]
     db.close()

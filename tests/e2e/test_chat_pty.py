@@ -7,6 +7,7 @@ as a text stream with ANSI sequences and carriage returns removed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -104,6 +105,7 @@ def create_through_prompts(term: Terminal, name: str, relay: RelayProcess, *, ty
         term.wait_for(r"Repeat passphrase: ?")
         term.line(PASSPHRASE)
     term.wait_for(f"registered {name}")
+    term.wait_for(r"recovery code for .*\n\s+[A-Z2-7]{4}(-[A-Z2-7]{4}){8}\n")  # shown once, at creation
     term.wait_for(r"/help lists commands.*\n")
     term.wait_for(r"-- connected\n> ?")
 
@@ -366,6 +368,46 @@ def test_reconnecting_leaves_no_orphaned_connection_tasks(relay: RelayProcess, t
     assert asyncio.run(asyncio.wait_for(scenario(), TIMEOUT)) == []
 
 
+def test_files_in_the_chat(make_user, relay: RelayProcess, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """/file PATH sends a file; an incoming file is saved to the Downloads folder and its path shown;
+    a text over the relay's limit is offered as a file (issue 13)."""
+    relay.stop()
+    relay.start(port=relay.port, extra=["--max-body", "4000"])
+    monkeypatch.setenv("HOME", str(tmp_path / "alice-home-dir"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "alice-home-dir" / ".config"))
+    bob = make_user("bob")
+    report = tmp_path / "report.pdf"
+    report.write_bytes(os.urandom(200_000))
+    alice = Terminal(tmp_path / "home-alice", "--server", relay.url, passphrase=PASSPHRASE)
+    try:
+        create_through_prompts(alice, "alice", relay, type_server=False, type_passphrase=False)
+        alice.line("/to bob")
+        alice.wait_for(r"-- talking to bob")
+        alice.line(f"/file {report}")
+        alice.wait_for(r"-- sent report\.pdf to bob")
+        [row] = [json.loads(line) for line in bob.ok("recv", "--json", "--downloads",
+                                                     str(tmp_path / "bob-dl")).splitlines()]
+        assert Path(row["file"]["path"]).read_bytes() == report.read_bytes()
+        photo = tmp_path / "photo.jpg"
+        photo.write_bytes(os.urandom(100_000))
+        bob.ok("send-file", "alice", str(photo))
+        saved = alice.wait_for(r"-- bob's file saved to (\S+photo\.jpg)\n")
+        assert Path(saved.group(1)).read_bytes() == photo.read_bytes()
+        assert Path(saved.group(1)).parent == tmp_path / "alice-home-dir" / "Downloads"
+        alice.line("x" * 5000)
+        alice.wait_for(r"send it as a file \(message\.txt\) instead\? \[y/N\] ?")
+        alice.line("y")
+        alice.wait_for(r"-- sent as message\.txt to bob")
+        [row] = [json.loads(line) for line in bob.ok("recv", "--json", "--downloads",
+                                                     str(tmp_path / "bob-dl")).splitlines()]
+        assert Path(row["file"]["path"]).read_text() == "x" * 5000
+        alice.line("/quit")
+        assert alice.exit_code() == 0
+        assert "Traceback" not in alice.screen
+    finally:
+        alice.kill()
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -469,6 +511,8 @@ def test_a_cancelled_verification_is_withdrawn_on_the_peers_screen(make_user, re
         _, err = peer.communicate(timeout=60)
         assert peer.returncode == 130 and "Traceback" not in err
         alice.wait_for(r"-- bob cancelled the password verification they started; nothing to do")
+        alice.line("/accept bob")                           # bob's "hi" was a message request
+        alice.wait_for(r"-- bob is now a contact")
         alice.line("/contacts")
         alice.wait_for(r"  bob  unverified")
         alice.line("/quit")

@@ -296,3 +296,30 @@ def test_blocks_are_told_to_a_relay_that_announces_the_capability(tmp_path: Path
         assert BlockList(db).blocked() == []
         db.close()
     asyncio.run(scenario())
+
+
+def test_requests_under_two_keys_for_one_name_are_not_accepted(tmp_path: Path, relay: RelayProcess) -> None:
+    from cipherpost.client.errors import ClientError
+
+    async def scenario() -> None:
+        alice, carol, mallory = await _clients(tmp_path, relay, "alice", "carol", "mallory")
+        try:
+            await carol.send("alice", "hi, carol here")
+            await alice.receive(wait=3)
+            # The relay adds a "carol" request of its own making, on Mallory's key.
+            session, _ = await mallory._sending_session("alice")
+            envelope, _ = encrypt(session, _plaintext("carol again, new phone", "carol", "alice"))
+            await alice._on_deliver([_forged("carol", envelope)])
+            [request] = alice.message_requests()
+            assert request.name == "carol" and request.messages == 2 and request.keys == 2
+            try:
+                alice.accept_request("carol")
+            except ClientError as exc:
+                assert "2 different identity keys" in str(exc)
+            else:
+                raise AssertionError("a name whose requests came under two keys was accepted")
+            assert alice.db.get_contact("carol") is None
+        finally:
+            for c in (alice, carol, mallory):
+                await c.close()
+    asyncio.run(scenario())

@@ -29,7 +29,9 @@ def test_every_size_up_to_the_limit_arrives_through_the_cli(make_user) -> None:
         assert alice.run("send", "bob", "-", stdin=text).returncode == 0
     received = bob.recv()
     assert [m["text"] for m in received] == texts
-    assert all(m["warning"] is None for m in received)
+    # alice is a stranger to bob: her messages are requests, and nothing else is flagged.
+    assert all(m["warning"] is None or m["warning"].startswith("message request: alice") for m in received)
+    bob.ok("accept", "alice")
     # Both sides' history decodes every record, long ones included.
     for user, peer in ((alice, "bob"), (bob, "alice")):
         out = user.ok("history", peer, "--json", "--limit", "100")

@@ -80,6 +80,7 @@ def test_every_printing_command_ends_quietly_on_a_closed_pipe(make_user) -> None
     alice, bob = make_user("alice"), make_user("bob")
     alice.ok("send", "bob", "hi")
     bob.recv()
+    bob.ok("accept", "alice")                      # a stranger's message is a request until accepted
     for args in (["history", "alice"], ["history", "alice", "--json"], ["contacts"], ["contacts", "--json"],
                  ["fingerprint"], ["fingerprint", "--qr"], ["fingerprint", "alice", "--qr"]):
         code, err = _into_closed_pipe(bob, *args)

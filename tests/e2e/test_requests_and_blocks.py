@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,22 @@ def test_a_strangers_message_is_a_request_until_accepted(make_user) -> None:
     assert alice.run("accept", "nobody").returncode == 1
 
 
-def test_block_drops_a_senders_messages_unseen_and_unblock_restores(make_user) -> None:
+def _relay_blocks(relay: RelayProcess) -> list[tuple[str, str]]:
+    db = sqlite3.connect(relay.data / "relay.db")
+    try:
+        return db.execute("SELECT owner, blocked FROM blocks").fetchall()
+    finally:
+        db.close()
+
+
+def test_block_drops_a_senders_messages_unseen_and_unblock_restores(make_user, relay: RelayProcess) -> None:
     alice, bob, mallory = make_user("alice"), make_user("bob"), make_user("mallory")
     mallory.ok("send", "alice", "buy my stuff")
     assert alice.recv()[0]["warning"].startswith("message request")
     out = alice.ok("block", "mallory")                                  # blocking a request: one step
     assert "blocked mallory" in out
     assert "no message requests" in alice.ok("requests")
+    assert _relay_blocks(relay) == [("alice", "mallory")]              # the relay announced `block`
     for i in range(5):
         mallory.ok("send", "alice", f"spam {i}")
     bob.ok("send", "alice", "a real message")
@@ -61,6 +71,7 @@ def test_block_drops_a_senders_messages_unseen_and_unblock_restores(make_user) -
     assert alice.recv() == []                                           # and acked: never back
     assert alice.run("block", "Mallory!").returncode != 0               # names are checked
     assert "unblocked mallory" in alice.ok("unblock", "mallory")
+    assert _relay_blocks(relay) == []
     mallory.ok("send", "alice", "am I back?")
     # What was dropped while blocked is gone; the ratchet counters tell how much.
     assert [m["text"] for m in alice.recv()] == [

@@ -31,8 +31,9 @@ def _copy_account(src: RelayProcess, dst: RelayProcess, username: str) -> None:
         "SELECT identity, signed_prekey, kem_last_resort FROM accounts WHERE username=?",
         (username,)).fetchone()
     with d:
-        d.execute("UPDATE accounts SET identity=?, signed_prekey=?, kem_last_resort=? WHERE username=?",
-                  (identity, spk, last_resort, username))
+        # The operator also resets the login counter (docs/accounts.md), as a real attacker would.
+        d.execute("UPDATE accounts SET identity=?, signed_prekey=?, kem_last_resort=?, login_counter=0 "
+                  "WHERE username=?", (identity, spk, last_resort, username))
         d.execute("DELETE FROM one_time_prekeys WHERE username=?", (username,))
         d.executemany("INSERT INTO one_time_prekeys(username, kind, key_id, data) VALUES(?,?,?,?)",
                       s.execute("SELECT username, kind, key_id, data FROM one_time_prekeys WHERE username=?",

@@ -158,6 +158,15 @@ def frame_samples() -> list[F.Frame]:
         F.Hello(nonce=b"\x06" * 32, server="cipherpost", limits=F.Limits(262144, 65536),
                 caps=["block", "send_many"]),
         F.Results(rid=16, id=b"\x08" * 16, status=["accepted", "mailbox_full"]),
+        F.Auth(rid=17, username="alice", sig=b"\x03" * 64, counter=12),
+        F.Register(rid=18, username="alice", identity=ALICE.public.encode(), sig=b"\x02" * 64,
+                   recovery_public=b"\x08" * 32),
+        F.SetRecovery(rid=19, recovery_public=b"\x08" * 32, sig=b"\x09" * 64),
+        F.Recover(rid=20, username="alice", identity=ALICE.public.encode(), recovery_sig=b"\x0a" * 64,
+                  sig=b"\x0b" * 64),
+        F.DeleteAccount(rid=21, sig=b"\x0c" * 64),
+        F.Hello(nonce=b"\x06" * 32, server="cipherpost", limits=F.Limits(262144, 65536),
+                caps=["accounts", "login_counter"]),
         F.Ok(rid=8, username="alice", prekeys=F.PrekeyCounts(one_time=5, kem=2)),
         F.Ok(rid=9),
         F.Bundle(rid=10, username="bob", identity=b[0], signed_prekey=b[1], kem_prekey=b[2],
@@ -168,6 +177,15 @@ def frame_samples() -> list[F.Frame]:
         F.PrekeysLow(one_time=1, kem=0),
         F.Error(rid=None, code="bad_frame", message="nope"),
         F.Error(rid=13, code="rate_limited", message="slow down"),
+        # cap "blobs" (issue 13): a 16-byte blob id, chunks of opaque ciphertext
+        F.BlobBegin(rid=17, id=b"\x09" * 16, size=200_000, chunk_size=65_552),
+        F.BlobPut(rid=18, id=b"\x09" * 16, index=0, data=b"\x0a" * 300),
+        F.BlobHeld(rid=19, id=b"\x09" * 16),
+        F.BlobCommit(rid=20, id=b"\x09" * 16, to=["bob", "carol"]),
+        F.BlobGet(rid=21, id=b"\x09" * 16, index=2),
+        F.BlobRelease(rid=22, id=b"\x09" * 16),
+        F.BlobState(rid=17, id=b"\x09" * 16, size=200_000, chunk_size=65_552, held=3, committed=False),
+        F.BlobData(rid=21, id=b"\x09" * 16, index=2, data=b"\x0b" * 300),
     ]
 
 

@@ -14,6 +14,14 @@ from cipherpost.protocol.frames import (
     Accepted,
     Ack,
     Auth,
+    BlobBegin,
+    BlobCommit,
+    BlobData,
+    BlobGet,
+    BlobHeld,
+    BlobPut,
+    BlobRelease,
+    BlobState,
     Block,
     Bundle,
     Deliver,
@@ -69,6 +77,14 @@ EXAMPLES: list[Frame] = [
     Block(rid=18, username="mallory", on=False),
     SendMany(rid=19, id=ID, kind="msg", body=b"group", to=["bob", "carol"]),
     Results(rid=19, id=ID, status=["accepted", "sender_cap"]),
+    BlobBegin(rid=20, id=ID, size=100_000, chunk_size=65_552),
+    BlobPut(rid=21, id=ID, index=1, data=b"\x05" * 1000),
+    BlobHeld(rid=22, id=ID),
+    BlobCommit(rid=23, id=ID, to=["bob"]),
+    BlobGet(rid=24, id=ID, index=0),
+    BlobRelease(rid=25, id=ID),
+    BlobState(rid=20, id=ID, size=100_000, chunk_size=65_552, held=1, committed=False),
+    BlobData(rid=24, id=ID, index=0, data=b"\x06" * 10),
 ]
 
 
@@ -93,7 +109,23 @@ def test_wire_keys_match_the_contract() -> None:
 
 def test_client_frame_types() -> None:
     assert {t.t for t in CLIENT_FRAME_TYPES} == {
-        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping", "block", "send_many"}
+        "register", "auth", "upload_prekeys", "fetch_bundle", "send", "ack", "ping", "block", "send_many",
+        "blob_begin", "blob_put", "blob_held", "blob_commit", "blob_get", "blob_release",
+        "set_recovery", "recover", "delete_account"}
+
+
+def test_blob_frames_refuse_a_chunk_over_the_limit_and_a_short_id() -> None:
+    from cipherpost.protocol.errors import ProtocolError
+    from cipherpost.protocol.frames import MAX_BLOB_CHUNK
+    big = msgpack.packb({"v": 1, "t": "blob_put", "rid": 1, "id": ID, "index": 0,
+                         "data": b"x" * (MAX_BLOB_CHUNK + 1)})
+    with pytest.raises(ProtocolError) as refused:
+        decode_frame(big)
+    assert refused.value.code == "too_large"
+    short = msgpack.packb({"v": 1, "t": "blob_get", "rid": 1, "id": b"x", "index": 0})
+    with pytest.raises(ProtocolError) as refused:
+        decode_frame(short)
+    assert refused.value.code == "bad_frame"
 
 
 def test_hello_caps_are_absent_when_empty_and_ignored_by_old_decoders() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pg_support import NEEDS_POSTGRES, PG_URL, drop_schema, fresh_name
 from relay_harness import run
@@ -46,6 +46,7 @@ from cipherpost.store.base import (
     UnknownAccount,
     UsernameTaken,
 )
+from cipherpost.store.migrations import DEFAULT_RESERVED
 from cipherpost.store.sqlite import SqliteRelayStore
 
 S = RecipientStatus
@@ -493,6 +494,7 @@ def test_reserved_and_look_alike_names_cannot_register(make_store: Callable[[], 
                     await store.create_account(lookalike, b"id", NOW_MS)
             with pytest.raises(UsernameTaken):
                 await store.create_account("bob", b"id", NOW_MS)
+            await store.unreserve(list(DEFAULT_RESERVED))  # the defaults a migration seeds
             await store.reserve(["admin", "security"])
             await store.reserve(["admin"])  # idempotent
             assert await store.reserved() == ["admin", "security"]
@@ -601,6 +603,46 @@ def test_epoch_is_random_stable_and_renewable(make_store: Callable[[], RelayStor
     run(scenario())
 
 
+# --- blobs: metadata and the shared quota ledger (migration 3, docs/attachments.md) -------------
+
+def test_blob_metadata_shares_the_quota_ledger_with_mail_across_restarts(
+        make_store: Callable[[], RelayStore]) -> None:
+    from cipherpost.store.base import BlobConflict, BlobNotFound
+
+    async def scenario() -> None:
+        policy = MailboxPolicy(max_stored_bytes=1000)
+        blob, other = bytes(16), b"\x01" * 16
+        async with opened(make_store) as store:
+            await accounts(store, "alice", "bob", "carol")
+            info = await store.blob_reserve("alice", blob, 600, 100, NOW_MS, policy)
+            assert (info.owner, info.size, info.committed, info.readers) == ("alice", 600, False, ())
+            assert await store.blob_reserve("alice", blob, 600, 100, NOW_MS, policy) == info  # resume
+            with pytest.raises(BlobConflict):
+                await store.blob_reserve("alice", blob, 601, 100, NOW_MS, policy)
+            with pytest.raises(BlobNotFound):                      # someone else's id
+                await store.blob_reserve("bob", blob, 600, 100, NOW_MS, policy)
+            with pytest.raises(QuotaExceeded):
+                await store.blob_reserve("alice", other, 401, 100, NOW_MS, policy)
+        async with opened(make_store) as store:                    # the charge survives a restart
+            with pytest.raises(QuotaExceeded):                     # mail to alice: the same ledger
+                await store.enqueue(msg("alice", 1, sender="bob", body=bytes(401)), policy)
+            await store.enqueue(msg("alice", 2, sender="bob", body=bytes(400)), policy)
+            done = await store.blob_commit(blob, "alice", ["bob", "carol", "nobody"])
+            assert done.committed and done.readers == ("bob", "carol")
+            assert done.may_read("bob") and not done.may_read("mallory")
+            with pytest.raises(BlobNotFound):
+                await store.blob_release(blob, "mallory")
+            assert not await store.blob_release(blob, "alice")     # committed: the readers decide
+            assert not await store.blob_release(blob, "bob")
+            assert await store.blob_release(blob, "carol")         # the last reader: deleted
+            assert await store.blob_info(blob) is None
+            await store.blob_reserve("alice", other, 600, 100, NOW_MS, policy)  # quota returned
+            assert await store.blobs_expired(NOW_MS) == []
+            assert await store.blobs_expired(NOW_MS + 1) == [other]
+            assert await store.blob_info(other) is None
+    run(scenario())
+
+
 # --- any sequence of operations: the store agrees with a model of the rules -------------------
 
 class SendOp(NamedTuple):
@@ -640,6 +682,9 @@ _EXAMPLES = itertools.count()
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_OPS, min_size=5, max_size=30))
+# Found on PostgreSQL: a retried single send to a recipient who blocks the sender read as stored.
+@example(ops=[AckOp(0, 0), BlockOp(0, 0, True), SendOp(0, [0], 0, 60, False), SendOp(0, [0], 0, 60, False),
+              SendOp(0, [0], 0, 60, True)])
 def test_any_sequence_of_sends_acks_blocks_and_restarts_matches_the_rules(
         make_store: Callable[[], RelayStore], ops: list[SendOp | AckOp | BlockOp | RestartOp]) -> None:
     """Caps, quotas, blocks, dedup and the running counters behind them, against a plain model.

@@ -43,7 +43,9 @@ async def _populate(path: Path) -> tuple[dict[str, list[tuple[int, str, bytes, b
                                 kem_one_time=[(i, os.urandom(40)) for i in range(3)], kem_last_resort=b"lr",
                                 max_pool=100)
         await store.set_block("dave", "alice", True)
+        await store.unreserve([n for n in await store.reserved() if n != "admin"])  # edited defaults
         await store.reserve(["admin"])
+        await store.log_operator_action("ops", "unreserve", ["root"], "", 1_800_000_000_000)
         for i in range(10):
             await store.enqueue(_msg("bob", i), MailboxPolicy())
         acked = await store.enqueue(_msg("carol", 99), MailboxPolicy())
@@ -80,6 +82,8 @@ def test_a_stopped_relay_moves_to_postgresql_with_nothing_lost(tmp_path: Path, p
             bundle = await store.take_bundle("bob")
             assert bundle.one_time_prekey is not None and bundle.remaining.one_time == 4
             assert await store.blocked("dave") == ["alice"] and await store.reserved() == ["admin"]
+            [logged] = await store.operator_log(0, 10)
+            assert (logged.operator, logged.action, logged.names) == ("ops", "unreserve", ("root",))
             again = await store.enqueue(_msg("carol", 99), MailboxPolicy())  # acked, still deduplicated
             assert again.duplicate
             new = await store.enqueue(_msg("bob", 1000), MailboxPolicy())  # seqs keep growing

@@ -29,6 +29,8 @@ from ..client.home import list_profiles
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
 from ..protocol.usernames import normalize_username
+from . import chat_files
+from .account_cmd import print_recovery_code
 from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
 from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
 from .group_cmd import CHAT_HELP as GROUP_HELP
@@ -50,6 +52,7 @@ commands:
   /verify NAME      compare the safety number now and mark NAME verified
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
 {CHAT_HELP}
+  /file PATH        send a file to the person you are talking to (received files go to Downloads)
 {GROUP_HELP}
   //TEXT            send a line that starts with "/"
   /help             this text
@@ -123,6 +126,7 @@ class Chat:
 
     def show(self, message: IncomingMessage) -> None:
         print("\n".join(message_lines(message, clock)))
+        chat_files.fetch_in_background(self.client, message)  # an attachment: saved, path shown
         if message.warning == "undecryptable":
             return
         if message.request:
@@ -200,6 +204,8 @@ class Chat:
             name, _, text = arg.partition(" ")
             if self.switch_to(name) and text.strip() and self.peer:
                 await self.send(self.peer, text.strip())
+        elif cmd == "/file":
+            await chat_files.send_path(self, arg)
         elif cmd == "/contacts":
             self.list_contacts()
         elif cmd == "/history":
@@ -237,6 +243,8 @@ class Chat:
         width = max((len(printable(c.name)) for c in contacts), default=0)
         for c in contacts:
             state, text = contact_state(c)
+            if self.client.is_blocked(c.name):
+                state, text = "user_blocked", f"BLOCKED by you (/unblock {printable(c.name)})"
             hint = {"unverified": f" (compare: /safety {printable(c.name)})",
                     "key_changed": f" - check it: /verify {printable(c.name)}",
                     "blocked": f" (verify again: /verify {printable(c.name)} password)"}.get(state, "")
@@ -267,6 +275,9 @@ class Chat:
                 print(f"!! NOT SENT to {name}: {printable(str(exc))}: {shown}")
             return
         except EXPECTED as exc:
+            if chat_files.is_too_long(exc):
+                await chat_files.offer_as_file(self, name, text)
+                return
             if self.client.pending_outbox() > before:
                 self.had_queued = True
                 print(f"[{clock(now_ms())}] you -> {name}: {shown}  (queued: {printable(str(exc))}; "
@@ -411,8 +422,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             client = await Client.create(home, username, url, passphrase, server_fingerprint=fingerprint,
                                          invite=invite)
         except ServerError as exc:
-            if exc.code == "username_taken":
-                print(f"!! '{username}' is already taken on this server")
+            if exc.code in ("username_taken", "name_reserved", "name_confusable"):
+                print(f"!! {exc.server_message}")
                 username = await _ask_username(prompt, [])
             elif exc.code in ("registration_closed", "bad_invite"):
                 print(f"!! {exc.server_message or exc}")
@@ -422,6 +433,8 @@ async def _unlock_or_create(prompt: PromptSession[str], home: Path, user: str | 
             continue
         print(f"registered {username}. Your identity fingerprint:\n"
               f"  {client.identity.public.fingerprint_text()}")
+        if client.recovery_code is not None:
+            print_recovery_code(username, client.recovery_code)
         return client
     raise SetupCancelled("registration did not succeed; nothing was created")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from ..client.client import Client
 from ..client.errors import ConnectionFailed
+from . import output as out
 from .common import fmt_time, printable
 
 Runner = Callable[[argparse.Namespace, Callable[[Client], Awaitable[int]]], int]
@@ -23,20 +23,21 @@ CHAT_HELP = ("  /requests         strangers who wrote to you (not contacts yet)\
              "  /block NAME       drop everything NAME sends, unseen (/unblock NAME undoes it)")
 
 
-def register(sub: Any, run: Runner) -> None:
-    p = sub.add_parser("block", help="drop everything NAME sends, unseen (and tell the relay, if it can)")
+def register(add: Callable[..., argparse.ArgumentParser], run: Runner) -> None:
+    """``add(name, help=...)`` makes a subcommand parser (cli/main.py's, with the global options)."""
+    p = add("block", help="drop everything NAME sends, unseen (and tell the relay, if it can)")
     p.add_argument("name", help="the sender to block (a contact, a stranger or a message request)")
     p.set_defaults(func=lambda args: run(args, lambda c: _block(c, args.name, True)))
 
-    p = sub.add_parser("unblock", help="receive NAME's messages again")
+    p = add("unblock", help="receive NAME's messages again")
     p.add_argument("name", help="a blocked sender")
     p.set_defaults(func=lambda args: run(args, lambda c: _block(c, args.name, False)))
 
-    p = sub.add_parser("accept", help="accept a message request: make the stranger NAME a contact")
+    p = add("accept", help="accept a message request: make the stranger NAME a contact")
     p.add_argument("name", help="who wrote to you (see `cipherpost requests`)")
     p.set_defaults(func=lambda args: run(args, lambda c: _accept(c, args.name)))
 
-    p = sub.add_parser("requests", help="strangers who wrote to you and are not contacts yet")
+    p = add("requests", help="strangers who wrote to you and are not contacts yet")
     p.set_defaults(func=lambda args: run(args, _requests))
 
 
@@ -45,26 +46,26 @@ async def _block(client: Client, name: str, on: bool) -> int:
         await client.connect()   # to tell the relay now; offline, it is told on the next connect
     if on:
         await client.block(name)
-        print(f"blocked {printable(name)}: their messages are dropped unseen (`cipherpost unblock "
+        out.line(f"blocked {printable(name)}: their messages are dropped unseen (`cipherpost unblock "
               f"{printable(name)}` undoes it)")
     else:
         await client.unblock(name)
-        print(f"unblocked {printable(name)}")
+        out.line(f"unblocked {printable(name)}")
     return 0
 
 
 async def _accept(client: Client, name: str) -> int:
     contact = client.accept_request(name)
-    print(f"{printable(contact.name)} is now a contact (unverified: compare safety numbers with "
+    out.line(f"{printable(contact.name)} is now a contact (unverified: compare safety numbers with "
           f"`cipherpost verify {printable(contact.name)}`)")
     for line in _lookalike(client, contact.name):
-        print(line)
+        out.line(line)
     return 0
 
 
 async def _requests(client: Client) -> int:
     for line in request_lines(client):
-        print(line)
+        out.line(line)
     return 0
 
 

@@ -36,7 +36,7 @@ Notify = Callable[[str], None]
 
 def refusal(limit: int = MAX_TEXT_BYTES, *, outcome: str = "the line was cleared, NOT sent") -> str:
     return (f"!! input refused: a message is at most {limit} bytes; {outcome} (send a long text "
-            "with `cipherpost send NAME -` from a file)")
+            "as a file: /file PATH)")
 
 
 def _plain(key_press: KeyPress) -> bool:

@@ -24,7 +24,11 @@ from ..client.passphrase import change_passphrase
 from ..client.plaintext import MAX_TEXT_BYTES, EmptyMessage, MessageTooLong, check_text
 from ..crypto.errors import CryptoError
 from ..protocol.errors import ProtocolError
+from . import file_cmd
 from . import output as out
+from .account_cmd import print_recovery_code
+from .account_cmd import register as register_account_commands
+from .admin_cmd import register as register_admin_commands
 from .common import (
     EXIT_INTERRUPTED,
     Interrupted,
@@ -57,6 +61,9 @@ environment:
   CIPHERPOST_PASSPHRASE       the profile's passphrase, for scripts (otherwise asked on the terminal)
   CIPHERPOST_NEW_PASSPHRASE   the new passphrase for `cipherpost passphrase`, for scripts
   CIPHERPOST_VERIFY_PASSWORD  the shared password for `verify NAME --password`, for scripts
+  CIPHERPOST_RECOVERY_CODE    the recovery code for `recover NAME`, for scripts (otherwise asked)
+  CIPHERPOST_OPERATOR         who acts, for the operator log of `admin` (as `admin --as`)
+  CIPHERPOST_STORE            the relay's store URL (as `server --store` and `admin --store`)
   CIPHERPOST_DATA             the relay's data directory (as `server --data` and `invite --data`)
   CIPHERPOST_STORE            the relay's store (as `server --store`: postgresql://...; default SQLite)
   CIPHERPOST_BUS              the relay's wake-up bus across instances (as `server --bus redis://...`)
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     register_server_commands(sub)  # `server` and `invite`: the relay's own flags live with it
+    register_admin_commands(sub)  # `admin`: operator tools on the relay's store
 
     p = add("client", help="interactive chat (creates or unlocks your profile)")
     p.add_argument("--server", default=None,
@@ -134,8 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to this long for a message to arrive (default: only what is queued)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per line: id, from, text, sent_at, received_at, warning")
+                   help="one JSON object per line: id, from, text, sent_at, received_at, warning, file")
+    file_cmd.add_recv_arguments(p)
     p.set_defaults(func=_cmd_recv)
+
+    file_cmd.register(add, _run)  # send-file, download (issue 13)
 
     p = add("contacts", help="list contacts and their verification state")
     p.add_argument("--json", action="store_true",
@@ -165,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one JSON object per message: id, direction, text, sent_at, received_at, status")
     p.set_defaults(func=_cmd_history)
 
-    register_contact_commands(sub, _run)   # block, unblock, accept, requests
+    register_contact_commands(add, _run)   # block, unblock, accept, requests
     register_group_commands(sub, _run)     # group create|add|remove|leave|list|info|history
 
     p = add("passphrase", help="change the passphrase of your profile",
@@ -178,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="show what each side computes and exactly what the server stores")
     p.set_defaults(func=_cmd_demo)
+
+    register_account_commands(add)  # `recover`, `recovery-key`, `delete-account`
     return parser
 
 
@@ -261,6 +274,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
             out.line(f"your identity fingerprint: {client.identity.public.fingerprint_text()}")
             how = "as given" if pin else "on first use - compare it with the fingerprint the server printed"
             out.line(f"server certificate pinned ({how}): {client.server_fingerprint}")
+            if client.recovery_code is not None:
+                print_recovery_code(client.username, client.recovery_code)
+            else:
+                out.line("this relay does not support recovery codes: if you lose this device or forget "
+                         "the passphrase, the name cannot be recovered")
         finally:
             await client.close()
         return 0
@@ -288,7 +306,8 @@ def _send_texts(args: argparse.Namespace) -> list[str]:
         except EmptyMessage as exc:
             raise UsageError(str(exc)) from None
         except MessageTooLong as exc:   # nothing of the batch is sent
-            raise MessageTooLong(f"{where}{exc}; nothing was sent") from None
+            raise MessageTooLong(f"{where}{exc}; nothing was sent (send it as a file instead: "
+                                 f"cipherpost send-file {args.name} FILE)") from None
     return texts
 
 
@@ -333,7 +352,11 @@ def _cmd_recv(args: argparse.Namespace) -> int:
         try:
             for m in messages:
                 # Shown = written and flushed; a reader that went away leaves the rest for next time.
-                out.line(json.dumps(_message_json(m)) if args.json else "\n".join(message_lines(m, fmt_time)))
+                if not args.json:
+                    out.line("\n".join(message_lines(m, fmt_time)))
+                saved = await file_cmd.save_attachment(client, m, args)   # an attachment (issue 13)
+                if args.json:
+                    out.line(json.dumps({**_message_json(m), **({"file": saved} if saved else {})}))
                 printed.append(m)
                 if len(printed) >= MARK_SHOWN_EVERY:
                     client.mark_shown(printed)
@@ -349,6 +372,8 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         for c in client.contacts():
             state, text = contact_state(c)
+            if client.is_blocked(c.name):   # blocked by the user (client/blocks.py)
+                state, text = "blocked", f"BLOCKED by you (`cipherpost unblock {c.name}`)"
             rows.append({"name": c.name, "state": state, "display": text, "verified": c.verified,
                          "added_at": c.added_at})
         if args.json:
@@ -357,7 +382,7 @@ def _cmd_contacts(args: argparse.Namespace) -> int:
         elif not rows:
             out.line("no contacts yet: `cipherpost send NAME TEXT` starts a conversation")
         else:
-            width = max(len(printable(r["name"])) for r in rows)
+            width = max(len(r["name"]) for r in rows)
             for row in rows:
                 out.line(f"{printable(row['name']):<{width}}  {printable(row['display'])}")
         return 0

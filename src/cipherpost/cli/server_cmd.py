@@ -111,7 +111,14 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-per-sender", type=int, default=1000,
                    help="messages one sender may have waiting for one recipient (default 1000)")
     g.add_argument("--max-stored-bytes", type=int, default=256 * 1024 * 1024,
-                   help="bytes of queued mail per recipient account (default 256 MiB)")
+                   help="bytes of queued mail and attachment blobs per account (default 256 MiB)")
+    g.add_argument("--max-blob-bytes", type=int, default=100 * 1024 * 1024,
+                   help="largest attachment blob (padded size) the relay stores (default 100 MiB)")
+    g.add_argument("--blob-dir", type=Path, default=None, metavar="DIR",
+                   help="where attachment blobs are stored (default DATA/blobs); with several relay "
+                        "instances, one shared volume mounted on each")
+    g.add_argument("--blob-bytes-per-hour", type=int, default=4 * 1024 ** 3,
+                   help="attachment bytes uploaded plus downloaded per account per hour (default 4 GiB)")
     g.add_argument("--disk-budget", type=int, default=None,
                    help="bytes of queued mail the whole relay may store (default: no budget)")
     g.add_argument("--group-bundle-fetches-per-hour", type=int, default=1000,
@@ -140,7 +147,9 @@ def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
     metrics = getattr(args, "metrics_listen", None)
     return dict(
         max_queue_per_sender=args.max_queue_per_sender, max_stored_bytes=args.max_stored_bytes,
-        disk_budget_bytes=args.disk_budget, group_bundle_fetches_per_hour=args.group_bundle_fetches_per_hour,
+        disk_budget_bytes=args.disk_budget, max_blob_bytes=args.max_blob_bytes, blob_dir=args.blob_dir,
+        blob_bytes_per_hour=args.blob_bytes_per_hour,
+        group_bundle_fetches_per_hour=args.group_bundle_fetches_per_hour,
         registrations_per_prefix_per_hour=args.registrations_per_prefix_per_hour,
         one_time_prekeys_per_target_per_hour=args.one_time_prekeys_per_target_per_hour,
         prekey_uploads_per_account_per_hour=args.prekey_uploads_per_hour, pake_per_hour=args.pake_per_hour,

@@ -28,9 +28,12 @@ from ..crypto.keystore import RFC9106_SECOND_RECOMMENDED, Argon2Params, open_key
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.prekeys import PrekeyBundle
 from ..crypto.records import RecordCipher
+from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.usernames import normalize_username
+from . import accounts, login_counter
+from .attachments import FileOffer
 from .backoff import reconnect_delay
 from .blocks import BlockList
 from .connection import Connection, format_fingerprint
@@ -42,6 +45,7 @@ from .errors import (
     IdentityChanged,
     ProfileError,
     ServerError,
+    StaleProfile,
     UnknownContact,
     VerificationError,
     WrongPassphraseError,
@@ -50,7 +54,7 @@ from .group_store import GroupInfo
 from .groups import Groups
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .inbox import IncomingMessage, Receiver
-from .plaintext import build_text_payload
+from .plaintext import build_file_payload, build_text_payload
 from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
 from .plaintext import unpad as unpad
 from .prekeys_low import PrekeysLowGate
@@ -58,7 +62,7 @@ from .profile import Contact, ProfileDB, StoredMessage
 from .requests import Request, Requests
 from .verification import PakeMailbox, verify_with_password
 
-__all__ = ["Client", "IncomingMessage", "pad", "unpad"]
+__all__ = ["Client", "IncomingMessage", "pad"]
 
 KEYSTORE_VERSION = 1
 ONE_TIME_POOL_TARGET = 100
@@ -97,14 +101,17 @@ class Client:
         self.receiver = Receiver(self)
         self.groups = Groups(self)   # client/groups.py; the group API below delegates to it
         self._prekeys_low = PrekeysLowGate()
+        self.recovery_code: str | None = None  # shown once after create; never stored
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     async def create(cls, home: Path, username: str, server_url: str, passphrase: str, *,
                      server_fingerprint: bytes | None = None, invite: str | None = None,
                      kdf: Argon2Params = RFC9106_SECOND_RECOMMENDED,
-                     observer: Observer | None = None) -> Client:
-        """Make a new identity, register it with the relay, publish prekeys."""
+                     observer: Observer | None = None, recovery: RecoveryKey | None = None) -> Client:
+        """Make a new identity, register it with the relay, publish prekeys. With ``recovery``, take
+        over the existing account ``username`` instead (docs/accounts.md); otherwise the new
+        account's recovery code is in ``client.recovery_code``, to show once."""
         try:
             username = normalize_username(username)
         except Exception as exc:
@@ -129,7 +136,8 @@ class Client:
                 db.set_secret_meta("server_url", server_url.encode())
             conn = await Connection.open(server_url, server_fingerprint)
             try:
-                reply = await conn.register(identity, username, invite)
+                reply, client.recovery_code = await accounts.register_or_recover(
+                    conn, identity, username, invite, recovery)
                 if reply.get("username") != username:
                     raise ClientError("the server registered a different name than asked")
                 with db.transaction():  # the public key, not the certificate: renewals keep working
@@ -230,7 +238,7 @@ class Client:
                 self.db.set_secret_meta("server_fingerprint", conn.spki)
         conn.on_push(self._on_push)
         try:
-            reply = await conn.authenticate(self.identity, self.username)
+            reply = await login_counter.authenticate(conn, self.db, self.identity, self.username)
         except BaseException:
             await conn.close()
             raise
@@ -244,6 +252,16 @@ class Client:
             await self.groups.flush()   # the pairwise outbox, then the group outbox
         with contextlib.suppress(ServerError):
             await self.blocks.tell_relay(conn)
+
+    async def new_recovery_code(self) -> str:
+        """Replace the account's recovery key (docs/accounts.md); returns the new code, to show once."""
+        await self.connect()
+        return await accounts.set_recovery_key(self._require_conn(), self.identity, self.username)
+
+    async def delete_account(self) -> None:
+        """Delete the account on the relay; removing the local profile is the caller's next step."""
+        await self.connect()
+        await accounts.delete_account(self._require_conn(), self.identity, self.username)
 
     async def disconnect(self) -> None:
         if self._conn is not None:
@@ -273,6 +291,10 @@ class Client:
                 self._conn = None
                 if on_status:
                     on_status(f"disconnected ({reason}); reconnecting")
+            except StaleProfile as exc:   # retrying would displace the live copy: stop (docs/accounts.md)
+                if on_status:
+                    on_status(f"stopped: {exc}")
+                return
             except (ClientError, OSError) as exc:   # never let the reconnect loop die
                 if on_status:
                     on_status(f"cannot connect ({exc}); retrying in {delay:.1f}s")
@@ -424,14 +446,18 @@ class Client:
         return True
 
     # ------------------------------------------------------------------ sending
-    async def send(self, name: str, text: str) -> bytes:
-        """Encrypt and queue ``text`` for ``name``, then transmit. Returns the message id."""
+    async def send(self, name: str, text: str, *, file: FileOffer | None = None) -> bytes:
+        """Encrypt and queue ``text`` (or a ``file`` offer) for ``name``, then transmit; the message id."""
         name = normalize_username(name)
         if name == self.username:
             raise ClientError("you cannot send messages to yourself")
+        extra = None if file is None else {"file": file.to_map()}
         # Refuse before encrypting: the relay would reject the envelope after the ratchet moved on.
-        payload = build_text_payload(text, now_ms(), self.username, name,
-                                     self._conn.limits.get("max_body") if self._conn else None)
+        if file is None:
+            payload = build_text_payload(text, now_ms(), self.username, name,
+                                         self._conn.limits.get("max_body") if self._conn else None)
+        else:   # issue 13: a file offer (a few hundred bytes), no text limit to check
+            payload = build_file_payload(file.to_map(), now_ms(), self.username, name)
         async with self._state_lock:
             session, with_psk = await self._sending_session(name)
             envelope, session = encrypt(session, payload)
@@ -440,7 +466,7 @@ class Client:
                 self.db.save_session(session.session_id, name, session.peer.encode(), session.serialize(),
                                      now_ms(), with_psk=with_psk)
                 self.db.add_message(name, "out", msg_id, text, sent_at=now_ms(), received_at=None,
-                                    status="queued")
+                                    status="queued", extra=extra)
                 self.db.add_outbox(msg_id, name, "msg", envelope, now_ms())
         self._emit("encrypt", to=name, msg_id=msg_id.hex(), envelope_bytes=len(envelope),
                    session=session.session_id.hex()[:8])
@@ -449,7 +475,8 @@ class Client:
 
     async def _sending_session(self, name: str, *, group: bool = False) -> tuple[Session, bool]:
         """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
-        contact = self.db.get_contact(name)
+        # Writing back to a stranger accepts their request: the reply uses their session.
+        contact = self.db.get_contact(name) or self.requests.accept_if_pending(name)
         if contact is not None and contact.pending_identity is not None:
             raise self._identity_changed(contact, contact.pending_identity)
         if contact is not None and contact.blocked:
@@ -498,7 +525,7 @@ class Client:
                     await conn.request({"t": "send", "to": item.contact, "id": item.msg_id,
                                         "kind": item.kind, "body": item.envelope})
                 except ServerError as exc:
-                    if exc.code in ("unknown_user", "bad_frame", "too_large"):
+                    if exc.code in ("unknown_user", "bad_frame", "too_large", "suspended"):
                         # Permanent: retrying cannot help. Say so in the history, drop from outbox.
                         with self.db.transaction():
                             self.db.remove_outbox(item.msg_id)

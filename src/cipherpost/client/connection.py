@@ -41,7 +41,10 @@ PushHandler = Callable[[dict[str, Any]], Awaitable[None]]
 # relay, and the request fails at once instead of taking a wrong frame for success.
 EXPECTED_REPLY: dict[str, str] = {
     "register": "ok", "auth": "ok", "upload_prekeys": "ok", "fetch_bundle": "bundle", "send": "accepted",
-    "ping": "pong", "block": "ok",
+    "ping": "pong", "block": "ok", "set_recovery": "ok", "recover": "ok", "delete_account": "ok",
+    "blob_begin": "blob_state", "blob_put": "blob_state", "blob_held": "blob_state",
+    "blob_commit": "blob_state", "blob_get": "blob_data", "blob_release": "ok",
+    "send_many": "results",   # group messages (client/groups.py)
 }
 
 
@@ -174,14 +177,26 @@ class Connection:
     def _proof(self, identity: IdentityKeyPair, label: str, username: str) -> bytes:
         return identity.sign(label, pack([self._nonce, self.channel, username]))
 
-    async def register(self, identity: IdentityKeyPair, username: str, invite: str | None) -> dict[str, Any]:
-        return await self.request({
-            "t": "register", "username": username, "identity": identity.public.encode(),
-            "sig": self._proof(identity, "register", username), "invite": invite})
+    def bound_payload(self, *items: bytes | str) -> bytes:
+        """``pack([nonce, channel, *items])``: what a request signed for this connection covers."""
+        return pack([self._nonce, self.channel, *items])
 
-    async def authenticate(self, identity: IdentityKeyPair, username: str) -> dict[str, Any]:
-        return await self.request({"t": "auth", "username": username,
-                                   "sig": self._proof(identity, "auth", username)})
+    async def register(self, identity: IdentityKeyPair, username: str, invite: str | None,
+                       recovery_public: bytes | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {
+            "t": "register", "username": username, "identity": identity.public.encode(),
+            "sig": self._proof(identity, "register", username), "invite": invite}
+        if recovery_public is not None:
+            frame["recovery_public"] = recovery_public
+        return await self.request(frame)
+
+    async def authenticate(self, identity: IdentityKeyPair, username: str,
+                           counter: int | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"t": "auth", "username": username,
+                                 "sig": self._proof(identity, "auth", username)}
+        if counter is not None:
+            frame["counter"] = counter
+        return await self.request(frame)
 
     async def request(self, frame: dict[str, Any], *, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
         """Send a request and wait for its reply; error frames raise :class:`ServerError`, a reply of
@@ -290,8 +305,8 @@ def check_reply(request: dict[str, Any], reply: dict[str, Any]) -> None:
     if expected is not None and reply.get("t") != expected:
         raise BadReply(f"the server answered {request['t']} with {str(reply.get('t'))[:32]!r} instead of "
                        f"{expected!r}")
-    if request["t"] == "send" and reply.get("id") != request.get("id"):
-        raise BadReply("the server's 'accepted' names another message id than the one sent")
+    if request["t"] in ("send", "send_many") and reply.get("id") != request.get("id"):
+        raise BadReply(f"the server's {expected!r} names another message id than the one sent")
 
 
 def _lenient_rid(raw: bytes | str) -> int | None:

@@ -78,3 +78,11 @@ class UnknownContact(ClientError):
 
 class VerificationError(ClientError):
     """A verification did not succeed (wrong password or substituted key: deliberately not said which)."""
+
+
+class StaleProfile(ClientError):
+    """This copy of the profile is older than one that logged in since (docs/accounts.md)."""
+
+
+class RecoveryFailed(ClientError):
+    """The relay refused the recovery code, or limited the attempts."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import time
@@ -30,21 +31,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..crypto.encoding import expect_array, unpack
 from ..crypto.errors import CryptoError, DuplicateMessage
 from ..crypto.pqxdh import psk_id
 from ..crypto.prekey_store import PrekeyStore
 from ..crypto.session import Session, accept_session, decrypt, envelope_session_id, inspect_envelope
+from . import attachments
+from .attachments import FileOffer
 from .errors import ClientError, ConnectionFailed
 from .names import InvalidSenderName, check_sender, confusable_warning, shown_name
+from .plaintext import parse_payload
 from .profile import Contact, StoredMessage
 from .requests import REQUEST, REQUEST_SHOWN, request_warning
 
 if TYPE_CHECKING:
     from .client import Client
 
-PLAINTEXT_VERSION = 1
-MAX_TIMESTAMP_MS = 1 << 53
 INVALID_NAMES = "\x00invalid"   # one collapsed notice for every refused sender name
 UNDECRYPTABLE = "undecryptable"
 
@@ -65,6 +66,7 @@ class IncomingMessage:
     warning: str | None = None
     row: int | None = field(default=None, compare=False, repr=False)   # for mark_shown
     request: bool = field(default=False, compare=False)   # from a stranger: not a contact yet
+    file: FileOffer | None = None  # an attachment (client/attachments.py), not yet downloaded
     group: str | None = None   # the group's name for a group message or event (client/groups.py)
 
     @classmethod
@@ -73,7 +75,8 @@ class IncomingMessage:
         return cls(m.msg_id.hex(), sender if isinstance(sender, str) else "", m.text, m.sent_at,
                    m.received_at,
                    warning if isinstance(warning, str) else None, m.row,
-                   m.status in (REQUEST, REQUEST_SHOWN), group if isinstance(group, str) else None)
+                   m.status in (REQUEST, REQUEST_SHOWN), attachments.offer_of(m.extra),
+                   group if isinstance(group, str) else None)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class _Batch:
     shown: list[IncomingMessage] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     touched_notices: set[str] = field(default_factory=set)
+    retexts: dict[int, str] = field(default_factory=dict)   # notice row -> its collapsed text
     pake: list[str] = field(default_factory=list)
     derr_in: list[tuple[str, bytes]] = field(default_factory=list)
     derr_out: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
@@ -131,6 +135,9 @@ class Receiver:
         self.activity = asyncio.Event()     # set after every handled batch
         self.drained = asyncio.Event()      # set by the relay's `drained` push, where announced
         self._notices: dict[str, _Notice] = {}
+        # What this process stored and has not shown yet, by row: take_new_messages then reads
+        # only row ids instead of decrypting every record again (a catch-up of 10,000 messages).
+        self._unshown: dict[int, IncomingMessage] = {}
 
     # ------------------------------------------------------------------ one deliver frame
     async def handle_deliver(self, messages: list[Any]) -> None:
@@ -151,6 +158,13 @@ class Receiver:
                 self._notices.clear()   # their rows were rolled back with the batch
                 raise
             c.prekeys = batch.prekeys
+            if batch.retexts:   # notices that counted more failures, in this batch or an earlier one
+                batch.shown = [dataclasses.replace(m, text=batch.retexts[m.row]) if m.row in batch.retexts
+                               else m for m in batch.shown]
+                for row, text in batch.retexts.items():
+                    if row in self._unshown:
+                        self._unshown[row] = dataclasses.replace(self._unshown[row], text=text)
+            self._unshown.update((m.row, m) for m in batch.shown if m.row is not None)
             for entry in batch.sessions.values():
                 if entry is not None:
                     entry.dirty = False
@@ -201,8 +215,7 @@ class Receiver:
         if kind != "msg" or c.db.has_message(sender, "in", msg_id):
             return   # unknown kind, or a redelivery of something already stored: just ack it again
         try:
-            with c.db.savepoint():
-                stored = self._decrypt_and_store(batch, sender, msg_id, body, m.get("ts"))
+            stored = self._decrypt_and_store(batch, sender, msg_id, body, m.get("ts"))
         except DuplicateMessage:
             batch.contacts.clear()
             return
@@ -247,8 +260,9 @@ class Receiver:
             c._save_prekeys(batch.prekeys)
         for key in batch.touched_notices:
             notice = self._notices[key]
-            c.db.replace_text(notice.row, _collapsed_text(notice), {"warning": UNDECRYPTABLE,
-                                                                     "more": notice.more})
+            text = _collapsed_text(notice)
+            c.db.replace_text(notice.row, text, {"warning": UNDECRYPTABLE, "more": notice.more})
+            batch.retexts[notice.row] = text
 
     # ------------------------------------------------------------------ one message
     def _session(self, batch: _Batch, session_id: bytes) -> _SessionEntry | None:
@@ -294,59 +308,66 @@ class Receiver:
                 "one_time": info.initial.one_time_prekey_id is not None}))
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
-        text, sent_at = _parse_payload(plaintext, sender=sender, me=c.username)
+        kind, content, sent_at = parse_payload(plaintext, sender=sender, me=c.username)
         peer = session.peer.encode()
-        if isinstance(text, bytes):   # a group payload (client/groups.py), never shown as text
+        if kind == "group":   # a group payload (client/groups.py), never shown as text
             if new_store is not None:
                 c.db.mark_session_accepted(session.session_id)
             return _Stored(session.session_id, _SessionEntry(sender, peer, session, with_psk, dirty=True),
-                           new_store, None, c.groups.on_control(sender, peer, text), ("group_control", {}))
+                           new_store, None, c.groups.on_control(sender, peer, content), ("group_control", {}))
+        text, file_extra = attachments.read_content(kind, content)
         contact = self._contact(batch, sender)
-        received = now_ms()
-        warning: str | None = None
-        extra: dict[str, Any] | None = None
-        status = "new"
-        held = False
-        keep_only: tuple[str, list[bytes]] | None = None
-        if contact is None:
-            # A stranger: a request, shown apart; nothing is pinned until the user accepts it.
-            status = REQUEST
-            warning = request_warning(sender, confusable_warning(sender, c.db.contact_names()))
-            extra = {"warning": warning, "key": peer}
-        elif peer != contact.identity:
-            c.db.set_pending_identity(sender, peer)
-            batch.contacts.pop(sender, None)
-            warning = str(c._identity_changed(contact, peer))
-            extra = {"warning": warning, "key": peer}
-            # From a VERIFIED contact, text under an unverified new key is held back until the
-            # user accepts that key: it may be someone else writing in their name.
-            held = contact.verified
-            # Only the pinned key and the newest pending one keep sessions.
-            keep_only = (sender, [contact.identity, peer])
-            c.db.drop_sessions_except(sender, keep_only[1])
-        if new_store is not None:
-            c.db.mark_session_accepted(session.session_id)
-        shown: list[IncomingMessage] = []
-        if gap:
-            gap_id = hashlib.sha256(b"gap:" + msg_id).digest()[:16]
-            gap_text = (f"1 message from {sender} did not arrive (if it still comes, it is shown then)"
-                        if gap == 1 else f"{gap} messages from {sender} did not arrive (if they still "
-                        "come, they are shown then)")
-            row = c.db.add_message(sender, "event", gap_id, gap_text, sent_at=None, received_at=received,
-                                   status="new", extra={"warning": "gap", "missing": gap})
-            if row is not None:
-                shown.append(IncomingMessage(gap_id.hex(), sender, gap_text, None, received, "gap", row))
-        row = c.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
-                               status="held" if held else status, extra=extra)
-        if held:
-            notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
-                      f"was verified. It is shown once you accept the new key (verify {sender}).")
-            nrow = c.db.add_message(sender, "event", msg_id, notice, sent_at=None, received_at=received,
-                                    status="new", extra={"warning": warning})
-            shown.append(IncomingMessage(msg_id.hex(), sender, notice, None, received, warning, nrow))
-        elif row is not None:
-            shown.append(IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning, row,
-                                         status == REQUEST))
+        # One message's writes are one step: undone alone if any of them fails. The common case
+        # (a known contact, same key, no gap) is a single INSERT, atomic by itself.
+        simple = contact is not None and peer == contact.identity and new_store is None and not gap
+        with contextlib.nullcontext() if simple else c.db.savepoint():
+            received = now_ms()
+            warning: str | None = None
+            extra: dict[str, Any] | None = None
+            status = "new"
+            held = False
+            keep_only: tuple[str, list[bytes]] | None = None
+            if contact is None:
+                # A stranger: a request, shown apart; nothing is pinned until the user accepts it.
+                status = REQUEST
+                warning = request_warning(sender, confusable_warning(sender, c.db.contact_names()))
+                extra = {"warning": warning, "key": peer}
+            elif peer != contact.identity:
+                c.db.set_pending_identity(sender, peer)
+                batch.contacts.pop(sender, None)
+                warning = str(c._identity_changed(contact, peer))
+                extra = {"warning": warning, "key": peer}
+                # From a VERIFIED contact, text under an unverified new key is held back until the
+                # user accepts that key: it may be someone else writing in their name.
+                held = contact.verified
+                # Only the pinned key and the newest pending one keep sessions.
+                keep_only = (sender, [contact.identity, peer])
+                c.db.drop_sessions_except(sender, keep_only[1])
+            if new_store is not None:
+                c.db.mark_session_accepted(session.session_id)
+            shown: list[IncomingMessage] = []
+            if gap:
+                gap_id = hashlib.sha256(b"gap:" + msg_id).digest()[:16]
+                gap_text = (f"1 message from {sender} did not arrive (if it still comes, it is shown then)"
+                            if gap == 1 else f"{gap} messages from {sender} did not arrive (if they still "
+                            "come, they are shown then)")
+                row = c.db.add_message(sender, "event", gap_id, gap_text, sent_at=None, received_at=received,
+                                       status="new", extra={"warning": "gap", "missing": gap})
+                if row is not None:
+                    shown.append(IncomingMessage(gap_id.hex(), sender, gap_text, None, received, "gap", row))
+            if file_extra:
+                extra = {**(extra or {}), **file_extra}
+            row = c.db.add_message(sender, "in", msg_id, text, sent_at=sent_at, received_at=received,
+                                   status="held" if held else status, extra=extra)
+            if held:
+                notice = (f"a message from {sender} is held back: it came under a NEW key, and {sender} "
+                          f"was verified. It is shown once you accept the new key (verify {sender}).")
+                nrow = c.db.add_message(sender, "event", msg_id, notice, sent_at=None, received_at=received,
+                                        status="new", extra={"warning": warning})
+                shown.append(IncomingMessage(msg_id.hex(), sender, notice, None, received, warning, nrow))
+            elif row is not None:
+                shown.append(IncomingMessage(msg_id.hex(), sender, text, sent_at, received, warning, row,
+                                             status == REQUEST, attachments.offer_of(file_extra or {})))
         entry = _SessionEntry(sender, peer, session, with_psk, dirty=True)
         return _Stored(session.session_id, entry, new_store, keep_only, shown,
                        ("decrypt", {"sender": sender, "msg_id": msg_id.hex(),
@@ -378,7 +399,13 @@ class Receiver:
     def take_new_messages(self, *, mark: bool = True) -> list[IncomingMessage]:
         """Messages, requests and notices not yet shown; marks them shown unless ``mark`` is False
         (then call :meth:`mark_shown` once each is really shown)."""
-        new = [IncomingMessage.from_stored(m) for m in self._c.db.messages_with_status("new", REQUEST)]
+        db = self._c.db
+        rows = db.rows_with_status("new", REQUEST)
+        cached = self._unshown
+        if all(r in cached and cached[r].request == (status == REQUEST) for r, status in rows):
+            new = [cached[r] for r, _ in rows]
+        else:   # stored by an earlier process, released from held, accepted requests: read them
+            new = [IncomingMessage.from_stored(m) for m in db.messages_with_status("new", REQUEST)]
         if mark:
             self.mark_shown(new)
         return new
@@ -388,6 +415,9 @@ class Receiver:
         with db.transaction():
             db.set_status([m.row for m in messages if m.row is not None and not m.request], "shown")
             db.set_status([m.row for m in messages if m.row is not None and m.request], REQUEST_SHOWN)
+        for m in messages:
+            if m.row is not None:
+                self._unshown.pop(m.row, None)
         self.forget_shown_notices()
 
     async def receive(self, *, wait: float = 0.0, settle: float = 0.5,
@@ -449,26 +479,3 @@ def _session_id_of(body: bytes) -> bytes | None:
         return envelope_session_id(body)
     except CryptoError:
         return None
-
-
-def _unpad(data: bytes) -> bytes:
-    end = len(data.rstrip(b"\x00"))
-    if end == 0 or data[end - 1] != 0x80:
-        raise ClientError("message padding is malformed")
-    return data[: end - 1]
-
-
-def _parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str | bytes, int]:
-    """``(text, sent_at)`` of a decrypted payload, checked against who the relay named as sender
-    and recipient (``client/plaintext.py:parse_text_payload`` replaces this once it lands)."""
-    arr = expect_array(unpack(_unpad(plaintext), what="message"), what="message",
-                       version=PLAINTEXT_VERSION, length=6)
-    _, kind, text, sent_at, written_by, written_for = arr
-    if not ((kind == "text" and isinstance(text, str)) or (kind == "group" and isinstance(text, bytes))):
-        raise ClientError("message of an unknown kind")
-    if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
-        raise ClientError("message carries an invalid time")
-    if written_by != sender or written_for != me:
-        raise ClientError(f"the relay delivered it as from {sender} to you, but it was written by "
-                          f"{written_by!r} for {written_for!r}; not shown")
-    return text, sent_at

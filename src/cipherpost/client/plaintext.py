@@ -19,7 +19,7 @@ largest envelope overhead (the first message of a session carries the PQXDH init
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from ..crypto.encoding import expect_array, pack, unpack
 from ..crypto.errors import CryptoError
@@ -103,9 +103,16 @@ def build_text_payload(text: str, sent_at_ms: int, written_by: str, written_for:
     return pad(pack([PLAINTEXT_VERSION, "text", text, sent_at_ms, written_by, written_for]))
 
 
-def parse_text_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, int]:
-    """``(text, sent_at_ms)`` of a decrypted payload, checked against who the relay says wrote it
-    (``sender``) and to whom (``me``). Raises InvalidPayload."""
+def build_file_payload(offer: dict[str, Any], sent_at_ms: int, written_by: str, written_for: str) -> bytes:
+    """The padded plaintext of a message announcing a file (issue 13; the offer map is built and
+    checked by ``client/attachments.py:FileOffer``)."""
+    return pad(pack([PLAINTEXT_VERSION, "file", offer, sent_at_ms, written_by, written_for]))
+
+
+def parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, Any, int]:
+    """``(kind, content, sent_at_ms)`` of a decrypted payload: ``("text", str, ...)``,
+    ``("file", map, ...)`` or ``("group", bytes, ...)`` (client/group_wire.py), checked against
+    who the relay says wrote it (``sender``) and to whom (``me``). Raises InvalidPayload."""
     if len(plaintext) > MAX_PAYLOAD_BYTES:
         raise InvalidPayload("message is larger than any envelope")
     body = unpad(plaintext)
@@ -114,12 +121,22 @@ def parse_text_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, 
                            version=PLAINTEXT_VERSION, length=6)
     except CryptoError as exc:
         raise InvalidPayload(str(exc)) from None
-    _, kind, text, sent_at, written_by, written_for = arr
-    if kind != "text" or not isinstance(text, str):
+    _, kind, content, sent_at, written_by, written_for = arr
+    if not ((kind == "text" and isinstance(content, str)) or (kind == "file" and isinstance(content, dict))
+            or (kind == "group" and isinstance(content, bytes))):   # group: docs/groups.md
         raise InvalidPayload("message of an unknown kind")
     if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
         raise InvalidPayload("message carries an invalid time")
     if written_by != sender or written_for != me:
         raise InvalidPayload(f"the relay delivered it as from {sender} to you, but it was written by "
                              f"{written_by!r} for {written_for!r}; not shown")
+    return kind, content, sent_at
+
+
+def parse_text_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, int]:
+    """``(text, sent_at_ms)`` of a decrypted text payload (:func:`parse_payload`; any other kind is
+    InvalidPayload)."""
+    kind, text, sent_at = parse_payload(plaintext, sender=sender, me=me)
+    if kind != "text":
+        raise InvalidPayload("message of an unknown kind")
     return text, sent_at

@@ -412,7 +412,7 @@ class ProfileDB:
             return
         contact, direction, msg_id = found
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id
-        blob = self._cipher.encrypt(pack({"text": text, "extra": extra or {}}), aad=aad)
+        blob = self._cipher.encrypt(encode_message_record(text, extra or {}), aad=aad)
         self._db.execute("UPDATE messages SET body=? WHERE id=?", (blob, row))
 
     def messages_of(self, contact: str, statuses: tuple[str, ...]) -> list[StoredMessage]:
@@ -445,6 +445,17 @@ class ProfileDB:
             f"SELECT {self._COLUMNS} FROM messages WHERE contact=? ORDER BY id DESC LIMIT ?",  # noqa: S608
             (contact, limit)).fetchall()
         return [self._message(r) for r in reversed(rows)]
+
+    def message_by_id(self, msg_id: bytes, direction: str = "in") -> StoredMessage | None:
+        row = self._db.execute(f"SELECT {self._COLUMNS} FROM messages WHERE msg_id=? AND direction=? "  # noqa: S608
+                               "ORDER BY id LIMIT 1", (msg_id, direction)).fetchone()
+        return None if row is None else self._message(row)
+
+    def rows_with_status(self, status: str, *more: str) -> list[tuple[int, str]]:
+        """``(row, status)`` of the messages with one of these statuses, without decrypting them."""
+        marks = ",".join("?" * (1 + len(more)))
+        return [(r[0], r[1]) for r in self._db.execute(
+            f"SELECT id, status FROM messages WHERE status IN ({marks}) ORDER BY id", (status, *more))]  # noqa: S608
 
     def messages_with_status(self, status: str, *more: str) -> list[StoredMessage]:
         marks = ",".join("?" * (1 + len(more)))

@@ -80,6 +80,14 @@ class Requests:
         assert contact is not None
         return contact
 
+    def accept_if_pending(self, name: str) -> Contact | None:
+        """Accept ``name``'s requests if there are any, under one key (the user is writing back to
+        them); None otherwise, and then the caller pins the key the relay publishes, as before."""
+        keys = {m.extra.get("key") for m in self._db.messages_of(name, _PENDING)}
+        if len(keys) != 1 or not isinstance(next(iter(keys)), bytes):
+            return None
+        return self.accept(name)
+
     def drop(self, name: str) -> int:
         """Discard ``name``'s requests (inside a transaction). Their session is kept, unused while
         the block lasts: an accepted initial message cannot start it again (a replay guard), so

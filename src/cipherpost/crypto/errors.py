@@ -53,6 +53,10 @@ class VerificationFailed(CryptoError):
     """A contact verification (PAKE key confirmation or safety-number comparison) failed."""
 
 
+class RecoveryCodeError(CryptoError):
+    """A typed recovery code is malformed or mistyped (its check characters do not match)."""
+
+
 class StreamError(CryptoError):
     """A file stream (crypto/stream.py) failed: a chunk is tampered with, reordered, of the wrong
     size or from another stream, or the stream was used out of order. State is unchanged."""

@@ -3,7 +3,10 @@
 Every frame is one binary WebSocket message holding a msgpack map with ``v`` (version) and ``t``
 (type). Client -> server frames: :class:`Register`, :class:`Auth`, :class:`UploadPrekeys`,
 :class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`, and behind capability flags
-(``hello.caps``) :class:`Block`, :class:`SendMany`. Server -> client frames: :class:`Hello`,
+(``hello.caps``) :class:`Block`, :class:`SendMany`, and the blob frames of cap ``blobs``
+(:class:`BlobBegin`, :class:`BlobPut`, :class:`BlobHeld`, :class:`BlobCommit`, :class:`BlobGet`,
+:class:`BlobRelease`; replies :class:`BlobState`, :class:`BlobData`), and (``accounts``, docs/accounts.md)
+:class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount`. Server -> client frames: :class:`Hello`,
 :class:`Ok`, :class:`Bundle`, :class:`Accepted`, :class:`Pong`, :class:`Deliver` (of
 :class:`DeliveredMessage`), :class:`PrekeysLow`, :class:`Error`, :class:`Results`.
 
@@ -53,6 +56,10 @@ MAX_RID: Final = (1 << 63) - 1
 # "derr": a decryption-error report, sent in the clear to the sender of a message that could not
 # be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
 MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr", "grp"})   # grp: a group message (docs/groups.md)
+BLOB_ID_LEN: Final = 16
+MAX_BLOB_CHUNK: Final = 128 * 1024  # bytes of one blob chunk frame; well under DEFAULT_MAX_FRAME
+MAX_BLOB_SIZE: Final = 1 << 40      # what the decoder accepts; the relay's --max-blob-bytes is lower
+RECOVERY_PUBLIC_LEN: Final = 32
 
 
 # --- client -> server -------------------------------------------------------------------------
@@ -64,6 +71,7 @@ class Register:
     identity: bytes
     sig: bytes
     invite: str | None = None
+    recovery_public: bytes | None = None  # the account's recovery key, set with it (``accounts``)
     t: ClassVar[str] = "register"
 
 
@@ -72,6 +80,7 @@ class Auth:
     rid: int
     username: str
     sig: bytes
+    counter: int | None = None  # login counter, sent when the relay announces ``login_counter``
     t: ClassVar[str] = "auth"
 
 
@@ -136,6 +145,88 @@ class SendMany:
     body: bytes
     to: list[str]
     t: ClassVar[str] = "send_many"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobBegin:
+    """Cap ``blobs`` (docs/attachments.md): create blob ``id`` of ``size`` bytes, or resume it."""
+
+    rid: int
+    id: bytes
+    size: int
+    chunk_size: int
+    t: ClassVar[str] = "blob_begin"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobPut:
+    rid: int
+    id: bytes
+    index: int
+    data: bytes
+    t: ClassVar[str] = "blob_put"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHeld:
+    rid: int
+    id: bytes
+    t: ClassVar[str] = "blob_held"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobCommit:
+    rid: int
+    id: bytes
+    to: list[str]
+    t: ClassVar[str] = "blob_commit"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobGet:
+    rid: int
+    id: bytes
+    index: int
+    t: ClassVar[str] = "blob_get"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRelease:
+    rid: int
+    id: bytes
+    t: ClassVar[str] = "blob_release"
+
+
+@dataclass(frozen=True, slots=True)
+class SetRecovery:
+    """Cap ``accounts``: set (or replace) the account's recovery public key; ``sig`` by the identity."""
+
+    rid: int
+    recovery_public: bytes
+    sig: bytes
+    t: ClassVar[str] = "set_recovery"
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Cap ``accounts``: rebind ``username`` to ``identity``; ``recovery_sig`` by the recovery key,
+    ``sig`` by the new identity, both over the connection's nonce and channel (docs/accounts.md)."""
+
+    rid: int
+    username: str
+    identity: bytes
+    recovery_sig: bytes
+    sig: bytes
+    t: ClassVar[str] = "recover"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteAccount:
+    """Cap ``accounts``: delete the caller's account; ``sig`` by the identity key."""
+
+    rid: int
+    sig: bytes
+    t: ClassVar[str] = "delete_account"
 
 
 # --- server -> client -------------------------------------------------------------------------
@@ -208,6 +299,29 @@ class Results:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobState:
+    """Reply to ``blob_begin``/``blob_put``/``blob_held``/``blob_commit``: ``held`` chunks (a prefix,
+    all on disk) of ``size`` bytes in chunks of ``chunk_size``."""
+
+    rid: int
+    id: bytes
+    size: int
+    chunk_size: int
+    held: int
+    committed: bool
+    t: ClassVar[str] = "blob_state"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobData:
+    rid: int
+    id: bytes
+    index: int
+    data: bytes
+    t: ClassVar[str] = "blob_data"
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveredMessage:
     seq: int
     sender: str  # "from" on the wire
@@ -238,10 +352,15 @@ class Error:
     t: ClassVar[str] = "error"
 
 
-ClientFrame = Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | Block | SendMany
-ServerFrame = Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error | Results
+ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | Block | SendMany
+               | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease | SetRecovery | Recover
+               | DeleteAccount)
+ServerFrame = (Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error | Results
+               | BlobState | BlobData)
 Frame = ClientFrame | ServerFrame
-CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, Block, SendMany)
+CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, Block, SendMany,
+                             BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease, SetRecovery,
+                             Recover, DeleteAccount)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -260,6 +379,10 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
         if frame.caps:
             out["caps"] = list(frame.caps)
+    elif isinstance(frame, Auth):
+        out.update(rid=frame.rid, username=frame.username, sig=frame.sig)
+        if frame.counter is not None:
+            out["counter"] = frame.counter
     elif isinstance(frame, Ok):
         out["rid"] = frame.rid
         if frame.username is not None:
@@ -369,12 +492,34 @@ def _register(f: _Fields) -> Register:
     return Register(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
                     identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
                     sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
-                    invite=f.opt_str("invite", max_len=128))
+                    invite=f.opt_str("invite", max_len=128),
+                    recovery_public=f.opt_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN))
 
 
 def _auth(f: _Fields) -> Auth:
+    counter = f.m.get("counter")
     return Auth(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
-                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+                sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                counter=None if counter is None else f.as_int("counter", value=counter, present=True))
+
+
+def _set_recovery(f: _Fields) -> SetRecovery:
+    return SetRecovery(rid=f.as_int("rid"),
+                       recovery_public=f.as_bytes("recovery_public", max_len=RECOVERY_PUBLIC_LEN,
+                                                  exact=RECOVERY_PUBLIC_LEN),
+                       sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _recover(f: _Fields) -> Recover:
+    return Recover(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                   identity=f.as_bytes("identity", max_len=MAX_IDENTITY_LEN),
+                   recovery_sig=f.as_bytes("recovery_sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN),
+                   sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
+
+
+def _delete_account(f: _Fields) -> DeleteAccount:
+    return DeleteAccount(rid=f.as_int("rid"),
+                         sig=f.as_bytes("sig", max_len=SIGNATURE_LEN, exact=SIGNATURE_LEN))
 
 
 def _upload_prekeys(f: _Fields) -> UploadPrekeys:
@@ -460,6 +605,52 @@ def _send_many(f: _Fields) -> SendMany:
                     body=f.as_bytes("body", max_len=DEFAULT_MAX_FRAME), to=to)
 
 
+def _blob_id(f: _Fields) -> bytes:
+    return f.as_bytes("id", max_len=BLOB_ID_LEN, exact=BLOB_ID_LEN)
+
+
+def _blob_begin(f: _Fields) -> BlobBegin:
+    return BlobBegin(rid=f.as_int("rid"), id=_blob_id(f), size=f.as_int("size", hi=MAX_BLOB_SIZE),
+                     chunk_size=f.as_int("chunk_size", lo=1, hi=MAX_BLOB_CHUNK))
+
+
+def _blob_put(f: _Fields) -> BlobPut:
+    return BlobPut(rid=f.as_int("rid"), id=_blob_id(f), index=f.as_int("index", hi=MAX_BLOB_SIZE),
+                   data=f.as_bytes("data", max_len=MAX_BLOB_CHUNK))
+
+
+def _blob_held(f: _Fields) -> BlobHeld:
+    return BlobHeld(rid=f.as_int("rid"), id=_blob_id(f))
+
+
+def _blob_commit(f: _Fields) -> BlobCommit:
+    to = [f.as_str("to[]", max_len=MAX_NAME_FIELD, value=v, present=True)
+          for v in f.as_list("to", max_items=MAX_SEND_MANY_RECIPIENTS)]
+    return BlobCommit(rid=f.as_int("rid"), id=_blob_id(f), to=to)
+
+
+def _blob_get(f: _Fields) -> BlobGet:
+    return BlobGet(rid=f.as_int("rid"), id=_blob_id(f), index=f.as_int("index", hi=MAX_BLOB_SIZE))
+
+
+def _blob_release(f: _Fields) -> BlobRelease:
+    return BlobRelease(rid=f.as_int("rid"), id=_blob_id(f))
+
+
+def _blob_state(f: _Fields) -> BlobState:
+    committed = f.get("committed")
+    if type(committed) is not bool:
+        raise f.fail("'committed' must be true or false")
+    return BlobState(rid=f.as_int("rid"), id=_blob_id(f), size=f.as_int("size", hi=MAX_BLOB_SIZE),
+                     chunk_size=f.as_int("chunk_size", lo=1, hi=MAX_BLOB_CHUNK),
+                     held=f.as_int("held", hi=MAX_BLOB_SIZE), committed=committed)
+
+
+def _blob_data(f: _Fields) -> BlobData:
+    return BlobData(rid=f.as_int("rid"), id=_blob_id(f), index=f.as_int("index", hi=MAX_BLOB_SIZE),
+                    data=f.as_bytes("data", max_len=MAX_BLOB_CHUNK))
+
+
 def _results(f: _Fields) -> Results:
     status = [f.as_str("status[]", max_len=32, value=v, present=True)
               for v in f.as_list("status", max_items=MAX_SEND_MANY_RECIPIENTS)]
@@ -522,8 +713,11 @@ _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
     "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping, "block": _block,
     "send_many": _send_many, "results": _results, "hello": _hello, "ok": _ok, "bundle": _bundle,
-    "accepted": _accepted, "pong": _pong,
+    "accepted": _accepted, "pong": _pong, "set_recovery": _set_recovery, "recover": _recover,
+    "delete_account": _delete_account,
     "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
+    "blob_begin": _blob_begin, "blob_put": _blob_put, "blob_held": _blob_held, "blob_commit": _blob_commit,
+    "blob_get": _blob_get, "blob_release": _blob_release, "blob_state": _blob_state, "blob_data": _blob_data,
 }
 
 

@@ -31,6 +31,7 @@ from ..crypto.identity import PublicIdentity
 from ..crypto.pins import spki_sha256
 from ..protocol.frames import DeliveredMessage
 from ..store.base import RelayStore
+from ..store.blobs import FileBlobStore
 from ..store.sqlite import SqliteRelayStore
 from . import tls, tlsbuffer
 from .admission import (
@@ -45,9 +46,11 @@ from .backends import describe, make_bus, make_store
 from .bus import Bus
 from .config import ServerConfig
 from .connection import Connection
-from .handlers import mail
+from .handlers import accounts, mail
+from .handlers.blobs import BlobService
 from .limits import build_limiters
 from .metrics import Metrics, MetricsListener
+from .operator_watch import OperatorWatch
 from .transport import BatchingServerConnection
 
 log = logging.getLogger("cipherpost.server")
@@ -71,7 +74,11 @@ class RelayServer:
         self.metrics = Metrics()
         self.mailbox_policy = mail.policy_of(config)  # checked by the store in each enqueue
         self.limiters = build_limiters(config)  # PAKE, bundle fetches, registrations... (limits.py)
+        blob_dir = config.blob_dir or config.data_dir / "blobs"
+        self.blob_service = BlobService(self.store, FileBlobStore(blob_dir),  # issue 13
+                                        self.limiters.blob_bytes, config.max_blob_bytes)
         self.metrics_listener: MetricsListener | None = None
+        self.operator_watch = OperatorWatch(self)  # admin actions reach live connections
         self.admission = Admission(AdmissionLimits(config.max_connections, config.max_pending_connections,
                                                    config.max_pending_per_prefix,
                                                    config.max_connections + config.open_files_reserve // 2))
@@ -87,6 +94,7 @@ class RelayServer:
         self._identities: dict[str, PublicIdentity] = {}
         self._server: Server | None = None
         self._prune_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._dirty: list[Connection] = []  # connections with frames queued in this loop iteration
         self._flush_scheduled = False
@@ -111,6 +119,7 @@ class RelayServer:
         self.admission = Admission(self._admission_limits(), progressed=tcp_progressed)
         await self.store.open()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
+        await self.operator_watch.skip_history()
         await self.bus.start(self.wake, self._routes.keys, self._on_control)
         self._listener = gated_listener(cfg.host, cfg.port, self.admission, on_refused=self._refused)
         try:
@@ -133,6 +142,7 @@ class RelayServer:
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         self.url = f"{scheme}://{host}:{self.port}"
         self._prune_task = asyncio.create_task(self._prune_loop())
+        self._watch_task = asyncio.create_task(self.operator_watch.run())
         if cfg.metrics_listen is not None:
             self.metrics_listener = MetricsListener(self.metrics, self.store, cfg.metrics_listen)
             await self.metrics_listener.start()
@@ -168,12 +178,14 @@ class RelayServer:
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._prune_task is not None:
-            self._prune_task.cancel()
+        for task in (self._prune_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         if self.metrics_listener is not None:
             await self.metrics_listener.stop()
         server.close(close_connections=True)
         await server.wait_closed()
+        await self.blob_service.blobs.close()
         await self.bus.stop()
         await self.store.close()  # commits everything already submitted
         await self.limiters.close()
@@ -188,6 +200,7 @@ class RelayServer:
             await asyncio.sleep(PRUNE_INTERVAL_S)
             with contextlib.suppress(Exception):
                 await self.store.prune(_now_ms(), self.config.dedup_window_s * 1000)
+                await self.blob_service.expire(_now_ms())
                 self.limiters.prune()
 
     # --- HTTP side: health and metrics --------------------------------------------------------
@@ -285,6 +298,8 @@ class RelayServer:
     def _on_control(self, what: str, username: str) -> None:
         if what == "identity":
             self._identities.pop(username, None)
+        else:  # displaced, recovered, deleted: another instance ended these connections
+            accounts.on_control(self, what, username)
 
     def wake(self, username: str, seq: int | None, message: DeliveredMessage | None) -> None:
         """A wake-up from the bus: mail up to ``seq`` (None: unknown) committed by another instance;
@@ -322,6 +337,9 @@ class RelayServer:
         if len(self._identities) >= IDENTITY_CACHE_MAX:
             self._identities.clear()
         self._identities[username] = identity
+
+    def forget_identity(self, username: str) -> None:
+        self._identities.pop(username, None)
 
     async def identity_of(self, username: str) -> PublicIdentity | None:
         identity = self._identities.get(username)

@@ -94,6 +94,10 @@ class Bus(Protocol):
     def identity_changed(self, user: str) -> None:
         """Tell the other instances to drop ``user``'s cached identity (``on_control``)."""
 
+    def control(self, what: str, user: str) -> None:
+        """Tell the other instances something about ``user``'s connections (``on_control(what, user)``;
+        ``what`` holds no ':'): account handlers close them there (handlers/accounts.py)."""
+
     @property
     def healthy(self) -> bool: ...
 
@@ -126,6 +130,9 @@ class LocalBus:
         return None
 
     def identity_changed(self, user: str) -> None:
+        return None
+
+    def control(self, what: str, user: str) -> None:
         return None
 
 
@@ -378,8 +385,11 @@ class RedisBus:
             self._on_control(what, user)
 
     def identity_changed(self, user: str) -> None:
+        self.control("identity", user)
+
+    def control(self, what: str, user: str) -> None:
         if self._up:
-            asyncio.get_running_loop().create_task(self._publish_control("identity", user))
+            asyncio.get_running_loop().create_task(self._publish_control(what, user))
 
     async def _publish_control(self, what: str, user: str) -> None:
         try:

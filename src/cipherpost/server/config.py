@@ -49,6 +49,9 @@ class ServerConfig:
     bundle_fetches_per_hour: int = 200  # fetch_bundle per requesting account
     bundle_fetches_per_target_per_hour: int = 20  # fetch_bundle per (requester, target)
     group_bundle_fetches_per_hour: int = 1000  # fetch_bundle with group:true per requester (= max_fanout)
+    recovery_attempts_per_account_per_hour: int = 5  # a recovery code is a password-equivalent
+    recovery_attempts_per_prefix_per_hour: int = 20  # per /24 (IPv4) or /64 (IPv6) source network
+    operator_poll_s: float = 2.0  # how often the operator log is read (admin actions on live connections)
     dedup_window_s: int = 14 * 24 * 3600  # how long a message id is remembered for idempotency
     sqlite_synchronous: str = "FULL"
     store_url: str | None = None  # None: SQLite in data_dir; "sqlite:PATH"; "postgresql://...?schema=NAME"
@@ -74,6 +77,9 @@ class ServerConfig:
     max_stored_bytes: int = 256 * 1024 * 1024  # queued mail (and blobs) per recipient account
     disk_budget_bytes: int | None = None  # the whole store; None: no budget
     metrics_listen: str | None = None  # "HOST:PORT" of the /metrics listener; None: none
+    max_blob_bytes: int = 100 * 1024 * 1024  # largest attachment blob (padded size), issue 13
+    blob_dir: Path | None = None  # blob files; None: data_dir / "blobs" (N instances: a shared volume)
+    blob_bytes_per_hour: int = 4 * 1024 ** 3  # blob bytes uploaded + downloaded per account
     log_peer_addresses: bool = False  # info logs tie usernames to IP:port only when set
 
     def validate(self) -> None:
@@ -96,6 +102,7 @@ class ServerConfig:
         for name in ("max_connections", "max_frame", "max_body", "max_queue", "max_prekey_pool",
                      "rate_burst", "max_connections_per_ip", "max_connections_per_account",
                      "bundle_fetches_per_hour", "bundle_fetches_per_target_per_hour",
+                     "recovery_attempts_per_account_per_hour", "recovery_attempts_per_prefix_per_hour",
                      "max_pending_connections", "max_pending_per_prefix", "open_files_reserve"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -105,7 +112,8 @@ class ServerConfig:
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
                      "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
                      "group_bundle_fetches_per_hour",
-                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes"):
+                     "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes", "max_blob_bytes",
+                     "blob_bytes_per_hour"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.disk_budget_bytes is not None and self.disk_budget_bytes < 1:
@@ -114,6 +122,8 @@ class ServerConfig:
             metrics_address(self.metrics_listen)
         if self.auth_timeout_s <= 0:
             raise ValueError("auth_timeout_s must be positive")
+        if self.operator_poll_s <= 0:
+            raise ValueError("operator_poll_s must be positive")
         if self.tls_handshake_timeout_s <= 0:
             raise ValueError("tls_handshake_timeout_s must be positive")
         if self.rate_per_second <= 0:

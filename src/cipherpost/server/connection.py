@@ -46,6 +46,7 @@ from ..protocol.frames import (
     Ack,
     Auth,
     Block,
+    DeleteAccount,
     DeliveredMessage,
     Error,
     FetchBundle,
@@ -56,9 +57,11 @@ from ..protocol.frames import (
     Pong,
     PrekeyCounts,
     PrekeysLow,
+    Recover,
     Register,
     Send,
     SendMany,
+    SetRecovery,
     UploadPrekeys,
     decode_frame,
     encode_accepted,
@@ -68,13 +71,11 @@ from ..protocol.frames import (
 from ..protocol.usernames import require_normalized
 from ..store.base import (
     EnqueueResult,
-    InvalidInvite,
     NewMessage,
     PoolCounts,
     StoreError,
-    UsernameTaken,
 )
-from .handlers import CAPS, mail, prekeys
+from .handlers import CAPS, accounts, blobs, mail, prekeys
 from .limits import TokenBucket, address_prefix, retry_text
 from .transport import BatchingServerConnection
 
@@ -103,6 +104,8 @@ class Connection:
         self.auth_failures = 0
         self.closed = False
         self._abort_reason: str | None = None
+        self._close_code = 1008  # with _abort_reason
+        self.login_counter: int | None = None  # of this login, when it carried one (handlers/accounts.py)
         self.bucket = TokenBucket(self.config.rate_per_second, self.config.rate_burst, time.monotonic())
         self._frames: list[bytes] = []
         self._frame_bytes = 0  # sum of len(self._frames)
@@ -137,7 +140,8 @@ class Connection:
             lambda: None if self.username or self.closed else self._spawn(self._auth_deadline()))
         try:
             cfg = self.config
-            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name, caps=list(CAPS),
+            self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
+                                                 caps=[*CAPS, *accounts.CAPS],
                                                  limits=Limits(cfg.max_frame, cfg.max_body))))
             async for data in self.ws:
                 self.metrics.frames_received += 1
@@ -154,7 +158,7 @@ class Connection:
                     self._wake.set()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._flushed.wait(), 5)
-                await self.ws.close(1008, self._abort_reason[:120])
+                await self.ws.close(self._close_code, self._abort_reason[:120])
         except ConnectionClosed:
             pass
         finally:
@@ -213,6 +217,16 @@ class Connection:
         log.warning("event=connection_aborted peer=%s reason=%s", self.peer, reason.replace(" ", "_"))
         self.closed = True
         self._spawn(self.ws.close(1008, reason[:120]))
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Close at once with ``code`` (handlers/accounts.py: displaced, recovered, deleted)."""
+        self.closed = True
+        self._spawn(self.ws.close(code, reason[:120]))
+
+    def close_after_flush(self, code: int, reason: str) -> None:
+        """Close with ``code`` once the frames queued so far are sent (see ``run``)."""
+        self._close_code = code
+        self._abort_reason = reason
 
     def push(self, message: DeliveredMessage) -> None:
         """Route one committed message to this (authenticated) connection.
@@ -404,6 +418,7 @@ class Connection:
         if mode == "closed":
             raise ProtocolError(E.REGISTRATION_CLOSED, "this server does not accept new accounts")
         username = require_normalized(frame.username)
+        accounts.check_recovery_public(frame.recovery_public)
         try:
             identity = PublicIdentity.decode(frame.identity)
         except InvalidSignature:
@@ -423,12 +438,8 @@ class Connection:
         if not self._check_proof("register", identity, username, frame.sig):
             raise await self._auth_failed("register: proof of possession does not verify (wrong key, "
                                           "nonce or server certificate)")
-        try:
-            await self.store.create_account(username, frame.identity, _now_ms(), invite_hash)
-        except UsernameTaken:
-            raise ProtocolError(E.USERNAME_TAKEN, f"username {username!r} is taken") from None
-        except InvalidInvite:
-            raise ProtocolError(E.BAD_INVITE, "invite token is unknown, already used or expired") from None
+        await accounts.create_account(self, username, frame.identity, _now_ms(), invite_hash,
+                                      frame.recovery_public)
         await self.server.limiters.registrations.hit(self.prefix)  # counted once created
         self.metrics.registrations += 1
         self.server.remember_identity(username, identity)
@@ -440,13 +451,13 @@ class Connection:
         if self.username is not None:
             raise ProtocolError(E.ALREADY_AUTHENTICATED, f"already authenticated as {self.username}")
         username = require_normalized(frame.username)
-        identity = await self.server.identity_of(username)
-        if identity is None:  # a failure like a bad proof: probing names costs the same
-            raise await self._auth_failed(f"no account named {username!r} on this server", E.UNKNOWN_USER)
+        identity, info = await accounts.login_identity(self, username)  # state, current identity
         if not self._check_proof("auth", identity, username, frame.sig):
             raise await self._auth_failed("signature does not verify for this account, nonce and "
                                           "server certificate")
+        await accounts.check_counter(self, username, info, frame.counter)
         counts = await self.store.prekey_counts(username)
+        accounts.displace_older(self, username, frame.counter)  # before admit counts connections
         # the last await: admit's local count follows its own last await (concurrent logins)
         per_account = self.config.max_connections_per_account
         if not await self.server.admit(username, self):  # this instance and the others (server/bus.py)
@@ -460,6 +471,12 @@ class Connection:
         low = self.config.prekeys_low_threshold
         if counts.one_time < low or counts.kem < low:
             self._queue_frame(encode_frame(PrekeysLow(one_time=counts.one_time, kem=counts.kem)))
+
+    async def count_auth_failure(self, message: str, code: str = E.AUTH_FAILED) -> ProtocolError:
+        return await self._auth_failed(message, code)  # for handlers/
+
+    def authenticated_as(self, username: str) -> None:  # for handlers/
+        self._authenticated(username)
 
     def _authenticated(self, username: str) -> None:
         self.username = username
@@ -576,6 +593,7 @@ def _now_ms() -> int:
 _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     Register: Connection._register, Auth: Connection._auth, UploadPrekeys: prekeys.upload_prekeys,
     FetchBundle: prekeys.fetch_bundle, Send: Connection._send, Ack: Connection._ack,
-    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many,
+    Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many, **blobs.HANDLERS,
+    SetRecovery: accounts.set_recovery, Recover: accounts.recover, DeleteAccount: accounts.delete_account,
 }
-_UNAUTHENTICATED = frozenset({Register, Auth, Ping})
+_UNAUTHENTICATED = frozenset({Register, Auth, Ping, Recover})

@@ -281,6 +281,9 @@ class RelayLimiters:
     fanout_deliveries: Limiter  # send_many deliveries (one per recipient) per sender
     recipient_pairs: Limiter  # limit 1: "has this sender sent to this recipient in the last hour?"
     new_recipients: Limiter   # send_many recipients not written to in the last hour, per sender
+    blob_bytes: Limiter       # blob bytes uploaded and downloaded per account (issue 13)
+    recovery_account: Limiter  # recover attempts per account (that has a recovery key); fail-closed
+    recovery_prefix: Limiter   # recover attempts per source address prefix; fail-closed
     _memory: tuple[MemoryLimiter, ...] = ()
     _redis: Any = None
 
@@ -307,6 +310,9 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         "fanout_deliveries": (config.fanout_deliveries_per_hour, False),
         "recipient_pairs": (1, False),
         "new_recipients": (config.new_recipients_per_hour, False),
+        "blob_bytes": (config.blob_bytes_per_hour, False),
+        "recovery_account": (config.recovery_attempts_per_account_per_hour, True),
+        "recovery_prefix": (config.recovery_attempts_per_prefix_per_hour, True),
     }
     memory: list[MemoryLimiter] = []
     client: Any = None
@@ -334,7 +340,8 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         one_time_target=make("one_time_target"), registrations=make("registrations"),
         auth_failures=make("auth_failures"), prekey_uploads=make("prekey_uploads"),
         fanout_deliveries=make("fanout_deliveries"), recipient_pairs=make("recipient_pairs"),
-        new_recipients=make("new_recipients"))
+        new_recipients=make("new_recipients"), blob_bytes=make("blob_bytes"),
+        recovery_account=make("recovery_account"), recovery_prefix=make("recovery_prefix"))
     built._memory = tuple(memory)
     built._redis = client
     return built

@@ -116,6 +116,33 @@ class SchemaTooNew(StoreError):
     """The store was written by a newer cipherpost (its schema version is above ours)."""
 
 
+class BlobNotFound(StoreError):
+    """No such blob, or not the caller's (the relay answers both the same: ``not_found``)."""
+
+
+class BlobConflict(StoreError):
+    """``blob_reserve`` of an existing id with another size or chunk size, or a commit of a blob
+    that is already committed to other readers."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """Metadata of one blob (issue 13, docs/attachments.md); its bytes are in a ``BlobStore``.
+
+    ``readers``: the accounts that may read it and have not released it yet (empty until commit)."""
+
+    blob_id: bytes
+    owner: str
+    size: int
+    chunk_size: int
+    created_ms: int
+    committed: bool
+    readers: tuple[str, ...]
+
+    def may_read(self, name: str) -> bool:
+        return name == self.owner or name in self.readers
+
+
 @dataclass(frozen=True, slots=True)
 class PoolCounts:
     """How many one-time prekeys an account has left, per kind (X25519, ML-KEM-768)."""
@@ -246,6 +273,21 @@ class UsageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorAction:
+    """One entry of the operator log (``cipherpost admin``): who did what to which names, when, why.
+
+    The relay polls the log (``operator_log``) to act on live connections (a suspended account's
+    connections are closed), so the log is also how an ``admin`` process reaches a running relay."""
+
+    id: int  # grows with each entry
+    ts_ms: int
+    operator: str
+    action: str  # suspend | unsuspend | delete | reserve | unreserve
+    names: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     accounts: int
     queued_messages: int
@@ -314,6 +356,13 @@ class RelayStore(Protocol):
         """The reserved names, sorted (deleted accounts' names are not listed: see list_accounts)."""
 
     async def add_invite(self, token_hash: bytes, now_ms: int, expires_ms: int) -> None: ...
+
+    async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
+                                  now_ms: int) -> None:
+        """Append to the operator log (never pruned: an operator's actions stay accountable)."""
+
+    async def operator_log(self, after_id: int, limit: int) -> list[OperatorAction]:
+        """Entries with ``id > after_id``, oldest first."""
 
     # --- prekeys ------------------------------------------------------------------------------
 
@@ -391,4 +440,28 @@ class RelayStore(Protocol):
         """Forget message ids older than the deduplication window, expired invites, old usage rows."""
 
     async def stats(self) -> StoreStats: ...
+
+    # --- blob metadata and its share of the quota ledger (migration 3, docs/attachments.md) ------
+
+    async def blob_reserve(self, owner: str, blob_id: bytes, size: int, chunk_size: int, now_ms: int,
+                           policy: MailboxPolicy) -> BlobInfo:
+        """Create the blob's row and charge ``size`` to ``owner``'s ``max_stored_bytes`` (the same
+        ledger as the mail queued for it) in one transaction, or return the existing row of the
+        same owner, size and chunk size (a resumed upload). ``QuotaExceeded`` over the quota or the
+        disk budget; ``BlobNotFound`` when the id is another account's; ``BlobConflict`` on other
+        sizes."""
+
+    async def blob_info(self, blob_id: bytes) -> BlobInfo | None: ...
+
+    async def blob_commit(self, blob_id: bytes, owner: str, readers: Sequence[str]) -> BlobInfo:
+        """Fix the readers (names that are not accounts are dropped). Idempotent for the same
+        readers; ``BlobConflict`` for others."""
+
+    async def blob_release(self, blob_id: bytes, who: str) -> bool:
+        """``who`` is done with the blob (a reader saved it; the owner abandons an uncommitted one).
+        True when the row was deleted and its bytes returned to the owner's quota: the caller
+        deletes the bytes. ``BlobNotFound`` if ``who`` may not read it."""
+
+    async def blobs_expired(self, before_ms: int) -> list[bytes]:
+        """Delete the rows of blobs created before ``before_ms`` (quota returned); their ids."""
 

@@ -198,11 +198,75 @@ def _v2_epoch(conn: sqlite3.Connection) -> None:
                  (os.urandom(EPOCH_BYTES), int(time.time() * 1000)))
 
 
+# Version 3: blob metadata and the blob half of the quota ledger (issue 13, docs/attachments.md).
+# The bytes are files (store/blobs.py), never rows: the same tables in PostgreSQL, bytes on a volume.
+_V3_SQLITE = """
+CREATE TABLE blobs (
+    id BLOB PRIMARY KEY,
+    owner TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    committed INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX blobs_by_owner ON blobs (owner);
+CREATE INDEX blobs_by_created ON blobs (created_ms);
+CREATE TABLE blob_readers (
+    blob_id BLOB NOT NULL,
+    reader TEXT NOT NULL,
+    PRIMARY KEY (blob_id, reader)
+) WITHOUT ROWID;
+"""
+_V3_POSTGRES = (
+    "CREATE TABLE blobs (id BYTEA PRIMARY KEY, owner TEXT NOT NULL, size BIGINT NOT NULL, "
+    "chunk_size INTEGER NOT NULL, created_ms BIGINT NOT NULL, committed BOOLEAN NOT NULL DEFAULT FALSE)",
+    "CREATE INDEX blobs_by_owner ON blobs (owner)",
+    "CREATE INDEX blobs_by_created ON blobs (created_ms)",
+    "CREATE TABLE blob_readers (blob_id BYTEA NOT NULL, reader TEXT NOT NULL, PRIMARY KEY (blob_id, reader))",
+)
+
+# Version 4: accounts over their whole life (issue 10, docs/accounts.md): the operator log (who did
+# what to which names, when, why; also how an `admin` process reaches a running relay) and the
+# default reserved names, which the operator edits with `cipherpost admin reserve|unreserve`.
+_V4_OPERATOR_LOG = """
+CREATE TABLE operator_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms INTEGER NOT NULL,
+    operator TEXT NOT NULL,
+    action TEXT NOT NULL,
+    names TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+DEFAULT_RESERVED = (
+    "abuse", "admin", "administrator", "cipherpost", "help", "helpdesk", "hostmaster", "info",
+    "mod", "moderator", "noreply", "official", "operator", "postmaster", "root", "security",
+    "staff", "support", "system", "webmaster",
+)
+
+
+def _v4_reserved(conn: sqlite3.Connection) -> None:
+    now_ms = int(time.time() * 1000)
+    conn.executemany("INSERT OR IGNORE INTO reserved_names(name, skeleton, created_ms) VALUES (?, ?, ?)",
+                     [(name, skeleton(name), now_ms) for name in DEFAULT_RESERVED])
+
+
+_PG_RESERVED_VALUES = ", ".join(f"('{n}', '{skeleton(n)}', 0)" for n in DEFAULT_RESERVED)  # constants
+_PG_RESERVED_INSERT = "INSERT INTO reserved_names(name, skeleton, created_ms) VALUES "
+_V4_POSTGRES = (
+    "CREATE TABLE operator_log (id BIGSERIAL PRIMARY KEY, ts_ms BIGINT NOT NULL, operator TEXT NOT NULL, "
+    "action TEXT NOT NULL, names TEXT NOT NULL, reason TEXT NOT NULL)",
+    _PG_RESERVED_INSERT + _PG_RESERVED_VALUES + " ON CONFLICT DO NOTHING",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "first slice (7e818ef)", (_V1_SQLITE,)),
     Migration(2, "store v2: fan-out bodies, caps, blocks, account states, usage, epoch",
               (_V2_SQLITE_ACCOUNTS, _v2_skeletons, _V2_SQLITE, _v2_epoch),
               postgres=POSTGRES_V2),  # PostgreSQL stores start here: the whole v2 schema
+    Migration(3, "blobs: attachment metadata and its share of the quota ledger", (_V3_SQLITE,), _V3_POSTGRES),
+    Migration(4, "accounts: operator log, default reserved names", (_V4_OPERATOR_LOG, _v4_reserved),
+              postgres=_V4_POSTGRES),
 )
 LATEST = MIGRATIONS[-1].version
 assert [m.version for m in MIGRATIONS] == list(range(1, LATEST + 1))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -69,6 +70,7 @@ from .base import (
     NameReserved,
     NewMessage,
     NoPrekeys,
+    OperatorAction,
     PoolCounts,
     PrekeyPoolFull,
     QuotaExceeded,
@@ -83,6 +85,7 @@ from .base import (
     UsernameTaken,
 )
 from .migrations import PG_ADVISORY_LOCK_KEY, migrate_postgres
+from .postgres_blobs import PostgresBlobs
 
 T = TypeVar("T")
 log = logging.getLogger("cipherpost.store")
@@ -160,7 +163,7 @@ def _single_result(recipient: str, status: RecipientStatus, seq: int | None) -> 
     if status is RecipientStatus.ACCEPTED:
         return EnqueueResult(seq=seq or 0, duplicate=False, dropped=seq is None)
     if status is RecipientStatus.DUPLICATE:
-        return EnqueueResult(seq=seq or 0, duplicate=True)
+        return EnqueueResult(seq=seq or 0, duplicate=True, dropped=seq is None)
     raise {RecipientStatus.UNKNOWN_USER: UnknownAccount, RecipientStatus.SUSPENDED: AccountSuspended,
            RecipientStatus.MAILBOX_FULL: MailboxFull, RecipientStatus.SENDER_CAP: SenderCapReached,
            RecipientStatus.QUOTA_EXCEEDED: QuotaExceeded}[status](recipient)
@@ -173,7 +176,7 @@ def _check_name(name: str) -> str:
         raise InvalidName(f"{name!r} is not a valid username") from None
 
 
-class PostgresRelayStore:
+class PostgresRelayStore(PostgresBlobs):
     """The scale-out store: one PostgreSQL schema shared by every relay instance."""
 
     def __init__(self, url: str, *, schema: str | None = None, workers: int = WORKERS) -> None:
@@ -523,6 +526,21 @@ class PostgresRelayStore:
     async def add_invite(self, token_hash: bytes, now_ms: int, expires_ms: int) -> None:
         await self._call(lambda c: c.execute("INSERT INTO invites(token_hash, created_ms, expires_ms) "
                                              "VALUES ($1, $2, $3)", token_hash, now_ms, expires_ms))
+
+    # --- operator log (migration 4) ---------------------------------------------------------
+
+    async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
+                                  now_ms: int) -> None:
+        await self._call(lambda c: c.execute(
+            "INSERT INTO operator_log(ts_ms, operator, action, names, reason) VALUES ($1, $2, $3, $4, $5)",
+            now_ms, operator, action, json.dumps(list(names)), reason))
+
+    async def operator_log(self, after_id: int, limit: int) -> list[OperatorAction]:
+        rows = await self._call(lambda c: c.fetch(
+            "SELECT id, ts_ms, operator, action, names, reason FROM operator_log WHERE id > $1 "
+            "ORDER BY id LIMIT $2", after_id, limit))
+        return [OperatorAction(id=r[0], ts_ms=r[1], operator=r[2], action=r[3], names=tuple(json.loads(r[4])),
+                               reason=r[5]) for r in rows]
 
     # --- prekeys ----------------------------------------------------------------------------
 

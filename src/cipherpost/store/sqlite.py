@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import queue
 import sqlite3
@@ -42,11 +43,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import sqlite_accounts as accounts
+from . import sqlite_blobs as blobs
 from .base import (
     MAX_FANOUT,
     AccountInfo,
     AccountState,
     AccountSuspended,
+    BlobInfo,
     BundleParts,
     Delivery,
     EnqueueCallback,
@@ -57,6 +60,7 @@ from .base import (
     MailboxPolicy,
     NewMessage,
     NoPrekeys,
+    OperatorAction,
     PoolCounts,
     PrekeyPoolFull,
     QuotaExceeded,
@@ -163,7 +167,73 @@ def _queue_only(max_queue: int) -> MailboxPolicy:
     return MailboxPolicy.queue_only(max_queue)
 
 
-class SqliteRelayStore:
+# --- blob metadata (store/sqlite_blobs.py; the owner's byte counter is the one quota ledger) ------
+
+class _BlobMixin:
+    """Blob methods of :class:`SqliteRelayStore`, kept apart from its mail hot path."""
+
+    _boxes: dict[str, _Box]
+    _total_bytes: int | None
+    _box: Callable[[sqlite3.Connection, str], _Box | None]
+    _total: Callable[[sqlite3.Connection], int]
+    _submit: Callable[..., asyncio.Future[Any]]
+
+    def _charge(self, owner: str, delta: int) -> None:
+        box = self._boxes.get(owner)
+        if box is not None:
+            box.stored_bytes += delta
+        if self._total_bytes is not None:
+            self._total_bytes += delta
+
+    async def blob_reserve(self, owner: str, blob_id: bytes, size: int, chunk_size: int, now_ms: int,
+                           policy: MailboxPolicy) -> BlobInfo:
+        def op(conn: sqlite3.Connection) -> BlobInfo:
+            found = blobs.existing(conn, owner, blob_id, size, chunk_size)
+            if found is not None:
+                return found
+            box = self._box(conn, owner)
+            if box is None or not box.active:
+                raise UnknownAccount(f"no active account {owner!r}")
+            budget = policy.disk_budget_bytes
+            if (box.stored_bytes + size > policy.max_stored_bytes
+                    or (budget is not None and self._total(conn) + size > budget)):
+                raise QuotaExceeded("the owner's storage quota or the disk budget is used up")
+            created = blobs.insert(conn, owner, blob_id, size, chunk_size, now_ms)
+            self._charge(owner, size)
+            return created
+        result: BlobInfo = await self._submit(op)
+        return result
+
+    async def blob_info(self, blob_id: bytes) -> BlobInfo | None:
+        result: BlobInfo | None = await self._submit(partial(blobs.info, blob_id=blob_id))
+        return result
+
+    async def blob_commit(self, blob_id: bytes, owner: str, readers: Sequence[str]) -> BlobInfo:
+        result: BlobInfo = await self._submit(partial(blobs.commit, blob_id=blob_id, owner=owner,
+                                                      readers=readers))
+        return result
+
+    async def blob_release(self, blob_id: bytes, who: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            gone = blobs.release(conn, blob_id, who)
+            if gone is None:
+                return False
+            self._charge(gone.owner, -gone.size)
+            return True
+        result: bool = await self._submit(op)
+        return result
+
+    async def blobs_expired(self, before_ms: int) -> list[bytes]:
+        def op(conn: sqlite3.Connection) -> list[bytes]:
+            rows = blobs.expired(conn, before_ms)
+            for _, owner, size in rows:
+                self._charge(owner, -size)
+            return [r[0] for r in rows]
+        result: list[bytes] = await self._submit(op)
+        return result
+
+
+class SqliteRelayStore(_BlobMixin):
     """The default store: one SQLite file in WAL mode, written by one thread with group commits."""
 
     def __init__(self, path: Path | str, *, synchronous: str = "FULL",
@@ -574,6 +644,7 @@ class SqliteRelayStore:
                 box.per_sender[sender] = n
                 box.queued += n
                 box.stored_bytes += nbytes
+            box.stored_bytes += blobs.owned_bytes(conn, name)  # one ledger: mail and blobs (issue 13)
             blocks = {r[0] for r in conn.execute("SELECT blocked FROM blocks WHERE owner=?", (name,))}
             box.blocks = blocks or None
         self._boxes[name] = box
@@ -583,7 +654,7 @@ class SqliteRelayStore:
         if self._total_bytes is None:
             self._total_bytes = conn.execute(
                 "SELECT (SELECT coalesce(sum(size), 0) FROM messages WHERE body_id IS NULL) + "
-                "(SELECT coalesce(sum(length(body)), 0) FROM bodies)").fetchone()[0]
+                "(SELECT coalesce(sum(length(body)), 0) FROM bodies)").fetchone()[0] + blobs.total_bytes(conn)
         return self._total_bytes
 
     def _drop_body(self, conn: sqlite3.Connection, body_id: int) -> None:
@@ -909,6 +980,24 @@ class SqliteRelayStore:
                     for name in sent.keys() | stored.keys()]
             rows.sort(key=lambda r: (-r.messages, -r.bytes_sent, -r.bytes_stored, r.sender))
             return rows
+        return await self._submit(op)
+
+    # --- operator log -----------------------------------------------------------------------
+
+    async def log_operator_action(self, operator: str, action: str, names: Sequence[str], reason: str,
+                                  now_ms: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO operator_log(ts_ms, operator, action, names, reason) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (now_ms, operator, action, json.dumps(list(names)), reason))
+        await self._submit(op)
+
+    async def operator_log(self, after_id: int, limit: int) -> list[OperatorAction]:
+        def op(conn: sqlite3.Connection) -> list[OperatorAction]:
+            rows = conn.execute("SELECT id, ts_ms, operator, action, names, reason FROM operator_log "
+                                "WHERE id>? ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+            return [OperatorAction(id=r[0], ts_ms=r[1], operator=r[2], action=r[3],
+                                   names=tuple(json.loads(r[4])), reason=r[5]) for r in rows]
         return await self._submit(op)
 
     async def prune(self, now_ms: int, dedup_window_ms: int) -> None:

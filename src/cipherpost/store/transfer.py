@@ -60,15 +60,21 @@ _SQLITE_VIEWS: dict[str, str] = {
     "one_time_prekeys": "SELECT username, kind, key_id, data FROM one_time_prekeys",
     "reserved_names": "SELECT name, skeleton, created_ms FROM reserved_names",
     "account_events": "SELECT id, ts, username, action, actor, reason FROM account_events",
+    "operator_log": "SELECT id, ts_ms, operator, action, names, reason FROM operator_log",
     "blocks": "SELECT owner, blocked, created_ms FROM blocks",
     "messages": _MESSAGES,
     "sent": "SELECT sender, msg_id, ts, accepted FROM sent",
     "usage": "SELECT sender, hour, messages, bytes FROM usage",
+    # attachments (issue 13): the rows only; the blob files stay where they are (DATA/blobs, or the
+    # shared volume given to every instance with --blob-dir)
+    "blobs": "SELECT id, owner, size, chunk_size, created_ms, CAST(committed AS INTEGER) FROM blobs",
+    "blob_readers": "SELECT blob_id, reader FROM blob_readers",
 }
 _POSTGRES_VIEWS: dict[str, str] = {
-    **{k: v for k, v in _SQLITE_VIEWS.items() if k not in ("messages", "sent")},
+    **{k: v for k, v in _SQLITE_VIEWS.items() if k not in ("messages", "sent", "blobs")},
     "messages": _MESSAGES,
     "sent": "SELECT sender, msg_id, ts, recipients, seqs FROM sent",
+    "blobs": "SELECT id, owner, size, chunk_size, created_ms, committed::int FROM blobs",
 }
 
 
@@ -180,7 +186,15 @@ async def _copy(pg: Any, tables: dict[str, list[Row]], messages: list[Row], next
                             "state_reason"], tables["accounts"])
     await copy("invites", ["token_hash", "created_ms", "expires_ms"], tables["invites"])
     await copy("one_time_prekeys", ["username", "kind", "key_id", "data"], tables["one_time_prekeys"])
+    # The target's migration seeded the default reserved names; the source's list (defaults as the
+    # operator edited them) replaces it.
+    await pg.execute("DELETE FROM reserved_names")
     await copy("reserved_names", ["name", "skeleton", "created_ms"], tables["reserved_names"])
+    await copy("operator_log", ["id", "ts_ms", "operator", "action", "names", "reason"],
+               tables["operator_log"])
+    if tables["operator_log"]:
+        await pg.execute("SELECT setval(pg_get_serial_sequence('operator_log', 'id'), "
+                         "(SELECT max(id) FROM operator_log))")
     await copy("account_events", ["id", "ts", "username", "action", "actor", "reason"],
                tables["account_events"])
     if tables["account_events"]:
@@ -216,6 +230,13 @@ async def _copy(pg: Any, tables: dict[str, list[Row]], messages: list[Row], next
                      "WHERE h.recipient = g.recipient")
     await pg.execute("INSERT INTO mailbox_senders(recipient, sender, queued, bytes) "
                      "SELECT recipient, sender, count(*), sum(size) FROM messages GROUP BY recipient, sender")
+    # blob rows, and their bytes in the owners' ledger and the disk counter (one ledger, as in SQLite)
+    await copy("blobs", ["id", "owner", "size", "chunk_size", "created_ms", "committed"],
+               [(*b[:5], bool(b[5])) for b in tables["blobs"]])
+    await copy("blob_readers", ["blob_id", "reader"], tables["blob_readers"])
+    await pg.execute("UPDATE mailbox_heads h SET bytes = h.bytes + g.b FROM (SELECT owner, sum(size) AS b "
+                     "FROM blobs GROUP BY owner) g WHERE h.recipient = g.owner")
+    disk += sum(b[2] for b in tables["blobs"])
     await pg.execute("UPDATE disk_usage SET bytes = CASE WHEN shard = 0 THEN $1::BIGINT ELSE 0 END", disk)
     await pg.execute("UPDATE epoch SET value = $1, created_ms = $2 WHERE id = 1", os.urandom(EPOCH_BYTES),
                      time.time_ns() // 1_000_000)

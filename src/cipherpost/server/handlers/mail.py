@@ -73,7 +73,7 @@ def refusal(exc: StoreError, recipient: str, config: ServerConfig) -> tuple[str,
         return E.MAILBOX_FULL, (f"the mailbox of {recipient!r} is full ({config.max_queue} messages); "
                                 "try later")
     if isinstance(exc, AccountSuspended):
-        return E.SUSPENDED, f"the account {recipient!r} is suspended"
+        return E.SUSPENDED, f"the account {recipient!r} is suspended or deleted: it cannot receive messages"
     if isinstance(exc, UnknownAccount):
         return E.UNKNOWN_USER, f"no account named {recipient!r}"
     return E.INTERNAL, "message could not be stored; retry"

@@ -25,6 +25,7 @@ from ...protocol.frames import Bundle, FetchBundle, Ok, PrekeyCounts, PrekeysLow
 from ...protocol.usernames import require_normalized
 from ...store.base import NoPrekeys, PrekeyPoolFull, UnknownAccount
 from ..limits import pair_key, retry_text
+from . import accounts
 
 if TYPE_CHECKING:
     from ..connection import Connection
@@ -92,7 +93,7 @@ async def fetch_bundle(conn: Connection, frame: FetchBundle) -> None:
     cfg = conn.config
     limits = server.limiters
     if await server.identity_of(target) is None:  # before any limiter: no key for a made-up name
-        raise ProtocolError(E.UNKNOWN_USER, f"no account named {target!r}")
+        raise await accounts.not_active(conn, target)  # unknown, suspended or deleted
     pair = pair_key(requester, target)
     decision = await limits.fetch_pair.peek(pair)
     if not decision.allowed:
@@ -111,7 +112,7 @@ async def fetch_bundle(conn: Connection, frame: FetchBundle) -> None:
     try:
         parts = await server.store.take_bundle(target, one_time=one_time)
     except UnknownAccount:
-        raise ProtocolError(E.UNKNOWN_USER, f"no account named {target!r}") from None
+        raise await accounts.not_active(conn, target) from None
     except NoPrekeys:
         raise ProtocolError(E.NO_PREKEYS, f"{target!r} has not published prekeys yet") from None
     server.metrics.bundles_served += 1
