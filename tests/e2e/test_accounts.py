@@ -44,6 +44,7 @@ def test_recover_on_a_fresh_home_rebinds_the_name_and_contacts_see_the_change(
     for peer in (bob, carol):
         alice.ok("send", peer.name, f"hi {peer.name}")
         assert [m["text"] for m in peer.recv()] == [f"hi {peer.name}"]
+        peer.ok("accept", "alice")              # a stranger's first message is a request
     _verify(bob, "alice")                       # bob verified alice; carol did not
     bob.ok("send", "alice", "queued while alice is away")
     old_fingerprint = alice.ok("fingerprint")

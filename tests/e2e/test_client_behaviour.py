@@ -171,3 +171,22 @@ def test_a_refused_outbox_entry_does_not_stop_reconnecting(tmp_path) -> None:  #
         assert [m["text"] for m in bob.recv()] == ["refused: mailbox full"]
     finally:
         relay.stop()
+
+
+def test_receive_on_an_open_connection_ends_with_the_relays_drained(make_user) -> None:  # type: ignore[no-untyped-def]
+    """The relay says `drained` once per connection; a second `receive()` on the same connection
+    must not wait for another one (it waited 30 s), and still gets what came since."""
+    alice, bob = make_user("alice"), make_user("bob")
+    alice.ok("send", "bob", "first")
+
+    async def scenario() -> None:
+        async with Client.open(bob.home, "bob", PASSPHRASE) as b:
+            first = await asyncio.wait_for(b.receive(), 10)
+            assert [m.sender for m in first] == ["alice"]
+            assert "drained" in b._require_conn().caps
+            nothing = await asyncio.wait_for(b.receive(), 10)   # bounded: it must not wait for 30 s
+            assert nothing == []
+            await asyncio.to_thread(alice.ok, "send", "bob", "second")
+            later = await asyncio.wait_for(b.receive(wait=10), 20)
+            assert [m.sender for m in later] == ["alice"]
+    asyncio.run(scenario())

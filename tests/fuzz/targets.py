@@ -175,6 +175,7 @@ def frame_samples() -> list[F.Frame]:
         F.Pong(rid=12),
         F.Deliver(messages=[msg, msg]),
         F.PrekeysLow(one_time=1, kem=0),
+        F.Drained(),
         F.Error(rid=None, code="bad_frame", message="nope"),
         F.Error(rid=13, code="rate_limited", message="slow down"),
         # cap "blobs" (issue 13): a 16-byte blob id, chunks of opaque ciphertext

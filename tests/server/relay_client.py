@@ -20,6 +20,7 @@ from cipherpost.protocol.frames import (
     Auth,
     Deliver,
     DeliveredMessage,
+    Drained,
     Frame,
     Hello,
     Register,
@@ -42,6 +43,11 @@ class RelayClient:
         self._rids = itertools.count(1)
         self.pushes: asyncio.Queue[Frame] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[Frame]] = {}
+        # `drained` (cap "drained") is kept out of `pushes`, which tests read for errors and
+        # deliveries; what had been delivered when it came is kept for the tests of its order.
+        self.drained = asyncio.Event()
+        self.delivered_before_drained: int | None = None
+        self._delivered = 0
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -64,6 +70,12 @@ class RelayClient:
             async for data in self.ws:
                 frame = decode_frame(data, max_size=2**22)  # type: ignore[arg-type]
                 rid = getattr(frame, "rid", None)
+                if isinstance(frame, Drained):
+                    self.delivered_before_drained = self._delivered
+                    self.drained.set()
+                    continue
+                if isinstance(frame, Deliver):
+                    self._delivered += len(frame.messages)
                 if rid is not None and rid in self._waiting:
                     self._waiting.pop(rid).set_result(frame)
                 else:

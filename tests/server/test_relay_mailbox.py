@@ -168,3 +168,28 @@ def test_multiple_deliveries_batch_into_few_frames(tmp_path: Path) -> None:
             bodies = sorted(int.from_bytes(m.body, "big") for f in frames for m in f.messages)
             assert bodies == list(range(300))
     run(scenario())
+
+
+def test_drained_follows_every_message_queued_before_auth(tmp_path: Path) -> None:
+    """``drained`` (hello cap) comes after the last queued message, so ``recv`` can stop at once;
+    a connection with nothing queued gets it straight away, and live messages follow it."""
+    async def scenario() -> None:
+        async with harness(tmp_path) as h:
+            alice, _ = await h.user("alice")
+            bob, bob_id = await h.user("bob")
+            assert "drained" in bob.hello.caps
+            await asyncio.wait_for(bob.drained.wait(), 5)
+            assert bob.delivered_before_drained == 0
+            await bob.close()
+            for i in range(300):   # more than one sync page (SYNC_PAGE = 256)
+                assert isinstance(await alice.send("bob", b"%d" % i + b"x" * 2000), Accepted)
+            again = await h.connect()
+            await again.auth(bob_id, "bob")
+            await asyncio.wait_for(again.drained.wait(), 10)
+            assert again.delivered_before_drained == 300
+            got = await again.receive_messages(300)
+            assert [m.body[:3].rstrip(b"x") for m in got] == [b"%d" % i for i in range(300)]
+            await alice.send("bob", b"live")
+            [live] = await again.receive_messages(1)
+            assert live.body == b"live"
+    run(scenario())

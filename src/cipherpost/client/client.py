@@ -228,6 +228,7 @@ class Client:
         """Connect, authenticate, top up prekeys, send what waits in the outbox."""
         if self.connected:
             return
+        self.receiver.drained.clear()  # set by this connection's `drained` push (cap "drained")
         # The pin is an authenticated record: editing profile.db cannot replace it unnoticed.
         pinned = self.db.get_secret_meta("server_fingerprint")
         if pinned is None:

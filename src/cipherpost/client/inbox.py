@@ -428,8 +428,7 @@ class Receiver:
         taken as finished once it has been quiet for ``settle`` seconds.
         """
         c = self._c
-        self.drained.clear()
-        await c.connect()
+        await c.connect()   # a new connection clears `drained`; an open one has had it already
         conn = c._require_conn()
         await conn.request({"t": "ping"})
         deadline = time.monotonic() + wait

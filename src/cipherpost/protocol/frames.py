@@ -345,6 +345,14 @@ class PrekeysLow:
 
 
 @dataclass(frozen=True, slots=True)
+class Drained:
+    """Cap ``drained``: every message queued when the connection authenticated has been pushed
+    (later ones arrive live). Lets ``recv`` stop at once instead of waiting for a quiet period."""
+
+    t: ClassVar[str] = "drained"
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     rid: int | None
     code: str
@@ -355,7 +363,7 @@ class Error:
 ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | Block | SendMany
                | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease | SetRecovery | Recover
                | DeleteAccount)
-ServerFrame = (Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Error | Results
+ServerFrame = (Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Drained | Error | Results
                | BlobState | BlobData)
 Frame = ClientFrame | ServerFrame
 CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, Block, SendMany,
@@ -715,7 +723,7 @@ _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "send_many": _send_many, "results": _results, "hello": _hello, "ok": _ok, "bundle": _bundle,
     "accepted": _accepted, "pong": _pong, "set_recovery": _set_recovery, "recover": _recover,
     "delete_account": _delete_account,
-    "deliver": _deliver, "prekeys_low": _prekeys_low, "error": _error,
+    "deliver": _deliver, "prekeys_low": _prekeys_low, "drained": lambda _: Drained(), "error": _error,
     "blob_begin": _blob_begin, "blob_put": _blob_put, "blob_held": _blob_held, "blob_commit": _blob_commit,
     "blob_get": _blob_get, "blob_release": _blob_release, "blob_state": _blob_state, "blob_data": _blob_data,
 }

@@ -48,6 +48,7 @@ from ..protocol.frames import (
     Block,
     DeleteAccount,
     DeliveredMessage,
+    Drained,
     Error,
     FetchBundle,
     Hello,
@@ -483,11 +484,13 @@ class Connection:
         self._syncing = True
         self.server.admitted(self)  # no longer pending at the accept gate (server/admission.py)
         self.server.route_to(username, self)
-        self._spawn(self._sync(0))  # pushes of queued messages begin right after auth
+        self._spawn(self._sync(0, tell_drained=True))  # queued messages are pushed right after auth
 
-    async def _sync(self, after: int) -> None:
+    async def _sync(self, after: int, *, tell_drained: bool = False) -> None:
         """Page the stored queue after seq ``after`` to the peer, one page (at most
-        ``max_outbound_bytes``) in memory at a time, then hand over to live pushes."""
+        ``max_outbound_bytes``) in memory at a time, then hand over to live pushes; with
+        ``tell_drained`` (the sync after auth), end with a ``drained`` frame once the last page
+        has been written."""
         assert self.username is not None
         await self.server.bus.watch(self.username)  # before the first query: no wake-up falls between
         budget = self.config.max_outbound_bytes
@@ -527,6 +530,13 @@ class Connection:
         self._sync_buffer_bytes = 0
         for message in buffered:
             self.push(message)
+        if tell_drained and not self.closed:
+            # Frames are written before routed messages in one flush (`_take_outbound`), so wait
+            # until the messages queued above are out: `drained` must follow the last of them.
+            self._flushed.clear()
+            self._wake.set()
+            await self._flushed.wait()
+            self.push_frame(encode_frame(Drained()))
 
     def _send(self, frame: Send) -> Coroutine[Any, Any, None] | None:
         assert self.username is not None

@@ -6,4 +6,5 @@ registers in its ``_HANDLERS`` table; it reaches the connection only through the
 
 from typing import Final
 
-CAPS: Final = ("block", "send_many", "blobs")  # announced in hello.caps (docs/contracts.md section 5)
+# announced in hello.caps (docs/contracts.md section 5)
+CAPS: Final = ("block", "send_many", "blobs", "drained")
