@@ -433,3 +433,26 @@ def test_a_group_message_from_a_newer_state_brings_the_missed_change(tmp_path: P
             for c in clients:
                 await c.close()
     asyncio.run(scenario())
+
+
+def test_members_pinned_by_the_group_are_contacts_not_requests(make_user) -> None:  # type: ignore[no-untyped-def]
+    """main's message-request rule (a stranger's first message is a request) does not reach group
+    members: the admin-signed state pins them as contacts, even for a member whose 1:1 messages
+    arrive in the same batch as the change that pins them, before and after it."""
+    alice, bob, carol = (make_user(n) for n in ("alice", "bob", "carol"))
+    carol.ok("send", "bob", "early")               # a stranger to bob for now: a request
+    alice.ok("group", "create", "team", "bob", "carol")
+    carol.ok("send", "bob", "late")                # bob has not received the group yet
+    rows = {str(r["text"]): r for r in bob.recv()}  # one batch: early, the group, late
+    assert str(rows["early"]["warning"]).startswith("message request")
+    assert any("alice added you to the group team" in text for text in rows)
+    assert rows["late"]["warning"] is None          # carol was pinned by the group in between
+    assert bob.ok("requests").strip() == "no message requests"
+    history = [json.loads(line) for line in bob.ok("history", "carol", "--json").splitlines()]
+    assert [(h["text"], h["status"]) for h in history] == [("early", "shown"), ("late", "shown")]
+    # Later 1:1 traffic between members is ordinary: no request, no warning, both ways.
+    carol.recv()
+    bob.ok("send", "carol", "hello member")
+    [got] = [r for r in carol.recv() if r["text"] == "hello member"]
+    assert got["warning"] is None and got["group"] is None
+    assert carol.ok("requests").strip() == "no message requests"

@@ -178,6 +178,7 @@ class GroupStore:
         contact = self._c.db.get_contact(name)
         if contact is None:
             self._c.db.add_contact(name, identity, now_ms())
+            self._c.requests.settle(name, identity)   # what they wrote before is no request now
         elif contact.identity != identity and contact.pending_identity != identity:
             self._c.db.set_pending_identity(name, identity)
 

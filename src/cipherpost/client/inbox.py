@@ -313,8 +313,10 @@ class Receiver:
         if kind == "group":   # a group payload (client/groups.py), never shown as text
             if new_store is not None:
                 c.db.mark_session_accepted(session.session_id)
+            events = c.groups.on_control(sender, peer, content)
+            batch.contacts.clear()   # a change may have pinned members: later messages are from contacts
             return _Stored(session.session_id, _SessionEntry(sender, peer, session, with_psk, dirty=True),
-                           new_store, None, c.groups.on_control(sender, peer, content), ("group_control", {}))
+                           new_store, None, events, ("group_control", {}))
         text, file_extra = attachments.read_content(kind, content)
         contact = self._contact(batch, sender)
         # One message's writes are one step: undone alone if any of them fails. The common case
@@ -412,9 +414,12 @@ class Receiver:
 
     def mark_shown(self, messages: list[IncomingMessage]) -> None:
         db = self._c.db
+        asked = {m.row for m in messages if m.row is not None and m.request}
+        if asked:   # a request settled since it arrived (a group pinned its sender) is shown as usual
+            asked &= {m.row for m in db.messages_with_status(REQUEST)}
         with db.transaction():
-            db.set_status([m.row for m in messages if m.row is not None and not m.request], "shown")
-            db.set_status([m.row for m in messages if m.row is not None and m.request], REQUEST_SHOWN)
+            db.set_status([m.row for m in messages if m.row is not None and m.row not in asked], "shown")
+            db.set_status(sorted(r for r in asked if r is not None), REQUEST_SHOWN)
         for m in messages:
             if m.row is not None:
                 self._unshown.pop(m.row, None)
