@@ -1,6 +1,15 @@
 """Client speed through a real relay (issue 8, "Client speed").
 
     python bench/client.py catchup [--messages 10000] [--sessions 10] [--new 50] [--size 256]
+    python bench/client.py send [--messages 2000] [--modes one,many] [--rounds 1] [--default-limits]
+
+``send``: ``--messages`` messages from one ``Client`` to an offline contact, one at a time
+(``Client.send``, each waiting for its ``accepted``) against a burst (``Client.send_many``: one
+profile commit, 16 envelopes a frame with cap ``batch``). The session exists before the clock
+starts; the clock stops when the outbox is empty (every message is on the relay). A relay's default
+limits refuse a burst to one offline contact past ``--max-queue-per-sender`` (1000) and charge one
+token of the connection's bucket (500/s, burst 1000) per message, so by default this run raises
+both (the client is what is measured); ``--default-limits`` keeps them.
 
 ``catchup``: a recipient is offline while ``--sessions`` contacts with an existing session queue
 messages of ``--size`` bytes of text and ``--new`` strangers send the first message of a new
@@ -39,8 +48,9 @@ PASSPHRASE = "bench passphrase"
 
 
 class Relay:
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, extra: list[str] | None = None) -> None:
         self.data = data
+        self.extra = extra or []
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.fingerprint = ""
@@ -49,7 +59,7 @@ class Relay:
         # Default limits, except registrations from one network: the setup registers 61 accounts
         # from 127.0.0.1 (the relay's default allows 20 per hour); nothing timed registers.
         cmd = [sys.executable, "-m", "cipherpost", "server", "--host", "127.0.0.1", "--port", "0",
-               "--data", str(self.data), "--registrations-per-prefix-per-hour", "1000"]
+               "--data", str(self.data), "--registrations-per-prefix-per-hour", "1000", *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.proc.stdout is not None
@@ -148,6 +158,39 @@ async def catchup(args: argparse.Namespace) -> None:
               f"(the relay runs in its own process; os.getloadavg() = {os.getloadavg()[0]:.1f})")
 
 
+async def send(args: argparse.Namespace) -> None:
+    raised = [] if args.default_limits else ["--max-queue-per-sender", "1000000", "--max-queue", "1000000",
+                                             "--rate", "1000000", "--rate-burst", "1000000"]
+    with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp, Relay(Path(tmp) / "relay", raised) as relay:
+        home = Path(tmp)
+        print(f"{args.messages} messages of {args.size} characters from one Client to an offline contact; "
+              f"relay limits: {'default' if args.default_limits else 'queue caps and bucket raised'}")
+        run = 0
+        for mode in args.modes:
+            rates = []
+            for _ in range(args.rounds):
+                run += 1
+                bob = await _create(home / f"bob{run}", f"bob{run}", relay)
+                await bob.close()   # offline from here on
+                alice = await _create(home / f"alice{run}", f"alice{run}", relay)
+                await alice.send(bob.username, "hello")   # the session exists before the clock starts
+                texts = [f"{i:05d}" + "x" * (args.size - 5) for i in range(args.messages)]
+                start = time.perf_counter()
+                if mode == "one":
+                    for text in texts:
+                        await alice.send(bob.username, text)
+                else:
+                    await alice.send_many([(bob.username, text) for text in texts])
+                elapsed = time.perf_counter() - start
+                assert alice.pending_outbox() == 0, "messages left in the outbox"
+                await alice.close()
+                rates.append(args.messages / elapsed)
+            rates.sort()
+            label = "send, one at a time" if mode == "one" else "send_many (cap batch)"
+            print(f"{label:<24} {rates[len(rates) // 2]:>8.0f} msgs/s  (runs: "
+                  f"{', '.join(f'{r:.0f}' for r in rates)})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +202,13 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--profile", metavar="FILE", help="write cProfile stats of the timed part to FILE")
     p.set_defaults(func=catchup)
+    p = sub.add_parser("send", help="a burst from one Client to an offline contact (send vs send_many)")
+    p.add_argument("--messages", type=int, default=2000)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--modes", type=lambda v: v.split(","), default=["one", "many"])
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--default-limits", action="store_true", help="keep the relay's default limits")
+    p.set_defaults(func=send)
     args = parser.parse_args()
     asyncio.run(args.func(args))
 

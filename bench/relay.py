@@ -1,11 +1,19 @@
-"""Relay throughput and latency against a bare TLS WebSocket forwarder, measured in the same run.
+"""Relay throughput and latency against two forwarders, measured in the same run.
 
     python bench/relay.py [--pairs 1,10,100] [--messages 20000] [--window 16] [--seconds 60]
+                          [--per-frame 1,16] [--fixed-load 0.5] [--no-bare]
 
 For each N, N sender/receiver pairs on 127.0.0.1 push 256-byte envelopes:
 - through the real relay (``cipherpost server`` subprocess: TLS, signed auth, SQLite WAL with
   synchronous=FULL group commits, accepted-after-commit, deliver + batched ack), and
-- through a bare forwarder (subprocess: TLS WebSocket, no auth, no storage, sender i -> receiver i).
+- through a durable forwarder (bench/durable_forwarder.py: TLS WebSocket, the relay's frames, SQLite
+  WAL synchronous=FULL group commit with a dedup insert and the message insert, accepted after the
+  commit; no auth, checks or limits): what durability alone costs, the floor for the relay, and
+- through a bare forwarder (subprocess: TLS WebSocket, no auth, no storage, sender i -> receiver i;
+  one envelope per frame only).
+``--per-frame K`` puts K envelopes in each ``send`` frame (cap ``batch``; 1 is the plain ``send``).
+``--fixed-load F`` adds, per N and K, paced runs of relay and durable forwarder at F times the
+relay's closed-loop rate (open loop: sends on a clock, not on credit), for p99 at that load.
 Each sender keeps at most ``--window`` messages in flight (sent, not yet received by its receiver).
 Latency is send -> receipt by the receiver. Bounded by ``--messages`` per run and ``--seconds``;
 each configuration runs ``--rounds`` times, interleaved, and the median run is reported.
@@ -115,9 +123,11 @@ class Pair:
 
 async def run_load(n: int, total: int, window: int, seconds: float,
                    open_pair: Callable[[int], Awaitable[tuple[ClientConnection, ClientConnection]]],
-                   make_send: Callable[[int, int, bytes], bytes],
+                   make_send: Callable[[int, int, list[bytes]], bytes],
                    on_receiver_frame: Callable[[ClientConnection, bytes, list[float]], Awaitable[int]],
-                   sender_reads: bool, server_pid: int) -> Result:
+                   sender_reads: bool, server_pid: int, per_frame: int = 1, rate: float = 0.0) -> Result:
+    """Closed loop (``rate`` 0: at most ``window`` messages in flight per pair) or open loop (frames
+    sent on a clock at ``rate`` messages/s over all pairs)."""
     per_pair = max(1, total // n)
     pairs = [Pair(window) for _ in range(n)]
     conns = [await open_pair(i) for i in range(n)]
@@ -140,14 +150,22 @@ async def run_load(n: int, total: int, window: int, seconds: float,
     async def send(i: int) -> None:
         ws = conns[i][0]
         pair = pairs[i]
-        for k in range(per_pair):
-            while pair.in_flight >= window:
+        interval = per_frame * n / rate if rate else 0.0
+        t0 = time.monotonic() + interval * i / n  # pairs spread over one interval
+        for k in range(0, per_pair, per_frame):
+            count = min(per_frame, per_pair - k)
+            if rate:
+                delay = t0 + interval * (k // per_frame) - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            while pair.in_flight + count > window:
                 pair.credit.clear()
                 await pair.credit.wait()
             if time.monotonic() > deadline:
                 return
-            pair.in_flight += 1
-            await ws.send(make_send(i, k, body(time.perf_counter())))
+            pair.in_flight += count
+            now = time.perf_counter()
+            await ws.send(make_send(i, k, [body(now)] * count))
 
     result.start = time.perf_counter()
     cpu0, own0 = cpu_seconds(server_pid), time.process_time()
@@ -195,9 +213,13 @@ class RelayLoad:
     async def open_pair(self, i: int) -> tuple[ClientConnection, ClientConnection]:
         return (await self.user(f"s{self.round}-{i}"), await self.user(f"r{self.round}-{i}"))
 
-    def make_send(self, i: int, k: int, payload: bytes) -> bytes:
-        return msgpack.packb({"v": 1, "t": "send", "rid": k, "to": f"r{self.round}-{i}",
-                              "id": os.urandom(16), "kind": "msg", "body": payload})  # type: ignore[no-any-return]
+    def make_send(self, i: int, k: int, payloads: list[bytes]) -> bytes:
+        to = f"r{self.round}-{i}"
+        if len(payloads) == 1:
+            return msgpack.packb({"v": 1, "t": "send", "rid": k, "to": to,  # type: ignore[no-any-return]
+                                  "id": os.urandom(16), "kind": "msg", "body": payloads[0]})
+        return msgpack.packb({"v": 1, "t": "send", "rid": k, "envelopes": [  # type: ignore[no-any-return]
+            {"to": to, "id": os.urandom(16), "kind": "msg", "body": p} for p in payloads]})
 
     async def on_receiver_frame(self, ws: ClientConnection, data: bytes, lat: list[float]) -> int:
         frame = msgpack.unpackb(data)
@@ -228,8 +250,8 @@ class ForwarderLoad:
         await s.send(b"S" + name)
         return s, r
 
-    def make_send(self, i: int, k: int, payload: bytes) -> bytes:
-        return payload
+    def make_send(self, i: int, k: int, payloads: list[bytes]) -> bytes:
+        return payloads[0]
 
     async def on_receiver_frame(self, ws: ClientConnection, data: bytes, lat: list[float]) -> int:
         lat.append(latency_of(data, time.perf_counter()))
@@ -259,6 +281,15 @@ def start_relay(data: Path) -> tuple[subprocess.Popen[str], str, str]:
     return proc, url, fingerprint
 
 
+def start_durable_forwarder(data: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "durable_forwarder.py"),
+                             str(data / "fwd.db"), str(data / "tls-cert.pem"), str(data / "tls-key.pem")],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    return proc, f"wss://127.0.0.1:{port}"
+
+
 def start_forwarder(data: Path) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, __file__, "--forwarder", str(data / "tls-cert.pem"),
                              str(data / "tls-key.pem")], stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -267,53 +298,67 @@ def start_forwarder(data: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, f"wss://127.0.0.1:{port}"
 
 
+def _row(n: int, k: int, name: str, results: list[Result]) -> Result:
+    res = sorted(results, key=lambda r: r.rate)[len(results) // 2]  # the median run
+    count = max(1, len(res.latencies))
+    print(f"{n:>4} {k:>3} {name:<16} {res.rate:>9.0f} {res.pct(0.5):>8.2f} {res.pct(0.99):>8.2f} "
+          f"{len(res.latencies):>9} {res.server_cpu / count * 1e6:>13.1f} "
+          f"{res.client_cpu / count * 1e6:>14.1f}"
+          f"   (all runs: {', '.join(f'{r.rate:.0f}' for r in results)})", flush=True)
+    return res
+
+
 async def bench(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "relay"
         relay_proc, relay_url, fingerprint = start_relay(data)
+        durable_proc, durable_url = start_durable_forwarder(data)
         fwd_proc, fwd_url = start_forwarder(data)
         try:
             ctx = ssl.create_default_context(cafile=str(data / "tls-cert.pem"))
-            relay = RelayLoad(relay_url, ctx, bytes.fromhex(fingerprint))
-            fwd = ForwarderLoad(fwd_url, ctx)
-            print(f"{BODY_SIZE}-byte envelopes, window {args.window}/pair, up to {args.messages} messages "
-                  f"or {args.seconds:.0f} s per run, median of {args.rounds} interleaved runs; "
-                  "server: 1 process each, SQLite synchronous=FULL")
-            print(f"{'N':>4} {'system':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>9} "
-                  f"{'server us/msg':>13} {'clients us/msg':>14}")
-            ratios = []
+            loads = {"relay": (RelayLoad(relay_url, ctx, bytes.fromhex(fingerprint)), relay_proc, True),
+                     "durable-forwarder": (RelayLoad(durable_url, ctx, b""), durable_proc, True),
+                     "bare-forwarder": (ForwarderLoad(fwd_url, ctx), fwd_proc, False)}
+            print(f"{BODY_SIZE}-byte envelopes, window {args.window}/pair (at least 2 frames), up to "
+                  f"{args.messages} messages or {args.seconds:.0f} s per run, median of {args.rounds} "
+                  "interleaved runs; server: 1 process each, SQLite synchronous=FULL")
+            print(f"{'N':>4} {'K':>3} {'system':<16} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+                  f"{'delivered':>9} {'server us/msg':>13} {'clients us/msg':>14}")
             for n in args.pairs:
-                runs: dict[str, list[Result]] = {"relay": [], "forwarder": []}
-                for _ in range(args.rounds):  # interleaved, so that background load hits both alike
-                    relay.round += 1
-                    fwd.round += 1
-                    runs["relay"].append(await run_load(
-                        n, args.messages, args.window, args.seconds, relay.open_pair, relay.make_send,
-                        relay.on_receiver_frame, sender_reads=True, server_pid=relay_proc.pid))
-                    runs["forwarder"].append(await run_load(
-                        n, args.messages, args.window, args.seconds, fwd.open_pair, fwd.make_send,
-                        fwd.on_receiver_frame, sender_reads=False, server_pid=fwd_proc.pid))
-                medians = {}
-                for name, results in runs.items():
-                    res = sorted(results, key=lambda r: r.rate)[len(results) // 2]  # the median run
-                    medians[name] = res.rate
-                    count = max(1, len(res.latencies))
-                    print(f"{n:>4} {name:<10} {res.rate:>9.0f} {res.pct(0.5):>8.2f} {res.pct(0.99):>8.2f} "
-                          f"{len(res.latencies):>9} {res.server_cpu / count * 1e6:>13.1f} "
-                          f"{res.client_cpu / count * 1e6:>14.1f}   (all runs: "
-                          f"{', '.join(f'{r.rate:.0f}' for r in results)})", flush=True)
-                ratio = medians["relay"] / medians["forwarder"] if medians["forwarder"] else float("nan")
-                ratios.append((n, ratio))
-                print(f"{n:>4} ratio relay/forwarder = {ratio:.2f}", flush=True)
-            target = dict(ratios).get(100)
-            if target is not None:
-                verdict = "met" if target >= 0.5 else "NOT met"
-                print(f"target relay >= 50% of forwarder at N=100: {verdict} ({target:.0%})")
+                for k in args.per_frame:
+                    window = max(args.window, 2 * k)
+                    names = [x for x in loads if (k == 1 and not args.no_bare) or x != "bare-forwarder"]
+                    runs: dict[str, list[Result]] = {x: [] for x in names}
+                    for _ in range(args.rounds):  # interleaved, so that background load hits all alike
+                        for name in names:
+                            load, proc, reads = loads[name]
+                            load.round += 1
+                            runs[name].append(await run_load(
+                                n, args.messages, window, args.seconds, load.open_pair, load.make_send,
+                                load.on_receiver_frame, sender_reads=reads, server_pid=proc.pid, per_frame=k))
+                    med = {name: _row(n, k, name, results) for name, results in runs.items()}
+                    cpu = {name: r.server_cpu / max(1, len(r.latencies)) for name, r in med.items()}
+                    floor = cpu["durable-forwarder"]
+                    ratio = cpu["relay"] / floor if floor else float("nan")
+                    print(f"{n:>4} {k:>3} relay server CPU per message / durable forwarder's = {ratio:.2f} "
+                          f"(goal <= 1.25)", flush=True)
+                    if args.fixed_load:
+                        rate = args.fixed_load * med["relay"].rate
+                        for name in ("relay", "durable-forwarder"):
+                            load, proc, reads = loads[name]
+                            paced = []
+                            for _ in range(args.rounds):
+                                load.round += 1
+                                paced.append(await run_load(
+                                    n, args.messages, 1 << 30, args.seconds, load.open_pair, load.make_send,
+                                    load.on_receiver_frame, sender_reads=reads, server_pid=proc.pid,
+                                    per_frame=k, rate=rate))
+                            _row(n, k, f"{name}@{rate:.0f}/s", paced)
         finally:
-            fwd_proc.terminate()
-            relay_proc.terminate()
-            relay_proc.wait(timeout=15)
-            fwd_proc.wait(timeout=15)
+            for proc in (fwd_proc, durable_proc, relay_proc):
+                proc.terminate()
+            for proc in (fwd_proc, durable_proc, relay_proc):
+                proc.wait(timeout=15)
 
 
 def main() -> None:
@@ -327,6 +372,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=16, help="messages in flight per pair")
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per system and N; the median is shown")
+    parser.add_argument("--per-frame", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
+                        help="envelopes per send frame (cap batch), each value a run")
+    parser.add_argument("--fixed-load", type=float, default=0.5,
+                        help="paced runs at this fraction of the relay's closed-loop rate (0: none)")
+    parser.add_argument("--no-bare", action="store_true", help="leave out the bare forwarder")
     asyncio.run(bench(parser.parse_args()))
 
 

@@ -147,7 +147,7 @@ def frame_samples() -> list[F.Frame]:
                    invite="inv-123"),
         F.Auth(rid=2, username="alice", sig=b"\x03" * 64),
         F.UploadPrekeys(rid=3, signed_prekey=b[1], one_time=[b[3] or b""], kem_one_time=[b[2]],
-                        kem_last_resort=b[2]),
+                        kem_last_resort=b[2], replace=True),
         F.FetchBundle(rid=4, username="bob"),
         F.Send(rid=5, to="bob", id=b"\x04" * 16, kind="msg", body=w.envelopes_to_bob[0]),
         F.Send(rid=6, to="bob", id=b"\x05" * 16, kind="pake", body=b"\x94\x01"),
@@ -166,7 +166,7 @@ def frame_samples() -> list[F.Frame]:
                   sig=b"\x0b" * 64),
         F.DeleteAccount(rid=21, sig=b"\x0c" * 64),
         F.Hello(nonce=b"\x06" * 32, server="cipherpost", limits=F.Limits(262144, 65536),
-                caps=["accounts", "login_counter"]),
+                caps=["accounts", "login_counter", "epoch"], epoch=b"\x0d" * 16),
         F.Ok(rid=8, username="alice", prekeys=F.PrekeyCounts(one_time=5, kem=2)),
         F.Ok(rid=9),
         F.Bundle(rid=10, username="bob", identity=b[0], signed_prekey=b[1], kem_prekey=b[2],
@@ -187,6 +187,10 @@ def frame_samples() -> list[F.Frame]:
         F.BlobRelease(rid=22, id=b"\x09" * 16),
         F.BlobState(rid=17, id=b"\x09" * 16, size=200_000, chunk_size=65_552, held=3, committed=False),
         F.BlobData(rid=21, id=b"\x09" * 16, index=2, data=b"\x0b" * 300),
+        # cap "batch" (issue 11): several envelopes in one send frame, one reply
+        F.SendBatch(rid=23, envelopes=[F.Envelope(to="bob", id=b"\x0c" * 16, kind="msg", body=b"\x01" * 40),
+                                       F.Envelope(to="carol", id=b"\x0d" * 16, kind="msg", body=b"")]),
+        F.AcceptedMany(rid=23, ids=[b"\x0c" * 16, b"\x0d" * 16], status=["accepted", "mailbox_full"]),
     ]
 
 

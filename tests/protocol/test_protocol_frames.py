@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from cipherpost.protocol.errors import ERROR_CODES, ProtocolError
 from cipherpost.protocol.frames import (
     CLIENT_FRAME_TYPES,
+    MAX_BATCH_ENVELOPES,
     MAX_SEND_MANY_RECIPIENTS,
     Accepted,
+    AcceptedMany,
     Ack,
     Auth,
     BlobBegin,
@@ -26,6 +28,7 @@ from cipherpost.protocol.frames import (
     Bundle,
     Deliver,
     DeliveredMessage,
+    Envelope,
     Error,
     FetchBundle,
     Frame,
@@ -39,6 +42,7 @@ from cipherpost.protocol.frames import (
     Register,
     Results,
     Send,
+    SendBatch,
     SendMany,
     UploadPrekeys,
     decode_frame,
@@ -85,6 +89,12 @@ EXAMPLES: list[Frame] = [
     BlobRelease(rid=25, id=ID),
     BlobState(rid=20, id=ID, size=100_000, chunk_size=65_552, held=1, committed=False),
     BlobData(rid=24, id=ID, index=0, data=b"\x06" * 10),
+    Hello(nonce=b"\x02" * 32, server="relay", limits=Limits(max_frame=1000, max_body=500),
+          caps=["epoch"], epoch=b"\x0e" * 16),
+    UploadPrekeys(rid=26, signed_prekey=b"s", one_time=[b"a"], replace=True),
+    SendBatch(rid=27, envelopes=[Envelope(to="bob", id=ID, kind="msg", body=b"one"),
+                                 Envelope(to="carol", id=b"\x02" * 16, kind="msg", body=b"")]),
+    AcceptedMany(rid=27, ids=[ID, b"\x02" * 16], status=["accepted", "duplicate"]),
 ]
 
 
@@ -136,6 +146,9 @@ def test_hello_caps_are_absent_when_empty_and_ignored_by_old_decoders() -> None:
     assert decode_frame(encode_frame(EXAMPLES[10])) == EXAMPLES[10]
 
 
+ENV = {"to": "bob", "id": ID, "kind": "msg", "body": b""}
+
+
 @pytest.mark.parametrize(("fields", "code"), [
     ({"t": "block", "rid": 1, "username": "bob"}, "bad_frame"),
     ({"t": "block", "rid": 1, "username": "bob", "on": 1}, "bad_frame"),
@@ -149,6 +162,18 @@ def test_hello_caps_are_absent_when_empty_and_ignored_by_old_decoders() -> None:
       "to": ["bob"] * (MAX_SEND_MANY_RECIPIENTS + 1)}, "too_large"),
     ({"t": "hello", "nonce": bytes(32), "server": "r", "limits": {"max_frame": 1, "max_body": 1},
       "caps": ["x" * 33]}, "too_large"),
+    # cap "batch": a send frame with envelopes
+    ({"t": "send", "rid": 1, "envelopes": []}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": "bob"}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV] * (MAX_BATCH_ENVELOPES + 1)}, "too_large"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, 5]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "to": 5}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "to": "b" * 129}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "id": ID[:15]}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "kind": "spam"}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [ENV, {**ENV, "body": "text"}]}, "bad_frame"),
+    ({"t": "send", "rid": 1, "envelopes": [{"to": "bob", "id": ID, "kind": "msg"}]}, "bad_frame"),
+    ({"t": "accepted_many", "rid": 1, "ids": [ID], "status": []}, "bad_frame"),
 ])
 def test_new_frames_reject_malformed_fields(fields: dict[str, object], code: str) -> None:
     got, rid = _code(msgpack.packb({"v": 1, **fields}, use_bin_type=True))
@@ -221,3 +246,28 @@ def test_structured_garbage_only_raises_protocol_error(t: str, fields: dict[str,
         decode_frame(p(v=1, t=t, **fields))
     except ProtocolError as exc:
         assert exc.code in ERROR_CODES
+
+
+@pytest.mark.parametrize(("key", "value", "base"), [
+    ("epoch", b"\x01" * 15, {"t": "hello", "nonce": b"\x02" * 32, "server": "r",
+                             "limits": {"max_frame": 1, "max_body": 1}}),
+    ("epoch", b"\x01" * 17, {"t": "hello", "nonce": b"\x02" * 32, "server": "r",
+                             "limits": {"max_frame": 1, "max_body": 1}}),
+    ("epoch", "sixteen chars!!!", {"t": "hello", "nonce": b"\x02" * 32, "server": "r",
+                                   "limits": {"max_frame": 1, "max_body": 1}}),
+    ("replace", 1, {"t": "upload_prekeys", "rid": 1}),
+    ("replace", "true", {"t": "upload_prekeys", "rid": 1}),
+])
+def test_epoch_and_replace_are_strict(key: str, value: object, base: dict[str, object]) -> None:
+    from cipherpost.protocol.errors import ProtocolError
+    with pytest.raises(ProtocolError) as refused:
+        decode_frame(msgpack.packb({"v": 1, **base, key: value}, use_bin_type=True))
+    assert refused.value.code == "bad_frame" and key in refused.value.message
+
+
+def test_hello_without_epoch_and_upload_without_replace_decode_to_the_defaults() -> None:
+    hello = decode_frame(encode_frame(EXAMPLES[10]))
+    assert isinstance(hello, Hello) and hello.epoch is None
+    assert "epoch" not in msgpack.unpackb(encode_frame(EXAMPLES[10]))
+    upload = decode_frame(msgpack.packb({"v": 1, "t": "upload_prekeys", "rid": 1}))
+    assert isinstance(upload, UploadPrekeys) and upload.replace is False

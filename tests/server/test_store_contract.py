@@ -37,6 +37,8 @@ from cipherpost.store.base import (
     NameReserved,
     NewMessage,
     NoPrekeys,
+    PoolCounts,
+    PrekeyPoolFull,
     QuotaExceeded,
     RecipientResult,
     RecipientStatus,
@@ -774,4 +776,36 @@ def test_any_sequence_of_sends_acks_blocks_and_restarts_matches_the_rules(
         finally:
             await store.close()
 
+    run(scenario())
+
+
+def test_put_prekeys_replace_pools_drops_both_one_time_pools_atomically(
+        make_store: Callable[[], RelayStore]) -> None:
+    async def scenario() -> None:
+        async with opened(make_store) as store:
+            await accounts(store, "bob", "carol")
+            for who in ("bob", "carol"):
+                await store.put_prekeys(who, signed_prekey=b"spk",
+                                        one_time=[(i, b"old%d" % i) for i in range(5)],
+                                        kem_one_time=[(i, b"oldk%d" % i) for i in range(4)],
+                                        kem_last_resort=b"lr", max_pool=10)
+            with pytest.raises(PrekeyPoolFull):  # refused: nothing dropped
+                await store.put_prekeys("bob", signed_prekey=None, one_time=[(i, b"x") for i in range(11)],
+                                        kem_one_time=[], kem_last_resort=None, max_pool=10,
+                                        replace_pools=True)
+            assert await store.prekey_counts("bob") == PoolCounts(5, 4)
+            counts = await store.put_prekeys("bob", signed_prekey=b"spk2",
+                                             one_time=[(100 + i, b"new%d" % i) for i in range(10)],
+                                             kem_one_time=[(100, b"newk")], kem_last_resort=b"lr2",
+                                             max_pool=10, replace_pools=True)
+            assert counts == PoolCounts(10, 1)
+        async with opened(make_store) as store:  # committed, and carol's pools untouched
+            assert await store.prekey_counts("carol") == PoolCounts(5, 4)
+            bundles = [await store.take_bundle("bob") for _ in range(11)]
+            assert {b.one_time_prekey for b in bundles} == {b"new%d" % i for i in range(10)} | {None}
+            assert [b.kem_prekey for b in bundles[:2]] == [b"newk", b"lr2"]
+            assert bundles[0].signed_prekey == b"spk2"
+            await store.put_prekeys("bob", signed_prekey=None, one_time=[], kem_one_time=[],
+                                    kem_last_resort=None, max_pool=10, replace_pools=True)
+            assert await store.prekey_counts("bob") == PoolCounts(0, 0)
     run(scenario())

@@ -78,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     a = sub.add_parser("log", help="the operator log: who did what, when, why")
     a.add_argument("--json", action="store_true", help="one JSON object per line")
     a.set_defaults(admin_func=_log)
+    a = sub.add_parser("renew-epoch", help="after restoring a backup: make clients republish their prekeys",
+                       description="Give the store a new epoch (docs/contracts.md 1.5). Run it on a "
+                                   "restored store before starting the relays (they read the epoch at "
+                                   "start): each client then drops and republishes its one-time prekeys "
+                                   "on its next connection, so no already-used one-time key is handed out.")
+    a.set_defaults(admin_func=_renew_epoch)
     p.set_defaults(func=run_admin)
 
 
@@ -257,4 +263,11 @@ async def _log(store: RelayStore, args: argparse.Namespace) -> int:
                 print(f"{_when(e.ts_ms)} {e.operator}: {e.action} {' '.join(e.names)}"
                       + (f" ({e.reason})" if e.reason else ""))
         after = page[-1].id
+    return 0
+
+
+async def _renew_epoch(store: RelayStore, args: argparse.Namespace) -> int:
+    await store.renew_epoch()
+    print("store epoch renewed: (re)start the relay instances; clients republish their prekeys "
+          "on their next connection")
     return 0

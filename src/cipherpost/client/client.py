@@ -17,7 +17,7 @@ import hmac
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..crypto.recovery import RecoveryKey
 from ..crypto.safety import SafetyNumber, safety_number
 from ..crypto.session import Session, encrypt, initiate_session
 from ..protocol.usernames import normalize_username
-from . import accounts, login_counter
+from . import accounts, epoch, login_counter, outbox
 from .attachments import FileOffer
 from .backoff import reconnect_delay
 from .blocks import BlockList
@@ -149,7 +149,7 @@ class Client:
                                                        record_key]), params=kdf)
                 write_private_file(paths.keystore, blob)
                 client._conn = conn
-                await client._replenish_prekeys({"one_time": 0, "kem": 0})
+                await client._replenish_prekeys({"one_time": 0, "kem": 0}, replace=epoch.changed(db, conn))
             finally:
                 client._conn = None
                 await conn.close()
@@ -245,7 +245,8 @@ class Client:
             raise
         self._conn = conn
         counts = reply.get("prekeys")
-        await self._replenish_prekeys(counts if isinstance(counts, dict) else {})
+        await self._replenish_prekeys(counts if isinstance(counts, dict) else {},
+                                      replace=epoch.changed(self.db, conn))
         # A refused outbox entry (a full mailbox, a rate limit) does not make the connection bad:
         # it stays queued (or is marked failed when retrying cannot help); `send` reports such
         # refusals to whoever is sending.
@@ -310,17 +311,19 @@ class Client:
     def _save_prekeys(self, store: PrekeyStore) -> None:
         self.db.set_secret_meta("prekeys", store.serialize())
 
-    async def _replenish_prekeys(self, counts: dict[str, Any]) -> None:
+    async def _replenish_prekeys(self, counts: dict[str, Any], *, replace: bool = False) -> None:
         """Top up one-time pools, rotate the signed and last-resort prekeys when due, and
-        (re)publish whatever the relay has not confirmed yet (PQXDH section 3.2)."""
+        (re)publish whatever the relay has not confirmed yet (PQXDH section 3.2). With ``replace``
+        (a new store epoch, client/epoch.py) all of them are new and the relay's pools are dropped."""
         conn = self._require_conn()
         async with self._state_lock:
             store = self.prekeys
             frame: dict[str, Any] = {"t": "upload_prekeys", "signed_prekey": None, "one_time": [],
-                                     "kem_one_time": [], "kem_last_resort": None}
+                                     "kem_one_time": [], "kem_last_resort": None, "replace": replace}
             current = store.current_signed_prekey
             last_resort = self.db.get_meta("last_resort_prekey")   # public, as published
-            if current is None or now_ms() - current.created_at > SIGNED_PREKEY_LIFETIME_MS:
+            counts = {} if replace else counts
+            if replace or current is None or now_ms() - current.created_at > SIGNED_PREKEY_LIFETIME_MS:
                 current, store = store.rotate_signed_prekey(self.identity, now_ms())
                 last_resort = None   # rotated together with the signed prekey
             if last_resort is None:
@@ -356,6 +359,7 @@ class Client:
             chunk = dict(frame, one_time=one_time[:UPLOAD_CHUNK], kem_one_time=kem[:UPLOAD_CHUNK])
             if not first:
                 chunk["signed_prekey"] = chunk["kem_last_resort"] = None
+                chunk["replace"] = False
             one_time, kem = one_time[UPLOAD_CHUNK:], kem[UPLOAD_CHUNK:]
             await conn.request(chunk)
             if first:
@@ -364,6 +368,8 @@ class Client:
                     self.db.set_meta("published_prekeys", {"signed": current.key_id,
                                                            "last_resort": last_resort})
             first = False
+        if replace:
+            epoch.remember(self.db, conn)
 
     async def _on_push(self, frame: dict[str, Any]) -> None:
         kind = frame.get("t")
@@ -474,6 +480,10 @@ class Client:
         await self.flush_outbox()
         return msg_id
 
+    async def send_many(self, items: Sequence[tuple[str, str]]) -> list[bytes]:
+        """Send each ``(name, text)`` in order, sharing one profile commit (client/outbox.py)."""
+        return await outbox.send_many(self, items)
+
     async def _sending_session(self, name: str, *, group: bool = False) -> tuple[Session, bool]:
         """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
         # Writing back to a stranger accepts their request: the reply uses their session.
@@ -520,6 +530,8 @@ class Client:
             return 0
         sent = 0
         async with self._outbox_lock:
+            if "batch" in self._require_conn().caps:  # several envelopes per frame (client/outbox.py)
+                return await outbox.flush_batched(self)
             for item in self.db.outbox():
                 conn = self._require_conn()
                 try:

@@ -26,7 +26,7 @@ from ..crypto.identity import IdentityKeyPair
 from ..crypto.pins import check_pin, spki_sha256
 from ..protocol.addresses import is_loopback
 from ..protocol.errors import ProtocolError
-from ..protocol.frames import decode_frame, frame_to_map
+from ..protocol.frames import EPOCH_LEN, decode_frame, frame_to_map
 from .errors import BadReply, ConnectionFailed, ServerError, ServerPinMismatch
 
 PROTOCOL_VERSION = 1
@@ -91,6 +91,7 @@ class Connection:
         self._nonce = nonce
         self.limits = limits
         self.caps = caps   # what the relay announced in its hello (docs/contracts.md section 5)
+        self.epoch: bytes | None = None  # hello.epoch (cap "epoch", contracts 1.5): client/epoch.py
         self._rids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._pending_type: dict[int, str] = {}
@@ -167,6 +168,8 @@ class Connection:
         announced = frozenset(c for c in caps if isinstance(c, str)) if isinstance(caps, list) else None
         conn = cls(ws, channel, nonce, dict(limits or {}), announced or frozenset())
         conn.spki, conn.pinned_by_certificate = spki, by_certificate
+        epoch = hello.get("epoch")
+        conn.epoch = epoch if isinstance(epoch, bytes) and len(epoch) == EPOCH_LEN else None
         conn._reader = asyncio.create_task(conn._read_loop())
         conn._push_worker = asyncio.create_task(conn._push_loop())
         return conn
@@ -301,11 +304,17 @@ def check_reply(request: dict[str, Any], reply: dict[str, Any]) -> None:
     """Refuse a non-error reply that does not answer ``request`` (its type, and for ``send`` the
     same message id): a relay must not be able to make a message count as accepted by sending
     any frame at all."""
-    expected = EXPECTED_REPLY.get(request["t"])
+    batch = request["t"] == "send" and "envelopes" in request   # cap batch: one reply for all
+    expected = "accepted_many" if batch else EXPECTED_REPLY.get(request["t"])
     if expected is not None and reply.get("t") != expected:
         raise BadReply(f"the server answered {request['t']} with {str(reply.get('t'))[:32]!r} instead of "
                        f"{expected!r}")
-    if request["t"] in ("send", "send_many") and reply.get("id") != request.get("id"):
+    if batch:
+        ids = [e.get("id") for e in request["envelopes"]]
+        status = reply.get("status")
+        if reply.get("ids") != ids or not isinstance(status, list) or len(status) != len(ids):
+            raise BadReply("the server's 'accepted_many' does not list the envelopes sent, one status each")
+    elif request["t"] in ("send", "send_many") and reply.get("id") != request.get("id"):
         raise BadReply(f"the server's {expected!r} names another message id than the one sent")
 
 

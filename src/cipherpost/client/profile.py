@@ -432,6 +432,13 @@ class ProfileDB:
         self._db.execute("UPDATE messages SET status=? WHERE msg_id=? AND direction=?",
                          (status, msg_id, direction))
 
+    def mark_sent(self, outcomes: list[tuple[str, bytes, str]]) -> None:
+        """For each ``(contact, msg_id, status)`` of an outgoing message: set its status and drop it
+        from the outbox (client/outbox.py; the (contact, direction, msg_id) index, not a scan)."""
+        self._db.executemany("UPDATE messages SET status=? WHERE contact=? AND direction='out' AND msg_id=?",
+                             [(status, contact, msg_id) for contact, msg_id, status in outcomes])
+        self._db.executemany("DELETE FROM outbox WHERE msg_id=?", [(msg_id,) for _, msg_id, _ in outcomes])
+
     def _message(self, row: tuple[Any, ...]) -> StoredMessage:
         rid, contact, direction, msg_id, body, sent_at, received_at, status = row
         aad = b"message:" + direction.encode() + b":" + contact.encode() + b":" + msg_id

@@ -3,7 +3,8 @@
 Every frame is one binary WebSocket message holding a msgpack map with ``v`` (version) and ``t``
 (type). Client -> server frames: :class:`Register`, :class:`Auth`, :class:`UploadPrekeys`,
 :class:`FetchBundle`, :class:`Send`, :class:`Ack`, :class:`Ping`, and behind capability flags
-(``hello.caps``) :class:`Block`, :class:`SendMany`, and the blob frames of cap ``blobs``
+(``hello.caps``) :class:`Block`, :class:`SendMany`, :class:`SendBatch` (a ``send`` with
+``envelopes``, cap ``batch``; reply :class:`AcceptedMany`), and the blob frames of cap ``blobs``
 (:class:`BlobBegin`, :class:`BlobPut`, :class:`BlobHeld`, :class:`BlobCommit`, :class:`BlobGet`,
 :class:`BlobRelease`; replies :class:`BlobState`, :class:`BlobData`), and (``accounts``, docs/accounts.md)
 :class:`SetRecovery`, :class:`Recover`, :class:`DeleteAccount`. Server -> client frames: :class:`Hello`,
@@ -38,6 +39,7 @@ DEFAULT_MAX_FRAME: Final = 256 * 1024
 DEFAULT_MAX_BODY: Final = 64 * 1024
 MESSAGE_ID_LEN: Final = 16
 NONCE_LEN: Final = 32
+EPOCH_LEN: Final = 16  # hello.epoch (docs/contracts.md 1.5)
 SIGNATURE_LEN: Final = 64
 MAX_NAME_FIELD: Final = 128  # raw username field; the username rules are checked separately
 MAX_IDENTITY_LEN: Final = 512
@@ -50,6 +52,12 @@ MAX_ACK_SEQS: Final = 4096
 MAX_DELIVER_MESSAGES: Final = 4096
 MAX_TEXT_FIELD: Final = 1024
 MAX_SEND_MANY_RECIPIENTS: Final = 1000  # = store.base.MAX_FANOUT; the relay may allow fewer
+# Cap ``batch``: envelopes in one ``send`` frame. 16 takes the per-frame costs (TLS record, decode,
+# dispatch, reply, event-loop wake-up) down to about a sixteenth each while a frame stays one small
+# unit of work: 16 ids in the reply, 16 tokens of the connection's bucket (burst 1000), and at most
+# 16 x 64 KiB bodies, which the 256 KiB frame limit bounds anyway. More buys little: past 16 the
+# relay's cost per message is the store's insert, which the group commit already batches.
+MAX_BATCH_ENVELOPES: Final = 16
 MAX_CAPS: Final = 64
 MAX_CAP_LEN: Final = 32
 MAX_RID: Final = (1 << 63) - 1
@@ -91,6 +99,7 @@ class UploadPrekeys:
     one_time: list[bytes] = field(default_factory=list)
     kem_one_time: list[bytes] = field(default_factory=list)
     kem_last_resort: bytes | None = None
+    replace: bool = False  # drop the account's one-time pools first (after a store epoch change)
     t: ClassVar[str] = "upload_prekeys"
 
 
@@ -109,6 +118,26 @@ class Send:
     id: bytes
     kind: str
     body: bytes
+    t: ClassVar[str] = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message of a :class:`SendBatch` (the fields of a plain ``send``)."""
+
+    to: str
+    id: bytes
+    kind: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    """Cap ``batch``: a ``send`` frame carrying ``envelopes`` (1..``MAX_BATCH_ENVELOPES``), each
+    stored as if sent alone, in order; one :class:`AcceptedMany` reply."""
+
+    rid: int
+    envelopes: list[Envelope]
     t: ClassVar[str] = "send"
 
 
@@ -249,6 +278,7 @@ class Hello:
     server: str
     limits: Limits
     caps: list[str] = field(default_factory=list)  # capabilities (docs/contracts.md 5); absent: none
+    epoch: bytes | None = None  # cap "epoch": the store epoch (contracts 1.5), EPOCH_LEN bytes
     t: ClassVar[str] = "hello"
 
 
@@ -278,6 +308,18 @@ class Accepted:
     rid: int
     id: bytes
     t: ClassVar[str] = "accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedMany:
+    """Reply to a :class:`SendBatch`: the envelopes' ``ids`` and one status each, in frame order
+    (``accepted``, ``duplicate``, ``unknown_user``, ``suspended``, ``mailbox_full``, ``sender_cap``,
+    ``quota_exceeded``, ``internal``); all those accepted are durable."""
+
+    rid: int
+    ids: list[bytes]
+    status: list[str]
+    t: ClassVar[str] = "accepted_many"
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,15 +402,15 @@ class Error:
     t: ClassVar[str] = "error"
 
 
-ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | Ack | Ping | Block | SendMany
-               | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease | SetRecovery | Recover
-               | DeleteAccount)
-ServerFrame = (Hello | Ok | Bundle | Accepted | Pong | Deliver | PrekeysLow | Drained | Error | Results
-               | BlobState | BlobData)
+ClientFrame = (Register | Auth | UploadPrekeys | FetchBundle | Send | SendBatch | Ack | Ping | Block
+               | SendMany | BlobBegin | BlobPut | BlobHeld | BlobCommit | BlobGet | BlobRelease | SetRecovery
+               | Recover | DeleteAccount)
+ServerFrame = (Hello | Ok | Bundle | Accepted | AcceptedMany | Pong | Deliver | PrekeysLow | Drained | Error
+               | Results | BlobState | BlobData)
 Frame = ClientFrame | ServerFrame
-CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, Ack, Ping, Block, SendMany,
-                             BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease, SetRecovery,
-                             Recover, DeleteAccount)
+CLIENT_FRAME_TYPES: Final = (Register, Auth, UploadPrekeys, FetchBundle, Send, SendBatch, Ack, Ping, Block,
+                             SendMany, BlobBegin, BlobPut, BlobHeld, BlobCommit, BlobGet, BlobRelease,
+                             SetRecovery, Recover, DeleteAccount)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -387,6 +429,11 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
                    limits={"max_frame": frame.limits.max_frame, "max_body": frame.limits.max_body})
         if frame.caps:
             out["caps"] = list(frame.caps)
+        if frame.epoch is not None:
+            out["epoch"] = frame.epoch
+    elif isinstance(frame, SendBatch):
+        out["rid"] = frame.rid
+        out["envelopes"] = [{"to": e.to, "id": e.id, "kind": e.kind, "body": e.body} for e in frame.envelopes]
     elif isinstance(frame, Auth):
         out.update(rid=frame.rid, username=frame.username, sig=frame.sig)
         if frame.counter is not None:
@@ -535,10 +582,14 @@ def _upload_prekeys(f: _Fields) -> UploadPrekeys:
                 for v in f.as_list("one_time", max_items=MAX_ONE_TIME_PER_UPLOAD, default_empty=True)]
     kem = [f.as_bytes("kem_one_time[]", max_len=MAX_KEM_PREKEY_LEN, value=v, present=True)
            for v in f.as_list("kem_one_time", max_items=MAX_KEM_PER_UPLOAD, default_empty=True)]
+    replace = f.m.get("replace", False)
+    if type(replace) is not bool:
+        raise f.fail("'replace' must be true or false")
     return UploadPrekeys(rid=f.as_int("rid"),
                          signed_prekey=f.opt_bytes("signed_prekey", max_len=MAX_SIGNED_PREKEY_LEN),
                          one_time=one_time, kem_one_time=kem,
-                         kem_last_resort=f.opt_bytes("kem_last_resort", max_len=MAX_KEM_PREKEY_LEN))
+                         kem_last_resort=f.opt_bytes("kem_last_resort", max_len=MAX_KEM_PREKEY_LEN),
+                         replace=replace)
 
 
 def _fetch_bundle(f: _Fields) -> FetchBundle:
@@ -549,7 +600,9 @@ def _fetch_bundle(f: _Fields) -> FetchBundle:
                        group=group is True)
 
 
-def _send(f: _Fields) -> Send:
+def _send(f: _Fields) -> Send | SendBatch:
+    if "envelopes" in f.m:
+        return _send_batch(f)
     rid = f.as_int("rid")
     kind = f.as_str("kind", max_len=16)
     if kind not in MESSAGE_KINDS:
@@ -571,6 +624,32 @@ def _send_fast(m: dict[Any, Any]) -> Send | None:
     return None
 
 
+def _send_batch(f: _Fields) -> SendBatch:
+    """Cap ``batch``: each envelope gets ``_send``'s checks, written inline (the relay's hot path
+    at 16 envelopes a frame; ``_send_fast`` is the one-envelope mirror)."""
+    rid = f.as_int("rid")
+    items = f.as_list("envelopes", max_items=MAX_BATCH_ENVELOPES)
+    if not items:
+        raise f.fail("'envelopes' holds no envelope")
+    out = []
+    for item in items:
+        if type(item) is not dict:
+            raise f.fail("'envelopes' items must be maps")
+        to, msg_id, kind, body = item.get("to"), item.get("id"), item.get("kind"), item.get("body")
+        if type(to) is not str or len(to) > MAX_NAME_FIELD:
+            raise f.fail(f"envelope 'to' must be a string of at most {MAX_NAME_FIELD} characters")
+        if type(msg_id) is not bytes or len(msg_id) != MESSAGE_ID_LEN:
+            raise f.fail(f"envelope 'id' must be {MESSAGE_ID_LEN} bytes")
+        if type(kind) is not str or kind not in MESSAGE_KINDS:
+            raise f.fail("envelope 'kind' must be 'msg' or 'pake'")
+        if type(body) is not bytes:
+            raise f.fail("envelope 'body' must be binary")
+        if len(body) > DEFAULT_MAX_FRAME:
+            raise f.fail(f"envelope 'body' longer than {DEFAULT_MAX_FRAME} bytes", TOO_LARGE)
+        out.append(Envelope(to=to, id=msg_id, kind=kind, body=body))
+    return SendBatch(rid=rid, envelopes=out)
+
+
 def _ack(f: _Fields) -> Ack:
     seqs = f.m.get("seqs")
     if (type(seqs) is list and len(seqs) <= MAX_ACK_SEQS
@@ -590,7 +669,12 @@ def _hello(f: _Fields) -> Hello:
             for c in f.as_list("caps", max_items=MAX_CAPS, default_empty=True)]
     return Hello(nonce=f.as_bytes("nonce", max_len=NONCE_LEN, exact=NONCE_LEN), server=f.as_str("server"),
                  limits=Limits(max_frame=limits.as_int("max_frame"), max_body=limits.as_int("max_body")),
-                 caps=caps)
+                 caps=caps, epoch=_opt_exact_bytes(f, "epoch", EPOCH_LEN))
+
+
+def _opt_exact_bytes(f: _Fields, key: str, length: int) -> bytes | None:
+    v = f.m.get(key)
+    return None if v is None else f.as_bytes(key, max_len=length, exact=length, value=v, present=True)
 
 
 def _block(f: _Fields) -> Block:
@@ -689,6 +773,16 @@ def _accepted(f: _Fields) -> Accepted:
     return Accepted(rid=f.as_int("rid"), id=f.as_bytes("id", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN))
 
 
+def _accepted_many(f: _Fields) -> AcceptedMany:
+    ids = [f.as_bytes("ids[]", max_len=MESSAGE_ID_LEN, exact=MESSAGE_ID_LEN, value=v, present=True)
+           for v in f.as_list("ids", max_items=MAX_BATCH_ENVELOPES)]
+    status = [f.as_str("status[]", max_len=32, value=v, present=True)
+              for v in f.as_list("status", max_items=MAX_BATCH_ENVELOPES)]
+    if len(ids) != len(status):
+        raise f.fail("'ids' and 'status' differ in length")
+    return AcceptedMany(rid=f.as_int("rid"), ids=ids, status=status)
+
+
 def _pong(f: _Fields) -> Pong:
     return Pong(rid=f.as_int("rid"))
 
@@ -721,8 +815,8 @@ _DECODERS: Final[dict[str, Callable[[_Fields], Frame]]] = {
     "register": _register, "auth": _auth, "upload_prekeys": _upload_prekeys,
     "fetch_bundle": _fetch_bundle, "send": _send, "ack": _ack, "ping": _ping, "block": _block,
     "send_many": _send_many, "results": _results, "hello": _hello, "ok": _ok, "bundle": _bundle,
-    "accepted": _accepted, "pong": _pong, "set_recovery": _set_recovery, "recover": _recover,
-    "delete_account": _delete_account,
+    "accepted": _accepted, "accepted_many": _accepted_many, "pong": _pong, "set_recovery": _set_recovery,
+    "recover": _recover, "delete_account": _delete_account,
     "deliver": _deliver, "prekeys_low": _prekeys_low, "drained": lambda _: Drained(), "error": _error,
     "blob_begin": _blob_begin, "blob_put": _blob_put, "blob_held": _blob_held, "blob_commit": _blob_commit,
     "blob_get": _blob_get, "blob_release": _blob_release, "blob_state": _blob_state, "blob_data": _blob_data,

@@ -66,6 +66,7 @@ class RelayServer:
         config.validate()
         self.config = config
         self.store: RelayStore = store or make_store(config)
+        self.epoch: bytes | None = None  # the store epoch sent in hello (read in start())
         # Scale-out (server/bus.py): wake-ups for users connected to other instances. Only the SQLite
         # store completes commits in seq order on one writer thread; with any other store a pushed
         # seq that is not the next one makes the connection page from the store instead.
@@ -118,6 +119,8 @@ class RelayServer:
             tlsbuffer.install()  # one TLS read buffer per event loop, not 256 KiB per connection
         self.admission = Admission(self._admission_limits(), progressed=tcp_progressed)
         await self.store.open()
+        # contracts 1.5: read once; a restore or migration changes it, and means a restart
+        self.epoch = await self.store.epoch()
         await self.store.prune(_now_ms(), cfg.dedup_window_s * 1000)
         await self.operator_watch.skip_history()
         await self.bus.start(self.wake, self._routes.keys, self._on_control)

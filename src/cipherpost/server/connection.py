@@ -61,6 +61,7 @@ from ..protocol.frames import (
     Recover,
     Register,
     Send,
+    SendBatch,
     SendMany,
     SetRecovery,
     UploadPrekeys,
@@ -76,7 +77,7 @@ from ..store.base import (
     PoolCounts,
     StoreError,
 )
-from .handlers import CAPS, accounts, blobs, mail, prekeys
+from .handlers import CAPS, accounts, batch, blobs, mail, prekeys
 from .limits import TokenBucket, address_prefix, retry_text
 from .transport import BatchingServerConnection
 
@@ -142,7 +143,7 @@ class Connection:
         try:
             cfg = self.config
             self._queue_frame(encode_frame(Hello(nonce=self.nonce, server=cfg.server_name,
-                                                 caps=[*CAPS, *accounts.CAPS],
+                                                 caps=[*CAPS, *accounts.CAPS], epoch=self.server.epoch,
                                                  limits=Limits(cfg.max_frame, cfg.max_body))))
             async for data in self.ws:
                 self.metrics.frames_received += 1
@@ -557,21 +558,31 @@ class Connection:
         self.store.enqueue_then(message, self.server.mailbox_policy,
                                 partial(self._enqueued, frame.rid, message))
 
-    def _enqueued(self, rid: int, message: NewMessage, result: EnqueueResult | None,
+    def store_message(self, message: NewMessage, reply: Callable[..., None], index: int) -> None:
+        """A plain send's store, backpressure and routing, for a handler that replies itself
+        (handlers/batch.py): after the commit, ``reply(index, message, result, exc)``."""
+        self._in_flight += 1
+        self.store.enqueue_then(message, self.server.mailbox_policy,
+                                partial(self._enqueued, partial(reply, index), message))
+
+    def _enqueued(self, rid: int | Callable[..., None], message: NewMessage, result: EnqueueResult | None,
                   exc: StoreError | None) -> None:
         """Runs after the commit: reply ``accepted`` and push the message to its recipient."""
         self._in_flight -= 1
         if self._in_flight < MAX_IN_FLIGHT_SENDS:
             self._send_slot.set()
-        if exc is not None:
+        if not isinstance(rid, int):  # a handler's own reply (store_message)
+            rid(message, result, exc)
+        elif exc is not None:
             code, text = mail.refusal(exc, message.recipient, self.config)
             if code == E.INTERNAL:
                 log.error("event=enqueue_failed error=%s", type(exc).__name__)
             self.send_error(rid, code, text)
+        else:
+            self._queue_frame(encode_accepted(rid, message.msg_id))
+        if result is None:
             return
-        assert result is not None
         self.server.valid_names.add(message.recipient)
-        self._queue_frame(encode_accepted(rid, message.msg_id))
         if result.duplicate:
             self.metrics.messages_duplicate += 1
             return
@@ -605,5 +616,6 @@ _HANDLERS: dict[type, Callable[[Connection, Any], Any]] = {
     FetchBundle: prekeys.fetch_bundle, Send: Connection._send, Ack: Connection._ack,
     Ping: Connection._ping, Block: mail.block, SendMany: mail.send_many, **blobs.HANDLERS,
     SetRecovery: accounts.set_recovery, Recover: accounts.recover, DeleteAccount: accounts.delete_account,
+    SendBatch: batch.send_batch,
 }
 _UNAUTHENTICATED = frozenset({Register, Auth, Ping, Recover})

@@ -368,9 +368,12 @@ class RelayStore(Protocol):
 
     async def put_prekeys(self, username: str, *, signed_prekey: bytes | None,
                           one_time: Sequence[tuple[int, bytes]], kem_one_time: Sequence[tuple[int, bytes]],
-                          kem_last_resort: bytes | None, max_pool: int) -> PoolCounts:
+                          kem_last_resort: bytes | None, max_pool: int,
+                          replace_pools: bool = False) -> PoolCounts:
         """Replace the signed / last-resort prekeys when given; add one-time prekeys (same key id
-        replaces). Raises :class:`PrekeyPoolFull` (nothing written) if a pool would exceed ``max_pool``."""
+        replaces). With ``replace_pools`` both one-time pools are emptied first, in the same
+        transaction (after a store epoch change, contracts 1.5). Raises :class:`PrekeyPoolFull`
+        (nothing written) if a pool would exceed ``max_pool``."""
 
     async def prekey_counts(self, username: str) -> PoolCounts: ...
 

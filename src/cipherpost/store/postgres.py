@@ -553,7 +553,8 @@ class PostgresRelayStore(PostgresBlobs):
 
     async def put_prekeys(self, username: str, *, signed_prekey: bytes | None,
                           one_time: Sequence[tuple[int, bytes]], kem_one_time: Sequence[tuple[int, bytes]],
-                          kem_last_resort: bytes | None, max_pool: int) -> PoolCounts:
+                          kem_last_resort: bytes | None, max_pool: int,
+                          replace_pools: bool = False) -> PoolCounts:
         rows = ([(username, _X25519, k, d) for k, d in one_time]
                 + [(username, _KEM, k, d) for k, d in kem_one_time])
         n_one_time, n_kem = len(one_time), len(kem_one_time)
@@ -564,6 +565,8 @@ class PostgresRelayStore(PostgresBlobs):
                                              "FOR UPDATE", username)
                 if locked is None:
                     raise UnknownAccount(username)
+                if replace_pools:
+                    await conn.execute("DELETE FROM one_time_prekeys WHERE username=$1", username)
                 have = await self._counts(conn, username)
                 if have.one_time + n_one_time > max_pool or have.kem + n_kem > max_pool:
                     raise PrekeyPoolFull(f"a one-time prekey pool would exceed {max_pool} keys")

@@ -581,14 +581,17 @@ class SqliteRelayStore(_BlobMixin):
 
     async def put_prekeys(self, username: str, *, signed_prekey: bytes | None,
                           one_time: Sequence[tuple[int, bytes]], kem_one_time: Sequence[tuple[int, bytes]],
-                          kem_last_resort: bytes | None, max_pool: int) -> PoolCounts:
+                          kem_last_resort: bytes | None, max_pool: int,
+                          replace_pools: bool = False) -> PoolCounts:
         one_time, kem_one_time = list(one_time), list(kem_one_time)
 
         def op(conn: sqlite3.Connection) -> PoolCounts:
             self._require_account(conn, username)
-            have = self._counts(conn, username)
+            have = PoolCounts(0, 0) if replace_pools else self._counts(conn, username)
             if have.one_time + len(one_time) > max_pool or have.kem + len(kem_one_time) > max_pool:
                 raise PrekeyPoolFull(f"a one-time prekey pool would exceed {max_pool} keys")
+            if replace_pools:  # checked before writing: same transaction as the inserts below
+                conn.execute("DELETE FROM one_time_prekeys WHERE username=?", (username,))
             if signed_prekey is not None:
                 conn.execute("UPDATE accounts SET signed_prekey=? WHERE username=?",
                              (signed_prekey, username))

@@ -7,4 +7,4 @@ registers in its ``_HANDLERS`` table; it reaches the connection only through the
 from typing import Final
 
 # announced in hello.caps (docs/contracts.md section 5)
-CAPS: Final = ("block", "send_many", "blobs", "drained")
+CAPS: Final = ("block", "send_many", "blobs", "drained", "epoch", "batch")

@@ -23,7 +23,7 @@ from ...protocol import errors as E
 from ...protocol.errors import ProtocolError
 from ...protocol.frames import Bundle, FetchBundle, Ok, PrekeyCounts, PrekeysLow, UploadPrekeys, encode_frame
 from ...protocol.usernames import require_normalized
-from ...store.base import NoPrekeys, PrekeyPoolFull, UnknownAccount
+from ...store.base import NoPrekeys, PoolCounts, PrekeyPoolFull, UnknownAccount
 from ..limits import pair_key, retry_text
 from . import accounts
 
@@ -59,7 +59,7 @@ async def upload_prekeys(conn: Connection, frame: UploadPrekeys) -> None:
     for name, keys in (("one_time", one_time), ("kem_one_time", kem)):
         if len({k.key_id for k in keys}) != len(keys):
             raise ProtocolError(E.BAD_PREKEY, f"{name} repeats a key id")
-    have = await server.store.prekey_counts(username)
+    have = PoolCounts(0, 0) if frame.replace else await server.store.prekey_counts(username)
     max_pool = cfg.max_prekey_pool
     if have.one_time + len(one_time) > max_pool or have.kem + len(kem) > max_pool:
         raise ProtocolError(E.BAD_PREKEY, f"a one-time prekey pool would exceed {max_pool} keys "
@@ -79,7 +79,7 @@ async def upload_prekeys(conn: Connection, frame: UploadPrekeys) -> None:
             username, signed_prekey=frame.signed_prekey,
             one_time=[(k.key_id, b) for k, b in zip(one_time, frame.one_time, strict=True)],
             kem_one_time=[(k.key_id, b) for k, b in zip(kem, frame.kem_one_time, strict=True)],
-            kem_last_resort=frame.kem_last_resort, max_pool=max_pool)
+            kem_last_resort=frame.kem_last_resort, max_pool=max_pool, replace_pools=frame.replace)
     except PrekeyPoolFull as exc:
         raise ProtocolError(E.BAD_PREKEY, str(exc)) from None
     conn.push_frame(encode_frame(Ok(rid=frame.rid, prekeys=PrekeyCounts(counts.one_time, counts.kem))))
