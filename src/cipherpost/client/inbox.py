@@ -134,6 +134,9 @@ class Receiver:
         self.listeners: list[Callable[[IncomingMessage], None]] = []
         self.activity = asyncio.Event()     # set after every handled batch
         self.drained = asyncio.Event()      # set by the relay's `drained` push, where announced
+        self.idle = asyncio.Event()         # no delivered batch is being handled (receive waits)
+        self.idle.set()
+        self._handling = 0
         self._notices: dict[str, _Notice] = {}
         # What this process stored and has not shown yet, by row: take_new_messages then reads
         # only row ids instead of decrypting every record again (a catch-up of 10,000 messages).
@@ -141,6 +144,16 @@ class Receiver:
 
     # ------------------------------------------------------------------ one deliver frame
     async def handle_deliver(self, messages: list[Any]) -> None:
+        self._handling += 1
+        self.idle.clear()
+        try:
+            await self._handle_deliver(messages)
+        finally:
+            self._handling -= 1
+            if not self._handling:
+                self.idle.set()
+
+    async def _handle_deliver(self, messages: list[Any]) -> None:
         c = self._c
         seqs: list[int] = []
         async with c._state_lock:
@@ -447,10 +460,25 @@ class Receiver:
             if "drained" in conn.caps:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.drained.wait(), timeout=max(wait, 30.0))
+                live = False
                 while not got_any[0] and time.monotonic() < deadline:
                     self.activity.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.activity.wait(), deadline - time.monotonic())
+                    live = True
+                # Queued mail ends at `drained`; mail that came live has no such end: let the rest
+                # of its burst (and the work its batch still awaits, e.g. decryption-error reports)
+                # finish, as without `drained`.
+                while live and got_any[0]:
+                    self.activity.clear()
+                    try:
+                        await asyncio.wait_for(self.activity.wait(), timeout=settle)
+                    except TimeoutError:
+                        break
+                # A batch may still be finishing (its rows are committed, its acks and
+                # decryption-error reports not yet sent): let it end before returning.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.idle.wait(), timeout=max(wait, 30.0))
             else:
                 while True:
                     self.activity.clear()
