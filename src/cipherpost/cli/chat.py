@@ -33,6 +33,8 @@ from . import chat_files
 from .account_cmd import print_recovery_code
 from .common import EXIT_INTERRUPTED, PASSPHRASE_ENV, contact_state, group_digits, message_lines, printable
 from .contacts_cmd import CHAT_COMMANDS, CHAT_HELP, chat_command
+from .group_cmd import CHAT_HELP as GROUP_HELP
+from .group_cmd import chat_command as group_command
 from .input_limit import BoundedInput, limited_input_bindings
 
 DEFAULT_SERVER = "wss://127.0.0.1:8765"
@@ -51,6 +53,7 @@ commands:
   /verify NAME password   verify NAME with a password you both know (SPAKE2)
 {CHAT_HELP}
   /file PATH        send a file to the person you are talking to (received files go to Downloads)
+{GROUP_HELP}
   //TEXT            send a line that starts with "/"
   /help             this text
   /quit             leave (Ctrl-D works too)"""
@@ -109,6 +112,7 @@ class Chat:
         self.questions = questions
         self.lines = chat_session()
         self.peer: str | None = None
+        self.group: str | None = None   # /group NAME: plain lines go to the group (cli/group_cmd.py)
         self.interrupt_hint_shown = False
         self.last_status = ""
         self.had_queued = False
@@ -116,6 +120,8 @@ class Chat:
         self.verifying: set[str] = set()
 
     def prompt_text(self) -> str:
+        if self.group:
+            return f"#{self.group}> "
         return f"{self.peer}> " if self.peer else "> "
 
     def show(self, message: IncomingMessage) -> None:
@@ -127,6 +133,8 @@ class Chat:
             print(f"!! (in this chat: /accept {message.sender}, or /block {message.sender})")
         elif message.warning:
             print(f"!! (in this chat: /verify {message.sender})")
+        if message.group is not None:
+            return   # group lines carry their group; /group NAME answers there
         if self.peer is None:
             self.peer = message.sender
             print(f"-- now talking to {message.sender}: type to reply (/to NAME to switch)")
@@ -174,6 +182,10 @@ class Chat:
         if not line.startswith("/") or line.startswith("//"):
             if line.startswith("//"):   # a message that itself starts with "/"
                 line = line[1:]
+            if self.group is not None:
+                await self.client.send_group(self.group, line)
+                print(f"[{clock(now_ms())}] you -> [{printable(self.group)}]: {printable(line)}")
+                return True
             if self.peer is None:
                 print(f"(not sent) who is it for? /to NAME first, then type. Unsent: {printable(line)}")
                 return True
@@ -205,6 +217,8 @@ class Chat:
                   f"(compare it with {name} in person or on a call, then /verify {name})")
         elif cmd == "/verify":
             await self.verify(arg)
+        elif cmd == "/groups" or (cmd == "/group" and arg):
+            self.group = await group_command(self.client, cmd, arg) or self.group
         elif cmd in CHAT_COMMANDS:
             await chat_command(self.client, cmd, arg)
         else:
@@ -216,7 +230,7 @@ class Chat:
         if name == self.client.username:
             print("that is you: /to someone else")
             return False
-        self.peer = name
+        self.peer, self.group = name, None
         known = self.client.db.get_contact(name) is not None
         print(f"-- talking to {name}" + ("" if known else " (new contact: their keys are fetched "
                                                          "when you send the first message)"))
@@ -230,10 +244,10 @@ class Chat:
         for c in contacts:
             state, text = contact_state(c)
             if self.client.is_blocked(c.name):
-                state, text = "user_blocked", f"BLOCKED by you (/unblock {c.name})"
-            hint = {"unverified": f" (compare: /safety {c.name})",
-                    "key_changed": f" - check it: /verify {c.name}",
-                    "blocked": f" (verify again: /verify {c.name} password)"}.get(state, "")
+                state, text = "user_blocked", f"BLOCKED by you (/unblock {printable(c.name)})"
+            hint = {"unverified": f" (compare: /safety {printable(c.name)})",
+                    "key_changed": f" - check it: /verify {printable(c.name)}",
+                    "blocked": f" (verify again: /verify {printable(c.name)} password)"}.get(state, "")
             print(f"  {printable(c.name):<{width}}  {printable(text)}{hint}")
 
     def show_history(self, name: str) -> None:

@@ -121,4 +121,7 @@ def message_lines(m: IncomingMessage, when: Callable[[int | None], str]) -> list
     if m.warning == "undecryptable":
         return [f"!! [{when(m.received_at)}] {printable(m.text)}"]
     lines = [f"!! WARNING: {printable(m.warning)}"] if m.warning else []
+    if m.group is not None:   # a group message or event: the group, then the sender
+        who = f"[{printable(m.group)}] {printable(m.sender)}: " if m.sender else f"[{printable(m.group)}] -- "
+        return [*lines, f"[{when(m.sent_at or m.received_at)}] {who}{printable(m.text)}"]
     return [*lines, f"[{when(m.sent_at)}] {printable(m.sender)}: {printable(m.text)}"]

@@ -43,6 +43,8 @@ from .common import (
     read_passphrase,
 )
 from .contacts_cmd import register as register_contact_commands
+from .group_cmd import register as register_group_commands
+from .group_cmd import send_group
 from .server_cmd import register as register_server_commands
 from .verify_password import verify_with_password
 
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Send one message of 1 to {MAX_TEXT_BYTES} bytes (UTF-8) to NAME. "
                                    "Empty or whitespace-only text is refused. With no session yet, "
                                    "this fetches NAME's keys and trusts them on first use.")
+    p.add_argument("--group", default=None, metavar="GROUP",
+                   help="send to the group GROUP instead (no NAME: `send --group GROUP TEXT...`)")
     p.add_argument("name", help="recipient username")
     p.add_argument("text", nargs="*",
                    help=f"message text, at most {MAX_TEXT_BYTES} bytes ('-' reads one message from "
@@ -173,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_history)
 
     register_contact_commands(add, _run)   # block, unblock, accept, requests
+    register_group_commands(sub, _run)     # group create|add|remove|leave|list|info|history
 
     p = add("passphrase", help="change the passphrase of your profile",
                        description="Re-seal the key store under a new passphrase. The new file is "
@@ -237,7 +242,7 @@ def _run(args: argparse.Namespace, body: Callable[[Client], Awaitable[int]]) -> 
 
 def _message_json(m: IncomingMessage) -> dict[str, Any]:
     return {"id": m.id, "from": m.sender, "text": m.text, "sent_at": m.sent_at,
-            "received_at": m.received_at, "warning": m.warning}
+            "received_at": m.received_at, "warning": m.warning, "group": m.group}
 
 
 # --------------------------------------------------------------------------- commands
@@ -307,6 +312,14 @@ def _send_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    if args.group is not None:   # `send --group G TEXT...`: argparse took the first word as the name
+        args.text = [args.name, *args.text]
+        text = sys.stdin.read().rstrip("\n") if args.text == ["-"] else " ".join(args.text)
+        try:
+            check_text(text)
+        except EmptyMessage as exc:
+            raise UsageError(str(exc)) from None
+        return _run(args, lambda client: send_group(client, args.group, text))
     texts = _send_texts(args)
 
     async def body(client: Client) -> int:

@@ -121,6 +121,9 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
                    help="attachment bytes uploaded plus downloaded per account per hour (default 4 GiB)")
     g.add_argument("--disk-budget", type=int, default=None,
                    help="bytes of queued mail the whole relay may store (default: no budget)")
+    g.add_argument("--group-bundle-fetches-per-hour", type=int, default=1000,
+                   help="bundle fetches for group setup and rotation per account per hour, apart from "
+                        "--bundle-fetches-per-hour (default 1000)")
     g.add_argument("--registrations-per-prefix-per-hour", type=int, default=20,
                    help="accounts registered per IPv4 /24 or IPv6 /64 per hour (default 20)")
     g.add_argument("--one-time-prekeys-per-target-per-hour", type=int, default=60,
@@ -146,6 +149,7 @@ def _limit_settings(args: argparse.Namespace) -> dict[str, Any]:
         max_queue_per_sender=args.max_queue_per_sender, max_stored_bytes=args.max_stored_bytes,
         disk_budget_bytes=args.disk_budget, max_blob_bytes=args.max_blob_bytes, blob_dir=args.blob_dir,
         blob_bytes_per_hour=args.blob_bytes_per_hour,
+        group_bundle_fetches_per_hour=args.group_bundle_fetches_per_hour,
         registrations_per_prefix_per_hour=args.registrations_per_prefix_per_hour,
         one_time_prekeys_per_target_per_hour=args.one_time_prekeys_per_target_per_hour,
         prekey_uploads_per_account_per_hour=args.prekey_uploads_per_hour, pake_per_hour=args.pake_per_hour,

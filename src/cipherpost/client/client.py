@@ -50,10 +50,13 @@ from .errors import (
     VerificationError,
     WrongPassphraseError,
 )
+from .group_store import GroupInfo
+from .groups import Groups
 from .home import ProfileLock, ProfilePaths, private_dir, write_private_file
 from .inbox import IncomingMessage, Receiver
 from .plaintext import build_file_payload, build_text_payload
 from .plaintext import pad as pad  # re-exported: tests and older callers import it from here
+from .plaintext import unpad as unpad
 from .prekeys_low import PrekeysLowGate
 from .profile import Contact, ProfileDB, StoredMessage
 from .requests import Request, Requests
@@ -96,6 +99,7 @@ class Client:
         self.requests = Requests(db)
         self.retries = Retries(self)
         self.receiver = Receiver(self)
+        self.groups = Groups(self)   # client/groups.py; the group API below delegates to it
         self._prekeys_low = PrekeysLowGate()
         self.recovery_code: str | None = None  # shown once after create; never stored
 
@@ -247,7 +251,7 @@ class Client:
         # it stays queued (or is marked failed when retrying cannot help); `send` reports such
         # refusals to whoever is sending.
         with contextlib.suppress(ServerError):
-            await self.flush_outbox()
+            await self.groups.flush()   # the pairwise outbox, then the group outbox
         with contextlib.suppress(ServerError):
             await self.blocks.tell_relay(conn)
 
@@ -480,7 +484,7 @@ class Client:
         """Send each ``(name, text)`` in order, sharing one profile commit (client/outbox.py)."""
         return await outbox.send_many(self, items)
 
-    async def _sending_session(self, name: str) -> tuple[Session, bool]:
+    async def _sending_session(self, name: str, *, group: bool = False) -> tuple[Session, bool]:
         """The session to encrypt with, and whether it mixed in the contact's verification PSK."""
         # Writing back to a stranger accepts their request: the reply uses their session.
         contact = self.db.get_contact(name) or self.requests.accept_if_pending(name)
@@ -497,7 +501,10 @@ class Client:
                     raise ProfileError(f"a stored session with {name} is not with their pinned key")
                 return session, psk is not None
         conn = self._require_conn()
-        reply = await conn.request({"t": "fetch_bundle", "username": name})
+        frame: dict[str, Any] = {"t": "fetch_bundle", "username": name}
+        if group:
+            frame["group"] = True   # group setup: the relay's separate budget (docs/groups.md)
+        reply = await conn.request(frame)
         try:
             bundle = PrekeyBundle.from_parts(reply["identity"], reply["signed_prekey"], reply["kem_prekey"],
                                              reply.get("one_time_prekey"))
@@ -570,6 +577,31 @@ class Client:
 
     def history(self, name: str, limit: int = 50) -> list[StoredMessage]:
         return self.db.history(name, limit)
+
+    # ------------------------------------------------------------------ groups (client/groups.py)
+    async def create_group(self, name: str, members: list[str], admins: tuple[str, ...] = ()) -> GroupInfo:
+        return await self.groups.create(name, members, admins)
+
+    async def group_add(self, name: str, members: list[str]) -> GroupInfo:
+        return await self.groups.add(name, members)
+
+    async def group_remove(self, name: str, members: list[str]) -> GroupInfo:
+        return await self.groups.remove(name, members)
+
+    async def group_leave(self, name: str) -> GroupInfo:
+        return await self.groups.leave(name)
+
+    def group_list(self) -> list[GroupInfo]:
+        return self.groups.all()
+
+    def group_info(self, name: str) -> GroupInfo:
+        return self.groups.info(name)
+
+    async def send_group(self, name: str, text: str) -> bytes:
+        return await self.groups.send(name, text)
+
+    def group_history(self, name: str, limit: int = 50) -> list[StoredMessage]:
+        return self.groups.history(name, limit)
 
     # ------------------------------------------------------------------ password verification
     def on_pake_request(self, callback: Callable[[str], None]) -> None:

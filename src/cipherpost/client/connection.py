@@ -44,6 +44,7 @@ EXPECTED_REPLY: dict[str, str] = {
     "ping": "pong", "block": "ok", "set_recovery": "ok", "recover": "ok", "delete_account": "ok",
     "blob_begin": "blob_state", "blob_put": "blob_state", "blob_held": "blob_state",
     "blob_commit": "blob_state", "blob_get": "blob_data", "blob_release": "ok",
+    "send_many": "results",   # group messages (client/groups.py)
 }
 
 
@@ -313,8 +314,8 @@ def check_reply(request: dict[str, Any], reply: dict[str, Any]) -> None:
         status = reply.get("status")
         if reply.get("ids") != ids or not isinstance(status, list) or len(status) != len(ids):
             raise BadReply("the server's 'accepted_many' does not list the envelopes sent, one status each")
-    elif request["t"] == "send" and reply.get("id") != request.get("id"):
-        raise BadReply("the server's 'accepted' names another message id than the one sent")
+    elif request["t"] in ("send", "send_many") and reply.get("id") != request.get("id"):
+        raise BadReply(f"the server's {expected!r} names another message id than the one sent")
 
 
 def _lenient_rid(raw: bytes | str) -> int | None:

@@ -67,13 +67,16 @@ class IncomingMessage:
     row: int | None = field(default=None, compare=False, repr=False)   # for mark_shown
     request: bool = field(default=False, compare=False)   # from a stranger: not a contact yet
     file: FileOffer | None = None  # an attachment (client/attachments.py), not yet downloaded
+    group: str | None = None   # the group's name for a group message or event (client/groups.py)
 
     @classmethod
     def from_stored(cls, m: StoredMessage) -> IncomingMessage:
-        warning = m.extra.get("warning")
-        return cls(m.msg_id.hex(), m.contact, m.text, m.sent_at, m.received_at,
+        warning, group, sender = m.extra.get("warning"), m.extra.get("group"), m.extra.get("from", m.contact)
+        return cls(m.msg_id.hex(), sender if isinstance(sender, str) else "", m.text, m.sent_at,
+                   m.received_at,
                    warning if isinstance(warning, str) else None, m.row,
-                   m.status in (REQUEST, REQUEST_SHOWN), attachments.offer_of(m.extra))
+                   m.status in (REQUEST, REQUEST_SHOWN), attachments.offer_of(m.extra),
+                   group if isinstance(group, str) else None)
 
 
 @dataclass
@@ -193,6 +196,7 @@ class Receiver:
             for listener in self.listeners:
                 listener(message)
         await c.retries.after_batch(batch.derr_out, batch.derr_in)
+        await c.groups.after_batch()
         self.activity.set()
 
     def _one(self, batch: _Batch, m: dict[str, Any]) -> None:
@@ -217,6 +221,9 @@ class Receiver:
             return
         if kind == "derr":
             batch.derr_in.append((sender, body))
+            return
+        if kind == "grp":   # a group message (client/groups.py)
+            batch.shown.extend(c.groups.receive_grp(sender, msg_id, body, m.get("ts")))
             return
         if kind != "msg" or c.db.has_message(sender, "in", msg_id):
             return   # unknown kind, or a redelivery of something already stored: just ack it again
@@ -315,8 +322,15 @@ class Receiver:
         else:
             raise ClientError("no session matches this message (it may predate a reset of either side)")
         kind, content, sent_at = parse_payload(plaintext, sender=sender, me=c.username)
-        text, file_extra = attachments.read_content(kind, content)
         peer = session.peer.encode()
+        if kind == "group":   # a group payload (client/groups.py), never shown as text
+            if new_store is not None:
+                c.db.mark_session_accepted(session.session_id)
+            events = c.groups.on_control(sender, peer, content)
+            batch.contacts.clear()   # a change may have pinned members: later messages are from contacts
+            return _Stored(session.session_id, _SessionEntry(sender, peer, session, with_psk, dirty=True),
+                           new_store, None, events, ("group_control", {}))
+        text, file_extra = attachments.read_content(kind, content)
         contact = self._contact(batch, sender)
         # One message's writes are one step: undone alone if any of them fails. The common case
         # (a known contact, same key, no gap) is a single INSERT, atomic by itself.
@@ -413,9 +427,12 @@ class Receiver:
 
     def mark_shown(self, messages: list[IncomingMessage]) -> None:
         db = self._c.db
+        asked = {m.row for m in messages if m.row is not None and m.request}
+        if asked:   # a request settled since it arrived (a group pinned its sender) is shown as usual
+            asked &= {m.row for m in db.messages_with_status(REQUEST)}
         with db.transaction():
-            db.set_status([m.row for m in messages if m.row is not None and not m.request], "shown")
-            db.set_status([m.row for m in messages if m.row is not None and m.request], REQUEST_SHOWN)
+            db.set_status([m.row for m in messages if m.row is not None and m.row not in asked], "shown")
+            db.set_status(sorted(r for r in asked if r is not None), REQUEST_SHOWN)
         for m in messages:
             if m.row is not None:
                 self._unshown.pop(m.row, None)

@@ -110,9 +110,9 @@ def build_file_payload(offer: dict[str, Any], sent_at_ms: int, written_by: str, 
 
 
 def parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, Any, int]:
-    """``(kind, content, sent_at_ms)`` of a decrypted payload: ``("text", str, ...)`` or
-    ``("file", map, ...)``, checked against who the relay says wrote it (``sender``) and to whom
-    (``me``). Raises InvalidPayload."""
+    """``(kind, content, sent_at_ms)`` of a decrypted payload: ``("text", str, ...)``,
+    ``("file", map, ...)`` or ``("group", bytes, ...)`` (client/group_wire.py), checked against
+    who the relay says wrote it (``sender``) and to whom (``me``). Raises InvalidPayload."""
     if len(plaintext) > MAX_PAYLOAD_BYTES:
         raise InvalidPayload("message is larger than any envelope")
     body = unpad(plaintext)
@@ -122,7 +122,8 @@ def parse_payload(plaintext: bytes, *, sender: str, me: str) -> tuple[str, Any, 
     except CryptoError as exc:
         raise InvalidPayload(str(exc)) from None
     _, kind, content, sent_at, written_by, written_for = arr
-    if not ((kind == "text" and isinstance(content, str)) or (kind == "file" and isinstance(content, dict))):
+    if not ((kind == "text" and isinstance(content, str)) or (kind == "file" and isinstance(content, dict))
+            or (kind == "group" and isinstance(content, bytes))):   # group: docs/groups.md
         raise InvalidPayload("message of an unknown kind")
     if type(sent_at) is not int or not 0 <= sent_at < MAX_TIMESTAMP_MS:
         raise InvalidPayload("message carries an invalid time")

@@ -88,6 +88,14 @@ class Requests:
             return None
         return self.accept(name)
 
+    def settle(self, name: str, key: bytes) -> None:
+        """``name`` became a contact pinned with ``key`` another way (a group's admin-signed state,
+        client/group_store.py; inside a transaction): their requests under that key join the
+        conversation, as if accepted."""
+        rows = [m for m in self._db.messages_of(name, _PENDING) if m.extra.get("key") == key]
+        self._db.set_status([m.row for m in rows if m.status == REQUEST_SHOWN], "shown")
+        self._db.set_status([m.row for m in rows if m.status == REQUEST], "new")
+
     def drop(self, name: str) -> int:
         """Discard ``name``'s requests (inside a transaction). Their session is kept, unused while
         the block lasts: an accepted initial message cannot start it again (a replay guard), so

@@ -63,7 +63,7 @@ MAX_CAP_LEN: Final = 32
 MAX_RID: Final = (1 << 63) - 1
 # "derr": a decryption-error report, sent in the clear to the sender of a message that could not
 # be decrypted (docs/protocol.md "Decryption errors"); the relay routes it like any other kind.
-MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr"})
+MESSAGE_KINDS: Final = frozenset({"msg", "pake", "derr", "grp"})   # grp: a group message (docs/groups.md)
 BLOB_ID_LEN: Final = 16
 MAX_BLOB_CHUNK: Final = 128 * 1024  # bytes of one blob chunk frame; well under DEFAULT_MAX_FRAME
 MAX_BLOB_SIZE: Final = 1 << 40      # what the decoder accepts; the relay's --max-blob-bytes is lower
@@ -107,6 +107,7 @@ class UploadPrekeys:
 class FetchBundle:
     rid: int
     username: str
+    group: bool = False   # group setup or rotation: its own budget (docs/groups.md, docs/server.md)
     t: ClassVar[str] = "fetch_bundle"
 
 
@@ -592,7 +593,11 @@ def _upload_prekeys(f: _Fields) -> UploadPrekeys:
 
 
 def _fetch_bundle(f: _Fields) -> FetchBundle:
-    return FetchBundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD))
+    group = f.m.get("group")   # optional: absent in frames of clients without groups
+    if group is not None and type(group) is not bool:
+        raise f.fail("'group' must be true or false")
+    return FetchBundle(rid=f.as_int("rid"), username=f.as_str("username", max_len=MAX_NAME_FIELD),
+                       group=group is True)
 
 
 def _send(f: _Fields) -> Send | SendBatch:

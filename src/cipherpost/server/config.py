@@ -48,6 +48,7 @@ class ServerConfig:
     max_outbound_bytes: int = 4 * 1024 * 1024  # queued for one connection; beyond it deliveries wait
     bundle_fetches_per_hour: int = 200  # fetch_bundle per requesting account
     bundle_fetches_per_target_per_hour: int = 20  # fetch_bundle per (requester, target)
+    group_bundle_fetches_per_hour: int = 1000  # fetch_bundle with group:true per requester (= max_fanout)
     recovery_attempts_per_account_per_hour: int = 5  # a recovery code is a password-equivalent
     recovery_attempts_per_prefix_per_hour: int = 20  # per /24 (IPv4) or /64 (IPv6) source network
     operator_poll_s: float = 2.0  # how often the operator log is read (admin actions on live connections)
@@ -110,6 +111,7 @@ class ServerConfig:
         for name in ("one_time_prekeys_per_target_per_hour", "registrations_per_prefix_per_hour",
                      "auth_failures_per_prefix_per_hour", "prekey_uploads_per_account_per_hour",
                      "fanout_deliveries_per_hour", "new_recipients_per_hour", "max_fanout",
+                     "group_bundle_fetches_per_hour",
                      "limiter_max_keys", "max_queue_per_sender", "max_stored_bytes", "max_blob_bytes",
                      "blob_bytes_per_hour"):
             if getattr(self, name) < 1:

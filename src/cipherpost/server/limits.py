@@ -273,6 +273,7 @@ class RelayLimiters:
     pake: Limiter             # kind:"pake" sends per (sender, existing recipient); fail-closed
     fetch: Limiter            # fetch_bundle per requester
     fetch_pair: Limiter       # fetch_bundle per (requester, target)
+    group_fetch: Limiter      # fetch_bundle with group:true per requester (group setup, rotation)
     one_time_target: Limiter  # one-time prekeys served per target, all requesters together
     registrations: Limiter    # register per source address prefix
     auth_failures: Limiter    # failed auth/register proofs per source address prefix
@@ -301,6 +302,7 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
         "pake": (config.pake_per_hour, True),
         "fetch": (config.bundle_fetches_per_hour, False),
         "fetch_pair": (config.bundle_fetches_per_target_per_hour, False),
+        "group_fetch": (config.group_bundle_fetches_per_hour, False),
         "one_time_target": (config.one_time_prekeys_per_target_per_hour, False),
         "registrations": (config.registrations_per_prefix_per_hour, False),
         "auth_failures": (config.auth_failures_per_prefix_per_hour, False),
@@ -334,6 +336,7 @@ def build_limiters(config: ServerConfig) -> RelayLimiters:
 
     built = RelayLimiters(
         pake=make("pake"), fetch=make("fetch"), fetch_pair=make("fetch_pair"),
+        group_fetch=make("group_fetch"),
         one_time_target=make("one_time_target"), registrations=make("registrations"),
         auth_failures=make("auth_failures"), prekey_uploads=make("prekey_uploads"),
         fanout_deliveries=make("fanout_deliveries"), recipient_pairs=make("recipient_pairs"),

@@ -99,10 +99,14 @@ async def fetch_bundle(conn: Connection, frame: FetchBundle) -> None:
     if not decision.allowed:
         raise ProtocolError(E.RATE_LIMITED, f"too many prekey bundle fetches for {target!r} "
                             f"({cfg.bundle_fetches_per_target_per_hour} per hour); {retry_text(decision)}")
-    decision = await limits.fetch.hit(requester)
+    # Group setup and rotation spend their own budget, so a 1000-member group does not use up the
+    # budget for new contacts (or stall on it); the per-pair and per-target bounds apply to both.
+    budget = cfg.group_bundle_fetches_per_hour if frame.group else cfg.bundle_fetches_per_hour
+    decision = await (limits.group_fetch if frame.group else limits.fetch).hit(requester)
     if not decision.allowed:
-        raise ProtocolError(E.RATE_LIMITED, "too many prekey bundle fetches from this account "
-                            f"({cfg.bundle_fetches_per_hour} per hour); {retry_text(decision)}")
+        what = "group " if frame.group else ""
+        raise ProtocolError(E.RATE_LIMITED, f"too many {what}prekey bundle fetches from this account "
+                            f"({budget} per hour); {retry_text(decision)}")
     await limits.fetch_pair.hit(pair)
     one_time = (await limits.one_time_target.hit(target)).allowed
     try:
