@@ -253,12 +253,14 @@ class GroupReceiver:
 
     def _missing_key(self, rec: GroupRecord, sender: str, msg_id: bytes, body: bytes, ts: Any,
                      chain_id: int, retry: bool) -> list[IncomingMessage]:
-        if retry:
+        key = f"ask:{sender}:{chain_id}"
+        if retry and key in rec.limits:
+            # Asked for this very chain already and what came does not open it: give up on it.
             return [self._s.notice(sender, f"a message in {rec.current.name} from {sender} still cannot be "
                                          "decrypted (its sender key is older than what you were given)")]
+        # First time, or a key for another chain came (the sender rotated meanwhile): ask for this one.
         if len(rec.pending) < MAX_PENDING_PER_GROUP:
             rec.pending.append([sender, msg_id, body, ts if isinstance(ts, int) else None])
-        key = f"ask:{sender}:{chain_id}"
         if key not in rec.limits and rec.allow("ask:" + sender, RESEND_REQUESTS_PER_HOUR):
             rec.limits[key] = [now_ms()]
             self.followups.append((sender, encode_control("resend_req", rec.current.group_id, chain_id)))
